@@ -1,0 +1,1 @@
+"""Benchmarks and their baselines (not part of the installed package)."""

@@ -1,0 +1,170 @@
+"""The reference MeZO step, re-implemented on any transformers (+PEFT) causal LM.
+
+Follows princeton-nlp/MeZO ``large_models/trainer.py`` (``zo_perturb_parameters``, ``zo_forward``,
+``zo_step``, ``zo_update``) and ``utils.forward_wrap_with_option_len``: in-place perturbation
++eps, -2eps, +eps with z regenerated from ``torch.manual_seed(seed)`` before each of the four passes
+(global RNG, ``torch.normal``), full [N, L, vocab] logits over one right-padded batch. It is the
+baseline the engine is timed and checked against, so it stays deliberately naive; only n-SPSA
+with n = 1 (the paper's choice) is provided.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mezo.data import ClassificationExample, LMExample
+
+Encode = Callable[[str], list[int]]
+
+
+@dataclass
+class RefBatch:
+    """Right-padded token rows. Each row scores its last ``target_lens[i]`` real tokens.
+
+    Classification: one row per (example, candidate), ``num_options[e]`` rows per example and
+    ``labels[e]`` the gold candidate. LM: one row per example, labels/num_options None.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    lengths: list[int]
+    target_lens: list[int]
+    labels: torch.Tensor | None = None
+    num_options: list[int] | None = None
+
+
+def _row(encode: Encode, encode_continuation: Encode | None, prompt: str, cont: str) -> tuple[list[int], int]:
+    if encode_continuation is not None:
+        tail = encode_continuation(cont)
+        return encode(prompt) + tail, len(tail)
+    # MeZO's encode_prompt: tokenize the whole text; the continuation is the length difference.
+    ids = encode(prompt + cont)
+    return ids, len(ids) - len(encode(prompt))
+
+
+def build_batch(examples: Sequence[ClassificationExample | LMExample], encode: Encode, pad_id: int = 0,
+                encode_continuation: Encode | None = None) -> RefBatch:
+    """Tokenize examples into a ``RefBatch``. ``encode`` maps text to ids (e.g. an HF tokenizer's
+    ``encode``, BOS included); pass ``encode_continuation`` (no BOS) to tokenize prompt and
+    continuation separately, as an engine that caches prompt KV must."""
+    rows: list[tuple[list[int], int]] = []
+    labels: list[int] = []
+    num_options: list[int] = []
+    kinds = {type(ex) for ex in examples}
+    if len(kinds) != 1:
+        raise ValueError(f"a batch must hold one kind of example, got {sorted(k.__name__ for k in kinds)}")
+    for ex in examples:
+        if isinstance(ex, ClassificationExample):
+            rows += [_row(encode, encode_continuation, ex.prompt, c) for c in ex.candidates]
+            labels.append(ex.label)
+            num_options.append(len(ex.candidates))
+        else:
+            rows.append(_row(encode, encode_continuation, ex.prompt, ex.target))
+    for i, (ids, k) in enumerate(rows):
+        if k < 1 or k >= len(ids):
+            raise ValueError(f"row {i}: continuation is {k} tokens of {len(ids)}; need 1 <= k < length")
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, _) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+    cls = isinstance(examples[0], ClassificationExample)
+    return RefBatch(input_ids, mask, [len(ids) for ids, _ in rows], [k for _, k in rows],
+                    torch.tensor(labels) if cls else None, num_options if cls else None)
+
+
+def _target_logprobs(model: torch.nn.Module, batch: RefBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of each row's target tokens, [N, L-1], and the 0/1 mask selecting them."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    if logits.dtype in (torch.float16, torch.bfloat16):  # losses accumulate in at least fp32
+        logits = logits.float()
+    logp = F.log_softmax(logits[:, :-1], dim=-1)
+    targets = batch.input_ids[:, 1:]
+    picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    pos = torch.arange(targets.shape[1]).unsqueeze(0)
+    n = torch.tensor(batch.lengths).unsqueeze(1)
+    k = torch.tensor(batch.target_lens).unsqueeze(1)
+    sel = ((pos >= n - 1 - k) & (pos < n - 1)).to(picked.dtype)  # targets n-k..n-1, shifted by one
+    return picked * sel, sel
+
+
+def batch_loss(model: torch.nn.Module, batch: RefBatch) -> torch.Tensor:
+    """MeZO's loss. Classification (``train_as_classification``): each candidate's mean token
+    log-prob, cross-entropy over an example's candidates, mean over examples. LM: teacher-forced
+    cross-entropy averaged over all target tokens of the batch (``CrossEntropyLoss`` mean)."""
+    picked, sel = _target_logprobs(model, batch)
+    if batch.num_options is None:
+        return -picked.sum() / sel.sum()
+    scores = picked.sum(-1) / sel.sum(-1)
+    losses, start = [], 0
+    for e, n_opt in enumerate(batch.num_options):
+        losses.append(F.cross_entropy(scores[start : start + n_opt].unsqueeze(0), batch.labels[e : e + 1]))
+        start += n_opt
+    return torch.stack(losses).mean()
+
+
+def decays(name: str) -> bool:
+    """The reference's weight-decay test, extended to LLaMA's ``*norm`` names (DESIGN §10: never
+    decay biases and norms); OPT names are caught by the reference's own substrings."""
+    return not any(s in name for s in ("bias", "layer_norm", "layernorm", "norm."))
+
+
+class ReferenceMeZO:
+    """MeZO-SGD on the parameters of ``model`` that require grad (LoRA A/B under PEFT)."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, eps: float, weight_decay: float = 0.0,
+                 loss_fn: Callable[[torch.nn.Module, RefBatch], torch.Tensor] = batch_loss) -> None:
+        self.model, self.lr, self.eps, self.weight_decay, self.loss_fn = model, lr, eps, weight_decay, loss_fn
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("model has no trainable parameters (requires_grad)")
+        self.last_projected_grad: float | None = None
+
+    def _z(self, p: torch.Tensor) -> torch.Tensor:
+        return torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+
+    def perturb(self, seed: int, scaling_factor: float) -> None:
+        """theta <- theta + scaling_factor * z * eps, z regenerated from ``seed``."""
+        torch.manual_seed(seed)
+        for _, p in self.params:
+            p.data = p.data + scaling_factor * self._z(p) * self.eps
+
+    def forward(self, batch: RefBatch) -> torch.Tensor:
+        """Loss without gradients and without dropout (``zo_forward``)."""
+        self.model.eval()
+        with torch.inference_mode():
+            return self.loss_fn(self.model, batch).detach()
+
+    def projected_grad(self, batch: RefBatch, seed: int) -> float:
+        """(L(theta+eps z) - L(theta-eps z)) / (2 eps); parameters are restored (up to fp rounding:
+        +eps, -2eps, +eps is not bit-exact in floating point, exactly as in the reference)."""
+        self.perturb(seed, 1)
+        loss1 = self.forward(batch)
+        self.perturb(seed, -2)
+        loss2 = self.forward(batch)
+        g = ((loss1 - loss2) / (2 * self.eps)).item()
+        self.perturb(seed, 1)
+        self.last_projected_grad, self.last_loss = g, loss1.item()
+        return g
+
+    def update(self, seed: int, projected_grad: float, lr: float | None = None) -> None:
+        """theta <- theta - lr (g z + wd theta), z regenerated from ``seed`` (``zo_update``)."""
+        lr = self.lr if lr is None else lr
+        torch.manual_seed(seed)
+        for name, p in self.params:
+            z = self._z(p)
+            if decays(name):
+                p.data = p.data - lr * (projected_grad * z + self.weight_decay * p.data)
+            else:
+                p.data = p.data - lr * (projected_grad * z)
+
+    def step(self, batch: RefBatch, seed: int, lr: float | None = None) -> float:
+        """One MeZO step; returns L(theta+eps z) as the reference's ``zo_step`` does. The projected
+        gradient is kept in ``last_projected_grad``."""
+        g = self.projected_grad(batch, seed)
+        self.update(seed, g, lr)
+        return self.last_loss

@@ -1,0 +1,293 @@
+"""Benchmark the paged attention kernels against SDPA on contiguous tensors (and flash-attn if present).
+
+Decode: batch {1, 16, 64} x context {512, 2048, 8192}; reports time, achieved KV bandwidth (K+V bytes
+read / time) and its share of the peak given by --peak-gbps (default 3350 GB/s, H100 SXM).
+Extend: cached prefix 1024 + 64 new tokens through the paged kernel vs recomputing prefix + new from
+scratch (what an engine without a prefix cache does), plus SDPA over the same 64 queries.
+
+GPU timings use CUDA events with an L2 flush before each call (otherwise small KV caches sit in L2
+and the bandwidth is overstated) and report the median. Without CUDA, a tiny --cpu-smoke
+configuration runs the torch path only; it checks the script and the reference, not GPU speed.
+Results go to bench/results/attention_<device-slug>.{json,md}.
+
+    python bench/bench_attention.py                 # on a GPU
+    python bench/bench_attention.py --sweep         # also sweep Triton tile configs (tuning aid)
+    python bench/bench_attention.py --cpu-smoke     # anywhere
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import math
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels.attention import (decode_attention_flash, decode_attention_torch,  # noqa: E402
+                               decode_attention_triton, extend_attention_flash,
+                               extend_attention_torch, extend_attention_triton, flash_attn_available)
+
+DECODE_BATCHES, DECODE_CONTEXTS = (1, 16, 64), (512, 2048, 8192)
+EXTEND_BATCHES, EXTEND_PREFIX, EXTEND_NEW = (1, 8, 32), 1024, 64
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+@functools.lru_cache(maxsize=1)
+def _l2_flush_buffer() -> torch.Tensor:
+    return torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")   # >> 50 MB H100 L2
+
+
+def time_cuda(fn: Callable[[], object], warmup: int = 5, iters: int = 30) -> float:
+    """Median milliseconds per call, L2 flushed before each call."""
+    flush = _l2_flush_buffer()
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def time_cpu(fn: Callable[[], object], warmup: int = 2, iters: int = 15) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def paged_copy(k: torch.Tensor, v: torch.Tensor, page_size: int, gen: torch.Generator):
+    """Scatter contiguous k/v [B, L, Hkv, D] into randomly permuted pages (page 0 stays null)."""
+    bsz, length, hkv, d = k.shape
+    pages_per_seq = math.ceil(length / page_size)
+    num_pages = 1 + bsz * pages_per_seq
+    perm = torch.randperm(num_pages - 1, generator=gen) + 1
+    page_table = perm.view(bsz, pages_per_seq).to(torch.int32).to(k.device)
+    pad = pages_per_seq * page_size - length
+    k_pool = torch.zeros(num_pages, page_size, hkv, d, dtype=k.dtype, device=k.device)
+    v_pool = torch.zeros_like(k_pool)
+    k_pool[page_table.long()] = F.pad(k, (0, 0, 0, 0, 0, pad)).view(bsz, pages_per_seq, page_size, hkv, d)
+    v_pool[page_table.long()] = F.pad(v, (0, 0, 0, 0, 0, pad)).view(bsz, pages_per_seq, page_size, hkv, d)
+    return k_pool, v_pool, page_table
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, **kw) -> torch.Tensor:
+    """SDPA on [B, H, L, D] with GQA; older builds without enable_gqa get repeated kv heads."""
+    try:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True, **kw)
+    except TypeError:
+        rep = q.shape[1] // k.shape[1]
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                              scale=scale, **kw)
+
+
+def bench_decode(args, dev: str, timer, batches, contexts, gen) -> list[dict]:
+    rows = []
+    for bsz, ctx in itertools.product(batches, contexts):
+        rows += _decode_case(args, dev, timer, bsz, ctx, gen)   # tensors die with the call
+    return rows
+
+
+def _decode_case(args, dev: str, timer, bsz: int, ctx: int, gen) -> list[dict]:
+    h, hkv, d, dtype = args.heads, args.kv_heads, args.head_dim, args.dtype
+    scale = d ** -0.5
+    q = torch.randn(bsz, h, d, dtype=dtype, device=dev)
+    k = torch.randn(bsz, ctx, hkv, d, dtype=dtype, device=dev)
+    v = torch.randn_like(k)
+    k_pool, v_pool, pt = paged_copy(k, v, args.page_size, gen)
+    seq_lens = torch.full((bsz,), ctx, dtype=torch.int32, device=dev)
+    kc, vc, qc = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(), q[:, :, None]
+    kv_bytes = 2 * bsz * ctx * hkv * d * k.element_size()
+    impls: dict[str, Callable[[], torch.Tensor]] = {"sdpa_contiguous": lambda: sdpa(qc, kc, vc, scale)[:, :, 0]}
+    if dev == "cuda":
+        impls["triton_paged"] = lambda: decode_attention_triton(q, k_pool, v_pool, pt, seq_lens, scale,
+                                                                max_seq_len=ctx)
+    else:
+        impls["torch_paged"] = lambda: decode_attention_torch(q, k_pool, v_pool, pt, seq_lens, scale)
+    if flash_attn_available():
+        from flash_attn import flash_attn_with_kvcache
+        impls["flash_attn_contiguous"] = lambda: flash_attn_with_kvcache(
+            q[:, None], k, v, cache_seqlens=seq_lens, softmax_scale=scale)[:, 0]
+        k256, v256, pt256 = paged_copy(k, v, 256, gen)
+        impls["flash_attn_paged256"] = lambda: decode_attention_flash(q, k256, v256, pt256, seq_lens, scale)
+    ref = impls["sdpa_contiguous"]().float()   # errors are relative to SDPA on the same inputs
+    rows = []
+    for name, fn in impls.items():
+        ms = timer(fn)
+        err = (fn().float() - ref).abs().max().item()
+        gbps = kv_bytes / (ms * 1e-3) / 1e9
+        pct = 100 * gbps / args.peak_gbps if dev == "cuda" else None
+        rows.append({"kind": "decode", "impl": name, "batch": bsz, "context": ctx, "ms": ms,
+                     "kv_gbps": gbps, "pct_peak": pct, "max_abs_err_vs_sdpa": err})
+        pct_s = f"{pct:5.1f}% peak" if pct is not None else "(CPU: no % of peak)"
+        print(f"decode B={bsz:3d} ctx={ctx:5d} {name:22s} {ms:8.3f} ms {gbps:8.1f} GB/s {pct_s}  err {err:.2e}",
+              flush=True)
+    return rows
+
+
+def bench_extend(args, dev: str, timer, batches, prefix: int, new: int, gen) -> list[dict]:
+    rows = []
+    for bsz in batches:
+        rows += _extend_case(args, dev, timer, bsz, prefix, new, gen)
+    return rows
+
+
+def _extend_case(args, dev: str, timer, bsz: int, prefix: int, new: int, gen) -> list[dict]:
+    h, hkv, d, dtype = args.heads, args.kv_heads, args.head_dim, args.dtype
+    scale, total = d ** -0.5, prefix + new
+    rows = []
+    k = torch.randn(bsz, total, hkv, d, dtype=dtype, device=dev)
+    v = torch.randn_like(k)
+    q_all = torch.randn(bsz, total, h, d, dtype=dtype, device=dev)
+    k_pool, v_pool, pt = paged_copy(k, v, args.page_size, gen)
+    q_new = q_all[:, prefix:].reshape(bsz * new, h, d).contiguous()
+    qo = torch.arange(0, bsz * new + 1, new, dtype=torch.int32, device=dev)
+    pre = torch.full((bsz,), prefix, dtype=torch.int32, device=dev)
+    qc, kc, vc = (t.transpose(1, 2).contiguous() for t in (q_all, k, v))
+    q_new_c = qc[:, :, prefix:].contiguous()
+    # FLOPs actually needed for the new tokens: 2 matmuls x 2 flops over the visible kv.
+    flops = 4 * bsz * h * d * sum(prefix + i + 1 for i in range(new))
+    ref = extend_attention_torch(q_new.float(), k_pool.float(), v_pool.float(), pt, qo, pre, scale)
+    impls: dict[str, Callable[[], torch.Tensor]] = {
+        "sdpa_recompute_all": lambda: sdpa(qc, kc, vc, scale, is_causal=True)[:, :, prefix:],
+    }
+    try:
+        from torch.nn.attention.bias import causal_lower_right
+        mask = causal_lower_right(new, total)
+        impls["sdpa_contiguous_new"] = lambda: sdpa(q_new_c, kc, vc, scale, attn_mask=mask)
+    except ImportError:
+        pass
+    if dev == "cuda":
+        impls["triton_paged"] = lambda: extend_attention_triton(q_new, k_pool, v_pool, pt, qo, pre, scale,
+                                                                max_extend_len=new)
+    else:
+        impls["torch_paged"] = lambda: extend_attention_torch(q_new, k_pool, v_pool, pt, qo, pre, scale)
+    if flash_attn_available():
+        k256, v256, pt256 = paged_copy(k, v, 256, gen)
+        impls["flash_attn_paged256"] = lambda: extend_attention_flash(q_new, k256, v256, pt256, qo, pre, scale)
+    base_ms = None
+    for name, fn in impls.items():
+        ms = timer(fn)
+        out = fn().float()
+        if out.dim() == 4:  # [B, H, new, D] from SDPA -> [B*new, H, D]
+            out = out.transpose(1, 2).reshape(bsz * new, h, d)
+        err = (out - ref).abs().max().item()
+        base_ms = ms if name == "sdpa_recompute_all" else base_ms
+        rows.append({"kind": "extend", "impl": name, "batch": bsz, "prefix": prefix, "new": new, "ms": ms,
+                     "tflops_useful": flops / (ms * 1e-3) / 1e12, "speedup_vs_recompute": base_ms / ms,
+                     "max_abs_err": err})
+        print(f"extend B={bsz:3d} {prefix}+{new} {name:22s} {ms:8.3f} ms "
+              f"{rows[-1]['tflops_useful']:7.2f} TFLOP/s  x{rows[-1]['speedup_vs_recompute']:.2f} "
+              f"vs recompute  err {err:.2e}", flush=True)
+    return rows
+
+
+def sweep_decode(args, gen, bsz: int = 64, ctx: int = 2048) -> list[dict]:
+    """Tuning aid: time Triton decode tile configs at the bandwidth target point."""
+    h, hkv, d, dtype = args.heads, args.kv_heads, args.head_dim, args.dtype
+    q = torch.randn(bsz, h, d, dtype=dtype, device="cuda")
+    k = torch.randn(bsz, ctx, hkv, d, dtype=dtype, device="cuda")
+    k_pool, v_pool, pt = paged_copy(k, torch.randn_like(k), args.page_size, gen)
+    seq_lens = torch.full((bsz,), ctx, dtype=torch.int32, device="cuda")
+    kv_bytes = 2 * k.numel() * k.element_size()
+    rows = []
+    for bn, nw, ns, splits in itertools.product((32, 64, 128), (4, 8), (1, 2, 3, 4), (1, 2, 4, 8)):
+        cfg = {"block_n": bn, "num_warps": nw, "num_stages": ns}
+
+        def fn(splits: int = splits, cfg: dict = cfg) -> torch.Tensor:
+            return decode_attention_triton(q, k_pool, v_pool, pt, seq_lens, d ** -0.5, splits, config=cfg)
+        try:
+            ms = time_cuda(fn, warmup=3, iters=10)
+        except Exception as exc:  # e.g. out of shared memory for a large config
+            print(f"sweep {cfg} splits={splits}: failed ({type(exc).__name__})")
+            continue
+        gbps = kv_bytes / (ms * 1e-3) / 1e9
+        rows.append({"kind": "decode_sweep", "batch": bsz, "context": ctx, "splits": splits, **cfg,
+                     "ms": ms, "kv_gbps": gbps, "pct_peak": 100 * gbps / args.peak_gbps})
+    rows.sort(key=lambda r: r["ms"])
+    for r in rows[:5]:
+        print(f"sweep best: {r}")
+    return rows
+
+
+def write_results(rows: list[dict], meta: dict, out_dir: Path, name: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+    lines = [f"# Attention benchmark: {meta['device']}", "", *(f"- {k}: {v}" for k, v in meta.items()), ""]
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        sel = [r for r in rows if r["kind"] == kind]
+        cols = list(sel[0].keys())
+        lines += [f"## {kind}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"
+                  for r in sel]
+        lines.append("")
+    (out_dir / f"{name}.md").write_text("\n".join(lines))
+    print(f"wrote {out_dir / name}.json and .md")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--peak-gbps", type=float, default=3350.0, help="HBM peak for %% of peak (H100 SXM: 3350)")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny torch-only run (implied without CUDA)")
+    ap.add_argument("--sweep", action="store_true", help="also sweep Triton decode configs (GPU)")
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = ap.parse_args()
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    smoke = args.cpu_smoke or not torch.cuda.is_available()
+    if smoke:
+        if not args.cpu_smoke:
+            print("no CUDA device: running the --cpu-smoke configuration")
+        args.heads, args.kv_heads, args.head_dim, args.dtype = 4, 2, 64, torch.float32
+        device_name, dev, timer = f"cpu-{platform.machine()}", "cpu", time_cpu
+        print("GPU figures pending: this run exercises the script and the torch path only.")
+        rows = bench_decode(args, dev, timer, (1, 4), (128, 512), gen)
+        rows += bench_extend(args, dev, timer, (1, 2), 64, 16, gen)
+    else:
+        args.dtype = torch.bfloat16
+        device_name, dev, timer = torch.cuda.get_device_name(), "cuda", time_cuda
+        print(f"device: {device_name}, peak {args.peak_gbps} GB/s, flash-attn: {flash_attn_available()}")
+        rows = bench_decode(args, dev, timer, DECODE_BATCHES, DECODE_CONTEXTS, gen)
+        rows += bench_extend(args, dev, timer, EXTEND_BATCHES, EXTEND_PREFIX, EXTEND_NEW, gen)
+        if args.sweep:
+            rows += sweep_decode(args, gen)
+    meta = {"device": device_name, "smoke": smoke, "gpu_figures": "pending" if smoke else "measured",
+            "dtype": str(args.dtype).replace("torch.", ""), "heads": args.heads, "kv_heads": args.kv_heads,
+            "head_dim": args.head_dim, "page_size": args.page_size, "peak_gbps": args.peak_gbps,
+            "torch": torch.__version__, "flash_attn": flash_attn_available()}
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    write_results(rows, meta, args.out_dir, f"attention_{slug(device_name)}{'-smoke' if smoke else ''}")
+
+
+if __name__ == "__main__":
+    main()

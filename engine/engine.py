@@ -1,0 +1,331 @@
+"""The user-facing Engine: load a model, generate with continuous batching, score continuations."""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .attention_backend import AttentionBackend
+from .kv_pool import KVPool
+from .loader import load_config, load_state_dict, load_tokenizer, resolve_model
+from .model import CausalLM
+from .model_config import ModelSpec
+from .radix_cache import RadixCache
+from .request import Request
+from .runner import ModelRunner
+from .sampler import sample
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .validation import attach_completions, validate_prompt
+
+DEFAULT_CPU_CACHE_TOKENS = 32768
+DEFAULT_GPU_CACHE_FRACTION = 0.5
+
+
+@dataclass
+class Completion:
+    """One finished request (vLLM's RequestOutput, flattened)."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    cached_tokens: int
+    finish_reason: str | None  # "stop" | "length" | "error"
+    error: str | None = None
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype={dtype!r} is not one of 'auto', {', '.join(map(repr, table))}")
+    return table[dtype]
+
+
+class Engine:
+    """A paged-KV LLaMA engine. `model` is a built-in name, an HF directory or a .gguf path."""
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device = "auto",
+        page_size: int = 16,
+        max_cache_tokens: int | None = None,
+        attention_backend: str = "auto",
+        enable_prefix_cache: bool = True,
+        max_prefill_tokens: int = 8192,
+        max_running: int = 256,
+        *,
+        _hf_model: Any = None,
+        _tokenizer: Any = None,
+    ):
+        self.device = _resolve_device(device)
+        self.dtype = _resolve_dtype(dtype, self.device)
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"page_size must be a positive int, got {page_size!r}")
+        if _hf_model is not None:
+            hf_config, self.tokenizer = _hf_model.config, _tokenizer
+            state = {k: v.detach().to(self.dtype) for k, v in _hf_model.state_dict().items()}
+            self.model_name = getattr(hf_config, "_name_or_path", "") or "in-memory"
+        else:
+            source = resolve_model(model)
+            hf_config = load_config(source)
+            self.tokenizer = load_tokenizer(source)
+            state = load_state_dict(source, self.dtype)
+            self.model_name = source.name
+        self.hf_config = hf_config
+        self.spec = ModelSpec.from_hf(hf_config)
+        self.model = CausalLM(self.spec, hf_config, self.dtype, self.device)
+        self._load_weights(state)
+        self.page_size = page_size
+        num_pages = self._num_pages(max_cache_tokens)
+        self.pool = KVPool(self.spec.num_layers, num_pages, page_size, self.spec.num_kv_heads,
+                           self.spec.head_dim, self.dtype, self.device)
+        self.cache = RadixCache(self.pool, page_size, enabled=enable_prefix_cache)
+        self.scheduler = Scheduler(self.pool, self.cache, max_prefill_tokens, max_running)
+        self.backend = AttentionBackend.select(attention_backend, self.device, page_size)
+        self.runner = ModelRunner(self.model, self.pool, self.backend, self.device)
+        eos = set(self.spec.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(int(self.tokenizer.eos_token_id))
+        self.eos_token_ids = frozenset(eos)
+        self.namespace: Any = 0  # bumped whenever the weights change, so stale KV is never reused
+        self._rids = itertools.count()
+
+    @classmethod
+    def from_hf(cls, hf_model: Any, tokenizer: Any = None, **kwargs: Any) -> "Engine":
+        """Build from an in-memory transformers LlamaForCausalLM (tests, random-weight benchmarks)."""
+        return cls(model="in-memory", _hf_model=hf_model, _tokenizer=tokenizer, **kwargs)
+
+    # -- construction helpers -------------------------------------------------------------
+    def _load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        state = {k: v for k, v in state.items() if "rotary_emb" not in k}
+        if self.spec.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match the architecture: missing={missing[:5]} unexpected={unexpected[:5]}")
+        self.model.to(self.device)
+
+    def _num_pages(self, max_cache_tokens: int | None) -> int:
+        spec = self.spec
+        if max_cache_tokens is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                return 1 + KVPool.pages_for_budget(int(free * DEFAULT_GPU_CACHE_FRACTION), spec.num_layers,
+                                                   self.page_size, spec.num_kv_heads, spec.head_dim, self.dtype)
+            max_cache_tokens = DEFAULT_CPU_CACHE_TOKENS
+        if isinstance(max_cache_tokens, bool) or not isinstance(max_cache_tokens, int) or max_cache_tokens < self.page_size:
+            raise ValueError(f"max_cache_tokens must be an int >= page_size ({self.page_size}), got {max_cache_tokens!r}")
+        return 1 + math.ceil(max_cache_tokens / self.page_size)  # +1: the reserved null page
+
+    # -- tokens ----------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer: pass token ids instead of strings")
+        return list(self.tokenizer.encode(text))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        """Render a conversation with the model's chat template, ready for generation."""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def chat(self, conversations: list[list[dict[str, str]]], params: SamplingParams | None = None, **kw: Any):
+        return self.generate([self.apply_chat_template(c) for c in conversations], params, **kw)
+
+    # -- generation ------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]] | str,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool | None = None,
+        errors: str = "raise",
+    ) -> list[Completion]:
+        """Generate for every prompt with continuous batching.
+
+        A bad request fails alone: the others still run. With errors="raise" (default) the first
+        error is raised afterwards, carrying all results in `err.completions`; with
+        errors="return" failed requests come back with finish_reason "error".
+        """
+        if isinstance(prompts, (str, bytes)):
+            prompts = [prompts]
+        if params is None:
+            params = SamplingParams()
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} SamplingParams")
+        results: list[Completion | None] = [None] * len(prompts)
+        first_error: Exception | None = None
+        requests: dict[int, tuple[int, Request]] = {}
+        for i, (prompt, p) in enumerate(zip(prompts, params_list)):
+            try:
+                if not isinstance(p, SamplingParams):
+                    raise TypeError(f"params must be SamplingParams, got {type(p).__name__}")
+                p.validate()
+                ids = validate_prompt(prompt, self)
+                req = self._make_request(ids, p)
+                self.scheduler.add(req)
+                requests[req.rid] = (i, req)
+            except (TypeError, ValueError) as err:
+                err.args = (f"request {i}: {err}",)
+                first_error = first_error or err
+                results[i] = Completion("", [], 0, 0, "error", str(err))
+        self._run_to_completion(len(requests), use_tqdm)
+        for i, req in requests.values():
+            results[i] = Completion(req.text, list(req.output_ids), len(req.prompt_ids), req.cached_tokens,
+                                    req.finish_reason)
+        if first_error is not None and errors == "raise":
+            raise attach_completions(first_error, results)
+        return results  # type: ignore[return-value]
+
+    def _make_request(self, ids: list[int], p: SamplingParams, score_from: int | None = None) -> Request:
+        gen = None
+        if not p.greedy:
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(p.seed if p.seed is not None else torch.seed())
+        return Request(next(self._rids), ids, p, self.namespace, score_from=score_from, generator=gen)
+
+    def _run_to_completion(self, total: int, use_tqdm: bool | None) -> None:
+        show = use_tqdm if use_tqdm is not None else total > 1
+        bar = tqdm(total=total, desc="generate", unit="req", disable=not show, leave=False)
+        try:
+            while self.scheduler.has_work():
+                bar.update(self.step())
+        finally:
+            bar.close()
+
+    def step(self) -> int:
+        """One scheduler iteration; returns how many requests finished."""
+        scheduled = self.scheduler.schedule()
+        if scheduled is None:
+            return 0
+        logits = self.runner.run(scheduled)
+        finished = 0
+        to_sample: list[tuple[Request, torch.Tensor]] = []
+        for req, rows in zip(scheduled.requests, logits):
+            req.num_computed = req.seq_len
+            if req.is_scoring:
+                targets = torch.tensor(req.all_ids[req.score_from:], device=rows.device)
+                if req.keep_logits:
+                    req.logits = rows.cpu()
+                    rows = rows[: len(targets)]
+                logp = torch.log_softmax(rows, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+                req.token_logprobs = logp.tolist()
+                req.finish_reason = "stop"
+            else:
+                if scheduled.mode == "extend":
+                    self.scheduler.cache_computed(req)
+                to_sample.append((req, rows[-1]))
+        if to_sample:
+            stacked = torch.stack([r for _, r in to_sample])
+            reqs = [q for q, _ in to_sample]
+            tokens = sample(stacked, [q.params for q in reqs], [q.generator for q in reqs])
+            for req, tok in zip(reqs, tokens):
+                self._append_token(req, tok)
+        for req in scheduled.requests:
+            if req.finished:
+                self.scheduler.finish(req)
+                finished += 1
+        return finished
+
+    def _append_token(self, req: Request, token: int) -> None:
+        """Record a sampled token and decide whether the request is done (token ids keep EOS)."""
+        req.output_ids.append(token)
+        p = req.params
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            req.finish_reason = "stop"
+        if self.tokenizer is not None:
+            req.text = self.decode(req.output_ids)
+            for s in p.stop:
+                cut = req.text.find(s)
+                if cut >= 0:
+                    req.text = req.text[:cut]
+                    req.finish_reason = "stop"
+        if req.finish_reason is None and (
+            len(req.output_ids) >= p.max_tokens or req.seq_len >= self.spec.max_position_embeddings
+        ):
+            req.finish_reason = "length"
+
+    # -- scoring ---------------------------------------------------------------------------
+    def score(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
+        """Sum of token log-probs of each candidate continuation given its prompt.
+
+        Candidates are tokenized on their own and appended to the prompt's ids; all candidates of
+        a prompt share the prompt's KV through the prefix cache.
+        """
+        if len(prompts) != len(candidates):
+            raise ValueError(f"got {len(prompts)} prompts but {len(candidates)} candidate lists")
+        index: list[tuple[int, int, Request]] = []
+        for i, (prompt, cands) in enumerate(zip(prompts, candidates)):
+            ids = validate_prompt(prompt, self)
+            if not cands:
+                raise ValueError(f"candidates[{i}] is empty")
+            for j, cand in enumerate(cands):
+                cand_ids = validate_prompt(cand, self, field=f"candidates[{i}][{j}]", add_special_tokens=False)
+                req = self._make_request(ids + cand_ids, SamplingParams(max_tokens=1, temperature=0.0),
+                                         score_from=len(ids))
+                self.scheduler.check_fits(req)
+                index.append((i, j, req))
+        for _, _, req in index:
+            self.scheduler.add(req)
+        self._run_to_completion(len(index), use_tqdm=None)
+        out: list[list[float]] = [[0.0] * len(c) for c in candidates]
+        for i, j, req in index:
+            out[i][j] = float(sum(req.token_logprobs))
+        return out
+
+    def prompt_logits(self, prompts: Sequence[Sequence[int]], starts: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """fp32 logits at every position p >= starts[i] of each prompt ([len - start, vocab]).
+
+        Positions before `starts[i]` may come from the prefix cache; this is the engine's
+        exact-logits probe used by the equivalence tests against transformers.
+        """
+        starts = list(starts) if starts is not None else [0] * len(prompts)
+        reqs = []
+        for i, (prompt, start) in enumerate(zip(prompts, starts)):
+            ids = validate_prompt(prompt, self, field=f"prompts[{i}]")
+            if not 0 <= start < len(ids):
+                raise ValueError(f"starts[{i}]={start} must be in [0, {len(ids)})")
+            req = self._make_request(ids, SamplingParams(max_tokens=1, temperature=0.0), score_from=start + 1)
+            req.keep_logits = True
+            self.scheduler.add(req)
+            reqs.append(req)
+        self._run_to_completion(len(reqs), use_tqdm=False)
+        self.last_requests = reqs
+        return [r.logits for r in reqs]
+
+    # -- introspection -----------------------------------------------------------------------
+    def cache_stats(self) -> dict[str, Any]:
+        stats = dict(self.cache.stats())
+        stats.update(
+            total_pages=self.pool.num_usable_pages,
+            free_pages=self.pool.num_free_pages,
+            page_size=self.page_size,
+            tokens_computed=self.runner.tokens_computed,
+            forward_passes=self.runner.forward_passes,
+            preemptions=self.scheduler.num_preemptions,
+        )
+        return stats
+
+    def reset_cache(self) -> None:
+        """Drop every cached prefix (e.g. after the weights changed)."""
+        self.cache.reset()

@@ -1,0 +1,74 @@
+"""A linear layer that can carry a LoRA adapter and a per-row MeZO perturbation."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .forward_batch import Perturbation
+
+
+class AdaptableLinear(torch.nn.Module):
+    """y = x Wᵀ + b (+ s·x Aᵀ Bᵀ), with the noise of a perturbation added inside the kernel.
+
+    Trainable tensors (LoRA A/B, or W itself in full-parameter mode) are fp32 and carry a global
+    `index` each: the noise seed of a tensor is `derive_seed(step_seed, index)`, nothing else.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = torch.nn.Parameter(
+            torch.empty(out_features, in_features, dtype=dtype, device=device), requires_grad=False
+        )
+        self.bias = (
+            torch.nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+            if bias
+            else None
+        )
+        self.lora_a: torch.Tensor | None = None  # [r, in] fp32
+        self.lora_b: torch.Tensor | None = None  # [out, r] fp32
+        self.lora_scale = 0.0
+        self.index_a = self.index_b = self.index_w = -1  # trainable-tensor indices, -1 = not trainable
+
+    @property
+    def has_lora(self) -> bool:
+        return self.lora_a is not None
+
+    def set_lora(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        if a.shape[1] != self.in_features or b.shape[0] != self.out_features or a.shape[0] != b.shape[1]:
+            raise ValueError(
+                f"LoRA shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit a {self.out_features}x{self.in_features} linear"
+            )
+        self.lora_a = a.to(device=self.weight.device, dtype=torch.float32).contiguous()
+        self.lora_b = b.to(device=self.weight.device, dtype=torch.float32).contiguous()
+        self.lora_scale = float(scale)
+
+    def clear_lora(self) -> None:
+        self.lora_a = self.lora_b = None
+        self.lora_scale = 0.0
+        self.index_a = self.index_b = -1
+
+    def forward(self, x: torch.Tensor, perturbation: Perturbation | None = None) -> torch.Tensor:
+        perturbed = perturbation is not None and (self.index_a >= 0 or self.index_w >= 0)
+        if not perturbed:
+            y = F.linear(x, self.weight, self.bias)
+            if self.has_lora:
+                t = F.linear(x.float(), self.lora_a)
+                y = (y.float() + self.lora_scale * F.linear(t, self.lora_b)).to(x.dtype)
+            return y
+        from kernels import derive_seed, noisy_lora_linear  # deferred: triton loads only when training
+
+        step = perturbation.step_seed
+        return noisy_lora_linear(
+            x,
+            self.weight,
+            self.lora_a,
+            self.lora_b,
+            signs=perturbation.token_signs,
+            seed_a=derive_seed(step, self.index_a) if self.index_a >= 0 else 0,
+            seed_b=derive_seed(step, self.index_b) if self.index_b >= 0 else 0,
+            eps=perturbation.eps,
+            scale=self.lora_scale,
+            bias=self.bias,
+            weight_seed=derive_seed(step, self.index_w) if self.index_w >= 0 else None,
+        )

@@ -1,0 +1,193 @@
+"""Continuous batching over the paged pool: admit with prefix reuse, decode, evict, preempt."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .kv_pool import KVPool
+from .radix_cache import RadixCache
+from .request import Request
+
+
+@dataclass
+class ScheduledBatch:
+    """What the runner executes next. For extend: per request, tokens from `starts[i]` on are new."""
+
+    mode: str  # "extend" | "decode"
+    requests: list[Request]
+    starts: list[int] = field(default_factory=list)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Scheduler:
+    """Prefill-first scheduling (new requests are admitted before the next decode step).
+
+    Memory pressure is handled in the order: evict unlocked cache leaves, then preempt the
+    most recently admitted running request, whose computed pages go into the prefix cache
+    so that its recomputation is often a cache hit.
+    """
+
+    def __init__(self, pool: KVPool, cache: RadixCache, max_prefill_tokens: int = 8192, max_running: int = 256):
+        self.pool, self.cache = pool, cache
+        self.page_size = pool.page_size
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_running = max_running
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    # -- queue ---------------------------------------------------------------------------
+    def check_fits(self, req: Request) -> None:
+        need = _ceil_div(req.max_total_tokens(), self.page_size)
+        if need > self.pool.num_usable_pages:
+            raise ValueError(
+                f"request needs {req.max_total_tokens()} tokens of KV ({need} pages) but the pool holds only "
+                f"{self.pool.num_usable_pages} pages of {self.page_size} tokens; raise max_cache_tokens or shorten "
+                f"the prompt / max_tokens"
+            )
+
+    def add(self, req: Request) -> None:
+        self.check_fits(req)
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- scheduling ----------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch | None:
+        batch = self._admit()
+        if batch.requests:
+            return batch
+        if self.running:
+            return self._prepare_decode()
+        return None
+
+    def _admit(self) -> ScheduledBatch:
+        batch = ScheduledBatch("extend", [])
+        budget = self.max_prefill_tokens
+        deferred: list[Request] = []
+        while self.waiting and len(self.running) + len(batch.requests) < self.max_running:
+            req = self.waiting.popleft()
+            if self._shares_uncached_prefix(req, batch):
+                deferred.append(req)  # compute the shared part once; it is a cache hit next step
+                continue
+            start = self._try_allocate(req, budget if batch.requests else None)
+            if start is None:
+                self.waiting.appendleft(req)
+                break
+            batch.requests.append(req)
+            batch.starts.append(start)
+            budget -= req.seq_len - start
+        self.waiting.extendleft(reversed(deferred))
+        self.running.extend(batch.requests)
+        return batch
+
+    def _shares_uncached_prefix(self, req: Request, batch: ScheduledBatch) -> bool:
+        if not self.cache.enabled:
+            return False
+        ids = req.all_ids
+        for other, start in zip(batch.requests, batch.starts):
+            if other.namespace == req.namespace and _common_prefix(ids, other.all_ids) >= start + self.page_size:
+                return True
+        return False
+
+    def _match_limit(self, req: Request) -> int:
+        limit = req.seq_len - 1  # at least one token is computed to produce logits
+        if req.is_scoring:
+            limit = min(limit, req.score_from - 1)
+        return max(limit, 0)
+
+    def _try_allocate(self, req: Request, budget: int | None) -> int | None:
+        """Match the cached prefix, take pages for the rest; returns the first uncached position."""
+        ids = req.all_ids
+        match = self.cache.match_prefix(req.namespace, ids[: self._match_limit(req)])
+        start = match.num_tokens + match.partial_tokens
+        if budget is not None and req.seq_len - start > budget:
+            return None
+        self.cache.lock(match.node)
+        need = _ceil_div(req.seq_len, self.page_size) - len(match.pages)
+        fresh = self._alloc(need)
+        if fresh is None:
+            self.cache.unlock(match.node)
+            return None
+        self.pool.incref(match.pages)
+        if match.partial_tokens:
+            self.pool.copy_slots(match.partial_page, fresh[0], match.partial_tokens)
+        req.pages = list(match.pages) + fresh
+        req.lock_node = match.node
+        req.num_computed = start
+        if not req.admitted_once:
+            req.cached_tokens = start
+            req.admitted_once = True
+        return start
+
+    def _alloc(self, n: int) -> list[int] | None:
+        if n <= 0:
+            return []
+        if self.pool.num_free_pages < n:
+            self.cache.evict(n - self.pool.num_free_pages)
+        return self.pool.alloc(n)
+
+    def _prepare_decode(self) -> ScheduledBatch:
+        """Make sure every running request has a slot for its newest token, preempting if needed."""
+        i = 0
+        while i < len(self.running):
+            req = self.running[i]
+            if len(req.pages) * self.page_size >= req.seq_len:
+                i += 1
+                continue
+            page = self._alloc(1)
+            if page is not None:
+                req.pages.extend(page)
+                i += 1
+                continue
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is req:
+                break
+        return ScheduledBatch("decode", list(self.running), [r.seq_len - 1 for r in self.running])
+
+    # -- cache bookkeeping ---------------------------------------------------------------
+    def cache_computed(self, req: Request) -> None:
+        """Publish the full pages computed so far, so later requests with this prefix reuse them."""
+        full = req.num_computed // self.page_size
+        if full == 0:
+            return
+        ids = req.all_ids[: full * self.page_size]
+        self.cache.insert(req.namespace, ids, req.pages[:full])
+        node = self.cache.match_prefix(req.namespace, ids).node
+        self.cache.lock(node)
+        if req.lock_node is not None:
+            self.cache.unlock(req.lock_node)
+        req.lock_node = node
+
+    def release(self, req: Request) -> None:
+        """Give back everything a request holds (its full pages stay cached in the tree)."""
+        self.cache_computed(req)
+        if req.lock_node is not None:
+            self.cache.unlock(req.lock_node)
+            req.lock_node = None
+        self.pool.decref(req.pages)
+        req.pages = []
+        req.num_computed = 0
+
+    def preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.release(req)
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    def finish(self, req: Request) -> None:
+        self.running.remove(req)
+        self.release(req)

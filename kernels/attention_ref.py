@@ -1,0 +1,153 @@
+"""Non-Triton paged attention: the torch reference (also the engine's CPU path) and the optional
+flash-attn backend.
+
+The reference gathers every sequence's KV from the page pool into a padded [B, Hkv, max_kv, D]
+tensor and runs ONE batched `scaled_dot_product_attention` with an explicit boolean mask. A Python
+loop per sequence or per token would be simpler but far too slow to serve as the CPU path.
+
+GQA: instead of repeating each kv head H/Hkv times (which multiplies the gathered KV copy by the
+group size), the query heads that share a kv head are folded into the query-length axis:
+q [B, Lq, H, D] -> [B, Hkv, G*Lq, D] against k [B, Hkv, Lkv, D]. The result is identical to
+repeating kv heads (head h reads kv head h // G) while the KV is gathered once.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def gather_kv(pool: Tensor, page_table: Tensor, kv_lens: Tensor, max_kv: int) -> Tensor:
+    """Gather kv positions 0..max_kv-1 of every sequence into a contiguous [B, Hkv, max_kv, D].
+
+    One `index_select` over (token, head) rows of the pool writes SDPA's head-major layout
+    directly: a single copy, cheaper than advanced indexing followed by a permute + contiguous.
+    Positions past a sequence's end are redirected to its first token: the slots there may hold
+    stale or uninitialised memory (even NaN), and a masked NaN still poisons softmax @ V (0 * NaN).
+    """
+    page_size, num_kv_heads, head_dim = pool.shape[1:]
+    pos = torch.arange(max_kv, device=page_table.device)
+    page_col = (pos // page_size).clamp_max(page_table.shape[1] - 1)
+    flat = page_table[:, page_col].long() * page_size + pos % page_size          # [B, max_kv]
+    flat = torch.where(pos[None, :] < kv_lens[:, None], flat, flat[:, :1])
+    heads = torch.arange(num_kv_heads, device=page_table.device)
+    rows = flat[:, None, :] * num_kv_heads + heads[None, :, None]                # [B, Hkv, max_kv]
+    out = pool.reshape(-1, head_dim).index_select(0, rows.flatten())
+    return out.view(page_table.shape[0], num_kv_heads, max_kv, head_dim)
+
+
+def _paged_sdpa(q_pad: Tensor, q_pos: Tensor, kv_lens: Tensor, max_kv: int, k_pool: Tensor,
+                v_pool: Tensor, page_table: Tensor, sm_scale: float) -> Tensor:
+    """Causal attention of padded queries q_pad [B, Lq, H, D] at positions q_pos [B, Lq].
+
+    Query (b, i) sees kv positions j with j <= q_pos[b, i] and j < kv_lens[b]. Returns
+    [B, Lq, H, D]; rows of padding queries hold unspecified values.
+    """
+    bsz, lq, num_heads, head_dim = q_pad.shape
+    num_kv_heads = k_pool.shape[2]
+    group = num_heads // num_kv_heads
+    k = gather_kv(k_pool, page_table, kv_lens, max_kv).to(q_pad.dtype)
+    v = gather_kv(v_pool, page_table, kv_lens, max_kv).to(q_pad.dtype)
+    # [B, Lq, Hkv, G, D] -> [B, Hkv, G, Lq, D] -> [B, Hkv, G*Lq, D]
+    q = q_pad.view(bsz, lq, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    q = q.reshape(bsz, num_kv_heads, group * lq, head_dim)
+    kv_pos = torch.arange(max_kv, device=q_pad.device)
+    mask = (kv_pos[None, None, :] <= q_pos[:, :, None]) & (kv_pos[None, None, :] < kv_lens[:, None, None])
+    # Keep every row non-empty so padding rows never produce NaN (some SDPA backends do).
+    mask[:, :, 0] = True
+    mask = mask[:, None, None].expand(bsz, 1, group, lq, max_kv).reshape(bsz, 1, group * lq, max_kv)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=sm_scale)
+    out = out.view(bsz, num_kv_heads, group, lq, head_dim).permute(0, 3, 1, 2, 4)
+    return out.reshape(bsz, lq, num_heads, head_dim)
+
+
+def _check_heads(q: Tensor, k_pool: Tensor) -> None:
+    if q.shape[-2] % k_pool.shape[2] != 0:
+        raise ValueError(f"num_heads {q.shape[-2]} is not a multiple of num_kv_heads {k_pool.shape[2]}")
+
+
+def extend_attention_torch(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tensor,
+                           qo_indptr: Tensor, prefix_lens: Tensor, sm_scale: float) -> Tensor:
+    """Reference extend attention: new tokens attend causally to cached prefix + themselves."""
+    _check_heads(q, k_pool)
+    num_tokens = q.shape[0]
+    out = torch.empty_like(q)
+    if num_tokens == 0 or page_table.shape[0] == 0:
+        return out
+    starts = qo_indptr[:-1].long()
+    ext_lens = qo_indptr[1:].long() - starts
+    prefix = prefix_lens.long()
+    kv_lens = prefix + ext_lens
+    max_ext, max_kv = int(ext_lens.max()), int(kv_lens.max())
+    if max_ext == 0:
+        return out
+    i = torch.arange(max_ext, device=q.device)
+    valid = i[None, :] < ext_lens[:, None]                            # [B, max_ext]
+    rows = (starts[:, None] + i[None, :]).clamp(0, num_tokens - 1)    # padded query gather
+    q_pos = prefix[:, None] + i[None, :]
+    o = _paged_sdpa(q[rows], q_pos, kv_lens, max_kv, k_pool, v_pool, page_table, sm_scale)
+    out[rows[valid]] = o[valid]
+    return out
+
+
+def decode_attention_torch(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tensor,
+                           seq_lens: Tensor, sm_scale: float) -> Tensor:
+    """Reference decode attention: query b sits at position seq_lens[b]-1 and sees all its kv."""
+    _check_heads(q, k_pool)
+    if q.shape[0] == 0:
+        return torch.empty_like(q)
+    kv_lens = seq_lens.long()
+    max_kv = int(kv_lens.max())
+    o = _paged_sdpa(q[:, None], (kv_lens - 1)[:, None], kv_lens, max_kv, k_pool, v_pool,
+                    page_table, sm_scale)
+    return o[:, 0]
+
+
+def flash_attn_available() -> bool:
+    """True when flash-attn imports and a GPU is present (its paged path also needs page_size % 256 == 0)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:  # ImportError, or a broken build raising at import time
+        return False
+    return True
+
+
+def _flash_check(k_pool: Tensor) -> None:
+    if not flash_attn_available():
+        raise RuntimeError("impl='flash_attn' needs flash-attn and a CUDA device")
+    if k_pool.shape[1] % 256:
+        raise ValueError(f"flash-attn paged KV needs page_size % 256 == 0, got {k_pool.shape[1]}")
+
+
+def decode_attention_flash(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tensor,
+                           seq_lens: Tensor, sm_scale: float) -> Tensor:
+    """Decode through flash-attn's paged `flash_attn_with_kvcache` (block_table = our page table)."""
+    _flash_check(k_pool)
+    from flash_attn import flash_attn_with_kvcache
+    out = flash_attn_with_kvcache(q[:, None], k_pool, v_pool, cache_seqlens=seq_lens.int(),
+                                  block_table=page_table.int(), softmax_scale=sm_scale, causal=True)
+    return out[:, 0]
+
+
+def extend_attention_flash(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tensor,
+                           qo_indptr: Tensor, prefix_lens: Tensor, sm_scale: float) -> Tensor:
+    """Extend through `flash_attn_with_kvcache`. Its causal mask is bottom-right aligned, so queries
+    are LEFT-padded to the longest extend: real row i of sequence b then sees kv <= prefix_b + i."""
+    _flash_check(k_pool)
+    from flash_attn import flash_attn_with_kvcache
+    out = torch.empty_like(q)
+    starts = qo_indptr[:-1].long()
+    ext_lens = qo_indptr[1:].long() - starts
+    max_ext = int(ext_lens.max()) if q.shape[0] else 0
+    if max_ext == 0:
+        return out
+    i = torch.arange(max_ext, device=q.device)
+    pad = max_ext - ext_lens
+    valid = i[None, :] >= pad[:, None]
+    rows = (starts[:, None] + i[None, :] - pad[:, None]).clamp(0, q.shape[0] - 1)
+    o = flash_attn_with_kvcache(q[rows], k_pool, v_pool, cache_seqlens=(prefix_lens.long() + ext_lens).int(),
+                                block_table=page_table.int(), softmax_scale=sm_scale, causal=True)
+    out[rows[valid]] = o[valid]
+    return out

@@ -1,0 +1,188 @@
+"""Fused noisy LoRA linear (DESIGN.md section 5): both MeZO branches in one launch, noise never stored.
+
+Per row i with sign σ_i ∈ {+1, -1, 0}:
+
+    t_i = x_i Aᵀ + σ_i ε x_i Z_Aᵀ
+    y_i = x_i Wᵀ + bias + s · (t_i Bᵀ + σ_i ε t_i Z_Bᵀ)   [+ σ_i ε x_i Z_Wᵀ in full-weight mode]
+
+Kernel 1 reduces x against A and Z_A ([M, r] each, tiny). Kernel 2 is a tiled x Wᵀ whose epilogue adds
+the LoRA term; B and Z_B tiles are [r, BLOCK_N]. Every noise tile comes from ``tl.randn(seed, flat
+index)`` inside the kernel, once per program for all its rows, and the per-row sign is applied after
+the dot products, so rows of both branches (and unperturbed rows) share every tile.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .lora_ref import lora_noise, noisy_lora_linear_ref
+
+__all__ = ["noisy_lora_linear", "noisy_lora_linear_ref", "lora_noise"]
+
+# float32 dots (LoRA factors, noise, fp32 inputs) on tensor cores at ~fp32 accuracy. Plain "tf32" would
+# round t = xAᵀ ± εxZ_Aᵀ to 10 mantissa bits and wash out the ε-sized perturbation. The interpreter
+# ignores this and multiplies in float32.
+F32_DOT_PRECISION = "tf32x3"
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _lora_down_kernel(x_ptr, a_ptr, t_ptr, tn_ptr, M, K, R, sxm, sxk, seed_a,
+                      PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr):
+    """T = x Aᵀ and T_noise = x Z_Aᵀ for BLOCK_M rows; Z_A tiles generated in registers."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, R_PAD)
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    acc_n = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk,
+                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0).to(tl.float32)
+        a_idx = rr[None, :] * K + rk[:, None]  # [BLOCK_K, R_PAD]: flat index of A[r, k], also the counter
+        a = tl.load(a_ptr + a_idx, mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
+        z = tl.randn(seed_a, a_idx)  # past K it meets x == 0; padded columns are never stored
+        acc = tl.dot(x, a, acc, input_precision=PREC)
+        acc_n = tl.dot(x, z, acc_n, input_precision=PREC)
+    idx = rm[:, None] * R + rr[None, :]
+    mask = (rm[:, None] < M) & (rr[None, :] < R)
+    tl.store(t_ptr + idx, acc, mask=mask)
+    tl.store(tn_ptr + idx, acc_n, mask=mask)
+
+
+@triton.jit
+def _noisy_linear_kernel(x_ptr, w_ptr, bias_ptr, t_ptr, tn_ptr, b_ptr, sign_ptr, out_ptr,
+                         M, N, K, R, sxm, sxk, swn, swk, som, son, seed_b, seed_w, eps, scale,
+                         HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_WNOISE: tl.constexpr,
+                         LOW_PREC: tl.constexpr, PREC: tl.constexpr, GROUP_M: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         R_PAD: tl.constexpr):
+    # grouped tile order: GROUP_M row blocks sweep the N blocks together, so W tiles stay in L2
+    pid = tl.program_id(0)
+    n_pid_m = tl.cdiv(M, BLOCK_M)
+    n_pid_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * n_pid_n)
+    first_m = group * GROUP_M
+    group_rows = tl.minimum(n_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * n_pid_n)) % group_rows
+    pid_n = (pid % (GROUP_M * n_pid_n)) // group_rows
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    se = tl.load(sign_ptr + rm, mask=m_ok, other=0).to(tl.float32) * eps  # σ_i ε
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_z = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + rn[None, :] * swn + rk[:, None] * swk, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        if LOW_PREC:
+            acc = tl.dot(x, w, acc)
+        else:
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision=PREC)
+        if HAS_WNOISE:
+            z = tl.randn(seed_w, rn[None, :] * K + rk[:, None])  # Z_W[n, k] as a [BLOCK_K, BLOCK_N] tile
+            if LOW_PREC:
+                # x is exact in 16 bits; z = hi + lo keeps ~16 (bf16) / 22 (fp16) bits of z on tensor cores
+                z_hi = z.to(x.dtype)
+                z_lo = (z - z_hi.to(tl.float32)).to(x.dtype)
+                acc_z = tl.dot(x, z_hi, acc_z)
+                acc_z = tl.dot(x, z_lo, acc_z)
+            else:
+                acc_z = tl.dot(x.to(tl.float32), z, acc_z, input_precision=PREC)
+    if HAS_WNOISE:
+        acc += se[:, None] * acc_z
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_LORA:
+        rr = tl.arange(0, R_PAD)
+        t_idx = rm[:, None] * R + rr[None, :]
+        t_mask = m_ok[:, None] & (rr[None, :] < R)
+        t = tl.load(t_ptr + t_idx, mask=t_mask, other=0.0) + se[:, None] * tl.load(tn_ptr + t_idx, mask=t_mask, other=0.0)
+        b_idx = rn[None, :] * R + rr[:, None]  # [R_PAD, BLOCK_N]: flat index of B[n, r]
+        b = tl.load(b_ptr + b_idx, mask=n_ok[None, :] & (rr[:, None] < R), other=0.0)
+        z_b = tl.randn(seed_b, b_idx)  # padded rows meet t == 0
+        lora = tl.dot(t, b, input_precision=PREC) + se[:, None] * tl.dot(t, z_b, input_precision=PREC)
+        acc += scale * lora
+    tl.store(out_ptr + rm[:, None] * som + rn[None, :] * son, acc.to(out_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
+
+
+def _noisy_lora_linear_triton(x, weight, lora_a, lora_b, signs, seed_a, seed_b, eps, scale, bias, weight_seed):
+    k = x.shape[-1]
+    n = weight.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out.reshape(*lead, n)
+    signs = signs.reshape(-1).contiguous()
+    if signs.numel() != m:
+        raise ValueError(f"signs has {signs.numel()} entries for {m} rows")
+    if signs.dtype == torch.bool:
+        signs = signs.to(torch.int8)
+    on_gpu = x.is_cuda
+    has_lora = lora_a is not None
+    low = x.dtype in _LOW_PRECISION and weight.dtype == x.dtype
+    wnoise = weight_seed is not None
+    r = lora_a.shape[0] if has_lora else 1
+    r_pad = _pow2(r, 16, 1 << 30)
+    t = tn = b = out  # placeholders, never read when HAS_LORA is off
+    if has_lora:
+        if lora_b is None or lora_a.shape[1] != k or tuple(lora_b.shape) != (n, r):
+            raise ValueError(f"LoRA shapes A{tuple(lora_a.shape)} B{tuple(lora_b.shape) if lora_b is not None else None} "
+                             f"do not fit x[..., {k}] and W{tuple(weight.shape)}")
+        a = lora_a.to(torch.float32).contiguous()
+        b = lora_b.to(torch.float32).contiguous()
+        t = torch.empty((m, r), dtype=torch.float32, device=x.device)
+        tn = torch.empty_like(t)
+        bm1 = _pow2(m, 16, 64 if on_gpu else 128)
+        bk1 = 64 if on_gpu else 256
+        _lora_down_kernel[(triton.cdiv(m, bm1),)](
+            x2, a, t, tn, m, k, r, x2.stride(0), x2.stride(1), int(seed_a),
+            PREC=F32_DOT_PRECISION, BLOCK_M=bm1, BLOCK_K=bk1, R_PAD=r_pad, num_warps=4)
+    if on_gpu:
+        bm = _pow2(m, 16, 128)
+        bn = 64 if (wnoise or r_pad >= 64) else 128
+        bk = 64 if low else 32
+    else:  # interpreter: fewer, larger tiles are much faster
+        bm, bn, bk = _pow2(m, 16, 128), 128, 128
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _noisy_linear_kernel[grid](
+        x2, weight, bias if bias is not None else out, t, tn, b, signs, out,
+        m, n, k, r, x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+        int(seed_b), int(weight_seed) if wnoise else 0, float(eps), float(scale),
+        HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_WNOISE=wnoise, LOW_PREC=low,
+        PREC=F32_DOT_PRECISION, GROUP_M=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, R_PAD=r_pad,
+        num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3)
+    return out.reshape(*lead, n)
+
+
+def noisy_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor | None,
+                      lora_b: torch.Tensor | None, *, signs: torch.Tensor, seed_a: int, seed_b: int,
+                      eps: float, scale: float, bias: torch.Tensor | None = None,
+                      weight_seed: int | None = None, impl: str = "auto") -> torch.Tensor:
+    """Linear layer with LoRA where each row runs at θ + σ_i ε Z (σ_i = signs[i] ∈ {-1, 0, +1}).
+
+    x [..., K] (fp32/bf16/fp16), weight [N, K], lora_a [r, K] and lora_b [N, r] (fp32, or both None),
+    signs [M] with M = x.numel() // K. Z_A = randn(seed_a, A.shape), Z_B = randn(seed_b, B.shape) and,
+    when ``weight_seed`` is given (full-parameter mode), Z_W = randn(weight_seed, W.shape).
+    Returns [..., N] in x.dtype. impl: "torch" (materialized noise), "triton", or "auto" (triton on CUDA).
+    """
+    if impl == "auto":
+        impl = "triton" if x.is_cuda else "torch"
+    if impl == "torch":
+        return noisy_lora_linear_ref(x, weight, lora_a, lora_b, signs=signs, seed_a=seed_a, seed_b=seed_b,
+                                     eps=eps, scale=scale, bias=bias, weight_seed=weight_seed)
+    if impl != "triton":
+        raise ValueError(f"unknown impl {impl!r}")
+    return _noisy_lora_linear_triton(x, weight, lora_a, lora_b, signs, seed_a, seed_b, eps, scale, bias,
+                                     weight_seed)

@@ -1,0 +1,159 @@
+"""Counter-based Gaussian noise: a pure-torch twin of Triton's ``tl.randn`` (DESIGN.md section 4).
+
+``randn(seed, shape, offset)[i] == tl.randn(seed, offset + i)`` for every flat (row-major) index i, so the
+CPU path, the fused GPU kernels and a replayed run all perturb by the same z. The generator is
+Philox-4x32 with 10 rounds, keyed by the 64-bit seed (lo word, hi word), counter (offset lo, offset hi, 0, 0);
+the first two output words go through ``uint_to_uniform_float`` and one Box-Muller branch.
+
+uint32 arithmetic is emulated in int64 with every intermediate kept below 2^63 (signed overflow is
+undefined behaviour in the C++ kernels behind torch, so we never rely on wrap-around). The transcendental
+Box-Muller steps are evaluated in float64 and rounded to float32, i.e. as a correctly rounded float32
+library would, so the result is the same on every machine; Triton's own float32 log/cos (numpy in the
+interpreter, fast approximations on a GPU) agree to ~1 ulp, well within 1e-6 for |z| < 4.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["randn", "randn_triton", "derive_seed"]
+
+_M32 = 0xFFFFFFFF
+_M64 = 0xFFFFFFFFFFFFFFFF
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57  # Philox-4x32 multipliers
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85      # Philox-4x32 key bumps (Weyl sequence)
+_N_ROUNDS = 10
+_CHUNK = 1 << 16  # elements per pass: four int64 [2, chunk] scratch buffers (4 MiB) stay cache-resident
+_UNIFORM_SCALE = 4.6566127342e-10  # Triton's uint_to_uniform_float scale for 32-bit words
+
+
+def _numel(shape: int | Sequence[int]) -> tuple[tuple[int, ...], int]:
+    shape = (int(shape),) if isinstance(shape, int) else tuple(int(s) for s in shape)
+    return shape, math.prod(shape)
+
+
+def _philox_words01(seed: int, start: int, bufs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """First two Philox-4x32-10 output words for counters start..start+n-1, as int64 in [0, 2^32).
+
+    ``bufs`` are four int64 [2, n] scratch tensors (reused across chunks: fresh pages cost more than
+    the arithmetic). The two multiplications of a round run on the two rows. For a < 2^32 we write
+    a = 2^31 + a', so c*a = c*a' + (c & 1)*2^31 + (c >> 1)*2^32 with c*a' + 2^31 < 2^63:
+    lo = (c*a' + (c&1)<<31) mod 2^32 and hi = ((c*a' + (c&1)<<31) >> 32) + (c >> 1), no overflow.
+    Rows swap roles every round (state x holds [c0, c2] then [c2, c0]), which saves all copies.
+    """
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    x, y, s, t = bufs  # x rows: words fed to the multipliers; y rows: words xor-ed into the result
+    torch.arange(start, start + x.shape[1], out=t[0])
+    torch.bitwise_and(t[0], _M32, out=x[0])       # c0 = offset lo
+    x[1].zero_()                                  # c2 = 0
+    torch.bitwise_right_shift(t[0], 32, out=y[0])  # c1 = offset hi (0 for int32 offsets)
+    y[1].zero_()                                  # c3 = 0
+    a_lo, a_hi = _ROUND_A - 2**31, _ROUND_B - 2**31
+    for r in range(_N_ROUNDS):
+        even = r % 2 == 0
+        torch.mul(x[0], a_lo if even else a_hi, out=s[0])  # (a broadcast [2, 1] multiplier is slower)
+        torch.mul(x[1], a_hi if even else a_lo, out=s[1])
+        torch.bitwise_and(x, 1, out=t)
+        t <<= 31
+        s += t
+        x >>= 1
+        torch.bitwise_right_shift(s, 32, out=t)
+        t += x                     # t = umulhi, s = mul lo after the mask below
+        s &= _M32
+        t[0] ^= y[1]
+        t[1] ^= y[0]
+        # even: t rows = [hi(A*c0), hi(B*c2)] -> [c2', c0'];  odd: [hi(B*c2), hi(A*c0)] -> [c0', c2']
+        t[0] ^= k1 if even else k0
+        t[1] ^= k0 if even else k1
+        x, y, s, t = t, s, x, y
+        k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
+    # after an even number of rounds the rows are back in [c0, c2] / [c1, c3] order
+    return x[0], y[0]
+
+
+def _uniform(w: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Triton's uint_to_uniform_float: bitcast to int32, fold negatives with ~x, scale in float32.
+
+    For a word w in [0, 2^32) that is ``w ^ 0xFFFFFFFF`` when bit 31 is set, else w.
+    """
+    torch.bitwise_right_shift(w, 31, out=scratch)
+    scratch.neg_()
+    scratch &= _M32
+    scratch ^= w
+    return scratch.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=w.device)
+
+
+def _randn_flat(seed: int, start: int, bufs: list[torch.Tensor]) -> torch.Tensor:
+    """Normals for counters start..start+n-1 where n = bufs[0].shape[1]."""
+    w0, w1 = _philox_words01(seed, start, bufs)
+    device = w0.device
+    free = [b for b in bufs if b.data_ptr() != w0.data_ptr() and b.data_ptr() != w1.data_ptr()]
+    u1 = torch.clamp_min(_uniform(w0, free[0][0]), 1.0e-7)
+    th = _uniform(w1, free[0][1]) * torch.tensor(6.283185307179586, dtype=torch.float32, device=device)
+    # float32 ops, each result correctly rounded: log, *(-2) (exact), sqrt, cos, then one float32 product
+    lg = torch.log(u1.double()).float()
+    r = torch.sqrt((lg * -2.0).double()).float()
+    c = torch.cos(th.double()).float()
+    return r * c
+
+
+def randn(seed: int, shape: int | Sequence[int], offset: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
+    """float32 tensor with ``out.view(-1)[i] == tl.randn(seed, offset + i)`` (row-major flat index).
+
+    ``seed`` may be any int (its low 64 bits key Philox, like Triton); ``offset + numel`` may exceed
+    2^31 here, but the Triton kernels use int32 offsets, so tensors that are perturbed on the GPU must
+    stay below 2^31 elements.
+    """
+    shape, n = _numel(shape)
+    if offset < 0:
+        raise ValueError("offset must be non-negative")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    seed = int(seed) & _M64
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    full = [torch.empty(2, min(n, _CHUNK), dtype=torch.int64, device=device) for _ in range(4)]
+    for start in range(0, n, _CHUNK):
+        m = min(_CHUNK, n - start)
+        bufs = full if m == full[0].shape[1] else [b[:, :m] for b in full]
+        out[start:start + m] = _randn_flat(seed, offset + start, bufs)
+    return out.view(shape)
+
+
+@triton.jit
+def _randn_kernel(out_ptr, seed, offset, n, BLOCK: tl.constexpr):
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n
+    tl.store(out_ptr + idx, tl.randn(seed, offset + idx), mask=mask)
+
+
+def randn_triton(seed: int, shape: int | Sequence[int], offset: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
+    """Ground truth: the same noise straight from ``tl.randn`` (the interpreter when there is no GPU)."""
+    shape, n = _numel(shape)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    if n:
+        block = 1024
+        _randn_kernel[(triton.cdiv(n, block),)](out, seed, offset, n, BLOCK=block)
+    return out.view(shape)
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def derive_seed(step_seed: int, tensor_index: int) -> int:
+    """The one map (step seed, tensor index) -> Philox seed for that tensor, in [0, 2^31 - 1).
+
+    Two nested splitmix64 finalizers decorrelate neighbouring steps and neighbouring tensors (plain
+    ``step_seed + index`` would make tensor 1 of step s reuse tensor 0 of step s+1). The result is
+    kept below 2^31 because Triton passes such Python ints as int32, and int64 seed tensors holding it
+    give the same Philox key (hi word 0), so a seed behaves identically whichever way a kernel gets it.
+    """
+    return _splitmix64((_splitmix64(int(step_seed) & _M64) ^ (int(tensor_index) & _M64)) & _M64) % 0x7FFFFFFF

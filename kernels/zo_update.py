@@ -1,0 +1,102 @@
+"""MeZO parameter update (DESIGN.md section 5): p ← p − lr·(Σ_k g_k z_k + wd·p), z_k = randn(seed_k, p.shape).
+
+The noise is regenerated from the seeds, never stored. The projected gradients g stay on the device
+and the Triton path reads them inside the kernel, so an optimizer step needs no host synchronisation.
+One pass over the parameter's memory however many (seed, g) pairs are folded in.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .noise import randn
+
+__all__ = ["zo_update_", "zo_update_ref_"]
+
+_TORCH_CHUNK = 1 << 20  # elements per chunk in the torch path (bounds the float32 temporaries)
+
+
+@triton.jit
+def _zo_update_kernel(p_ptr, seed_ptr, grad_ptr, n_seeds, numel, lr, wd, BLOCK: tl.constexpr):
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # int32 counters: numel < 2^31
+    mask = idx < numel
+    p = tl.load(p_ptr + idx, mask=mask)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in range(n_seeds):
+        seed = tl.load(seed_ptr + k)
+        g = tl.load(grad_ptr + k).to(tl.float32)
+        acc += g * tl.randn(seed, idx)
+    tl.store(p_ptr + idx, p - lr * (acc + wd * p), mask=mask)
+
+
+def _seed_tensor(seeds: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    if isinstance(seeds, torch.Tensor):
+        return seeds.to(device=device, dtype=torch.int64)
+    host = torch.tensor([int(s) for s in seeds], dtype=torch.int64)
+    if device.type == "cuda":  # pinned + non_blocking: the copy is queued, the host never waits
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def _grad_tensor(grads: Sequence[float] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    if isinstance(grads, torch.Tensor):
+        return grads.reshape(-1).to(device=device, dtype=torch.float32)
+    return torch.tensor([float(g) for g in grads], dtype=torch.float32, device=device)
+
+
+def zo_update_ref_(param: torch.Tensor, seeds: Sequence[int] | torch.Tensor, grads: Sequence[float] | torch.Tensor,
+                   lr: float, weight_decay: float = 0.0) -> torch.Tensor:
+    """Torch reference of :func:`zo_update_`: materializes each z_k chunk by chunk."""
+    if isinstance(seeds, torch.Tensor):
+        seeds = seeds.tolist()  # the reference may sync; the Triton path never does
+    g = _grad_tensor(grads, param.device)
+    if len(seeds) != g.numel():
+        raise ValueError(f"{len(seeds)} seeds but {g.numel()} projected gradients")
+    work = param if param.is_contiguous() else param.contiguous()
+    flat = work.view(-1)
+    for start in range(0, flat.numel(), _TORCH_CHUNK):
+        p = flat[start:start + _TORCH_CHUNK]
+        acc = torch.zeros_like(p, dtype=torch.float32)
+        for k, seed in enumerate(seeds):
+            acc += g[k] * randn(seed, p.numel(), offset=start, device=p.device)
+        p -= lr * (acc + weight_decay * p)
+    if work is not param:
+        param.copy_(work)
+    return param
+
+
+def zo_update_(param: torch.Tensor, seeds: Sequence[int] | torch.Tensor, grads: Sequence[float] | torch.Tensor,
+               lr: float, weight_decay: float = 0.0, impl: str = "auto") -> torch.Tensor:
+    """In place p ← p − lr·(Σ_k grads[k]·randn(seeds[k], p.shape) + weight_decay·p); returns param.
+
+    param: float32 (any shape; noise index = row-major flat index). seeds: ints or an int64 tensor.
+    grads: float32 device tensor [n] (read in-kernel: no .item(), no host sync in the Triton path).
+    impl: "torch", "triton" or "auto" (triton on CUDA).
+    """
+    if param.dtype != torch.float32:
+        raise TypeError(f"trainable parameters are float32 (DESIGN.md section 4), got {param.dtype}")
+    if impl == "auto":
+        impl = "triton" if param.is_cuda else "torch"
+    if impl == "torch":
+        return zo_update_ref_(param, seeds, grads, lr, weight_decay)
+    if impl != "triton":
+        raise ValueError(f"unknown impl {impl!r}")
+    numel = param.numel()
+    if numel >= 2**31:
+        raise ValueError("the kernels use int32 noise counters: tensors must have < 2^31 elements")
+    s = _seed_tensor(seeds, param.device)
+    g = _grad_tensor(grads, param.device)
+    if s.numel() != g.numel():
+        raise ValueError(f"{s.numel()} seeds but {g.numel()} projected gradients")
+    if numel == 0 or (s.numel() == 0 and weight_decay == 0.0):
+        return param
+    work = param if param.is_contiguous() else param.contiguous()
+    block = 1024
+    _zo_update_kernel[(triton.cdiv(numel, block),)](work, s, g, s.numel(), numel, float(lr), float(weight_decay),
+                                                    BLOCK=block, num_warps=4)
+    if work is not param:
+        param.copy_(work)
+    return param

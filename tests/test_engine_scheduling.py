@@ -1,0 +1,98 @@
+"""Prefix sharing, preemption under a tiny pool, and scoring (engine issue, acceptance 4 and 5)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import random_prompts, tiny_llama
+
+from engine import Engine, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return tiny_llama(seed=7, max_pos=1024)
+
+
+def make_engine(hf, **kw) -> Engine:
+    kw.setdefault("max_cache_tokens", 16384)
+    return Engine.from_hf(hf, dtype="float32", device="cpu", **kw)
+
+
+def check_pool_clean(engine: Engine) -> None:
+    """After all requests finish, every page is free or held (once) by the prefix tree."""
+    engine.pool.check_invariants()
+    assert engine.pool.num_free_pages + engine.cache.num_cached_pages == engine.pool.num_usable_pages
+
+
+def test_shared_prefix_is_computed_once(hf) -> None:
+    prefix = random_prompts(1, 256, 200, 200, seed=1)[0]
+    suffixes = random_prompts(32, 256, 10, 30, seed=2)
+    prompts = [prefix + s for s in suffixes]
+    cached = make_engine(hf)
+    outs = cached.generate(prompts, GREEDY, use_tqdm=False)
+    plain = make_engine(hf, enable_prefix_cache=False).generate(prompts, GREEDY, use_tqdm=False)
+    assert sum(o.cached_tokens for o in outs) >= 31 * 200
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+    assert all(o.cached_tokens == 0 for o in plain)
+    check_pool_clean(cached)
+
+
+def test_tiny_pool_preempts_and_matches_unconstrained_run(hf) -> None:
+    prompts = random_prompts(64, 256, 5, 24, seed=3)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    free = make_engine(hf, page_size=4).generate(prompts, params, use_tqdm=False)
+    tight = make_engine(hf, page_size=4, max_cache_tokens=64)  # 16 pages; one request needs up to 10
+    outs = tight.generate(prompts, params, use_tqdm=False)
+    assert tight.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == [o.token_ids for o in free]
+    assert all(len(o.token_ids) == 16 and o.finish_reason == "length" for o in outs)
+    check_pool_clean(tight)
+
+
+def test_request_longer_than_pool_fails_alone(hf) -> None:
+    prompts = random_prompts(6, 256, 5, 12, seed=4)
+    prompts.insert(2, list(range(3, 103)))  # 100 tokens: more than the 64-token pool
+    engine = make_engine(hf, page_size=4, max_cache_tokens=64)
+    with pytest.raises(ValueError, match="pool holds only") as info:
+        engine.generate(prompts, GREEDY, use_tqdm=False)
+    results = info.value.completions
+    assert results[2].finish_reason == "error" and "request 2" in results[2].error
+    assert all(r.finish_reason == "length" and len(r.token_ids) == 8 for i, r in enumerate(results) if i != 2)
+    check_pool_clean(engine)
+
+
+def test_sampling_is_reproducible_per_request_seed(hf) -> None:
+    prompts = random_prompts(4, 256, 5, 12, seed=5)
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_k=50, top_p=0.9, seed=1234, ignore_eos=True)
+    a = make_engine(hf).generate(prompts, params, use_tqdm=False)
+    b = make_engine(hf, page_size=4, max_cache_tokens=48).generate(prompts[::-1], params, use_tqdm=False)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b[::-1]]
+
+
+def test_stop_token_ids_and_max_tokens(hf) -> None:
+    prompt = random_prompts(1, 256, 8, 8, seed=6)[0]
+    engine = make_engine(hf)
+    full = engine.generate([prompt], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))[0]
+    stop_at = full.token_ids[3]
+    first = full.token_ids.index(stop_at)
+    cut = engine.generate([prompt], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True,
+                                                   stop_token_ids=[stop_at]))[0]
+    assert cut.token_ids == full.token_ids[: first + 1] and cut.finish_reason == "stop"
+
+
+def test_score_shares_prompt_and_equals_logprob_sum(hf) -> None:
+    engine = make_engine(hf, page_size=4)
+    prompts = random_prompts(3, 256, 20, 30, seed=8)
+    cands = [random_prompts(4, 256, 1, 4, seed=9 + i) for i in range(3)]
+    got = engine.score(prompts, cands)
+    for p, cs, row in zip(prompts, cands, got):
+        for c, value in zip(cs, row):
+            with torch.no_grad():
+                logits = hf(torch.tensor([p + c])).logits[0].float()
+            logp = torch.log_softmax(logits, -1)
+            want = sum(logp[len(p) - 1 + k, t].item() for k, t in enumerate(c))
+            assert value == pytest.approx(want, abs=1e-4)
+    # 12 candidates over 3 prompts of >= 20 tokens: the prompts' full pages are computed once.
+    assert engine.cache_stats()["tokens_computed"] < sum(len(p) for p in prompts) + 12 * (4 + 4 + 4)
