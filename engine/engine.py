@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .adapter_api import AdapterMixin
 from .attention_backend import AttentionBackend
 from .kv_pool import KVPool
 from .loader import load_config, load_state_dict, load_tokenizer, resolve_model
@@ -56,7 +57,7 @@ def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtyp
     return table[dtype]
 
 
-class Engine:
+class Engine(AdapterMixin):
     """A paged-KV LLaMA engine. `model` is a built-in name, an HF directory or a .gguf path."""
 
     def __init__(
@@ -226,8 +227,9 @@ class Engine:
             if req.is_scoring:
                 targets = torch.tensor(req.all_ids[req.score_from:], device=rows.device)
                 if req.keep_logits:
-                    req.logits = rows.cpu()
-                    rows = rows[: len(targets)]
+                    req.logits = rows  # the caller reads them (on the device: no host sync here)
+                    req.finish_reason = "stop"
+                    continue
                 logp = torch.log_softmax(rows, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
                 req.token_logprobs = logp.tolist()
                 req.finish_reason = "stop"
@@ -311,7 +313,26 @@ class Engine:
             reqs.append(req)
         self._run_to_completion(len(reqs), use_tqdm=False)
         self.last_requests = reqs
-        return [r.logits for r in reqs]
+        return [r.logits.cpu() for r in reqs]
+
+    def run_requests(self, requests: Sequence[Request], perturbation: tuple[int, float] | None = None) -> None:
+        """Run prepared requests to completion, optionally under a MeZO perturbation (step_seed, eps)
+        applied with each request's `sign`. Used by the MeZO trainer."""
+        for req in requests:
+            self.scheduler.add(req)
+        self.runner.perturbation = perturbation
+        try:
+            self._run_to_completion(len(requests), use_tqdm=False)
+        finally:
+            self.runner.perturbation = None
+
+    def new_request(self, ids: list[int], params: SamplingParams | None = None, **fields: Any) -> Request:
+        """A request in the current weight namespace (fields: score_from, keep_logits, sign, namespace)."""
+        score_from = fields.pop("score_from", None)
+        req = self._make_request(ids, params or SamplingParams(max_tokens=1, temperature=0.0), score_from)
+        for k, v in fields.items():
+            setattr(req, k, v)
+        return req
 
     # -- introspection -----------------------------------------------------------------------
     def cache_stats(self) -> dict[str, Any]:

@@ -51,7 +51,10 @@ class AdaptableLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor, perturbation: Perturbation | None = None) -> torch.Tensor:
         perturbed = perturbation is not None and (self.index_a >= 0 or self.index_w >= 0)
         if not perturbed:
-            y = F.linear(x, self.weight, self.bias)
+            w, b = self.weight, self.bias
+            if w.dtype != x.dtype:  # full-parameter mode keeps fp32 weights under bf16/fp16 activations
+                w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
+            y = F.linear(x, w, b)
             if self.has_lora:
                 t = F.linear(x.float(), self.lora_a)
                 y = (y.float() + self.lora_scale * F.linear(t, self.lora_b)).to(x.dtype)

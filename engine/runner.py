@@ -17,6 +17,7 @@ class ModelRunner:
         self.model, self.pool, self.backend, self.device = model, pool, backend, device
         self.tokens_computed = 0
         self.forward_passes = 0
+        self.perturbation: tuple[int, float] | None = None  # (step_seed, eps) while MeZO branches run
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """fp32 logits of `batch.logits_indices`, in order."""
@@ -46,6 +47,9 @@ class ModelRunner:
             self.pool.page_size,
             rows,
             self.device,
+            signs=[r.sign for r in scheduled.requests] if self.perturbation is not None else None,
+            step_seed=self.perturbation[0] if self.perturbation is not None else 0,
+            eps=self.perturbation[1] if self.perturbation is not None else 0.0,
         )
         logits = self.forward(batch)
         out, offset = [], 0

@@ -124,7 +124,7 @@ def _noisy_lora_linear_triton(x, weight, lora_a, lora_b, signs, seed_a, seed_b, 
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out.reshape(*lead, n)
-    signs = signs.reshape(-1).contiguous()
+    signs = signs.to(x.device).reshape(-1).contiguous()
     if signs.numel() != m:
         raise ValueError(f"signs has {signs.numel()} entries for {m} rows")
     if signs.dtype == torch.bool:

@@ -8,8 +8,10 @@ the first two output words go through ``uint_to_uniform_float`` and one Box-Mull
 uint32 arithmetic is emulated in int64 with every intermediate kept below 2^63 (signed overflow is
 undefined behaviour in the C++ kernels behind torch, so we never rely on wrap-around). The transcendental
 Box-Muller steps are evaluated in float64 and rounded to float32, i.e. as a correctly rounded float32
-library would, so the result is the same on every machine; Triton's own float32 log/cos (numpy in the
-interpreter, fast approximations on a GPU) agree to ~1 ulp, well within 1e-6 for |z| < 4.
+library would, so the result is the same on every machine. Triton's own float32 log/cos are not
+correctly rounded (numpy in the interpreter: ~1 in 4 values differ by an ulp or two, max 5e-7 seen;
+compiled GPU kernels may use approximate log/cos instructions), so "equal" means within ~1e-6
+(a little more on a GPU where u1 is close to 1), not bit-exact.
 """
 from __future__ import annotations
 
@@ -36,8 +38,10 @@ def _numel(shape: int | Sequence[int]) -> tuple[tuple[int, ...], int]:
     return shape, math.prod(shape)
 
 
-def _philox_words01(seed: int, start: int, bufs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _philox_words01(seed: int, start: int, bufs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """First two Philox-4x32-10 output words for counters start..start+n-1, as int64 in [0, 2^32).
+
+    Returns (word0, word1, a free [2, n] scratch buffer).
 
     ``bufs`` are four int64 [2, n] scratch tensors (reused across chunks: fresh pages cost more than
     the arithmetic). The two multiplications of a round run on the two rows. For a < 2^32 we write
@@ -52,11 +56,11 @@ def _philox_words01(seed: int, start: int, bufs: list[torch.Tensor]) -> tuple[to
     x[1].zero_()                                  # c2 = 0
     torch.bitwise_right_shift(t[0], 32, out=y[0])  # c1 = offset hi (0 for int32 offsets)
     y[1].zero_()                                  # c3 = 0
-    a_lo, a_hi = _ROUND_A - 2**31, _ROUND_B - 2**31
+    mul_a, mul_b = _ROUND_A - 2**31, _ROUND_B - 2**31  # a' for both multipliers
     for r in range(_N_ROUNDS):
         even = r % 2 == 0
-        torch.mul(x[0], a_lo if even else a_hi, out=s[0])  # (a broadcast [2, 1] multiplier is slower)
-        torch.mul(x[1], a_hi if even else a_lo, out=s[1])
+        torch.mul(x[0], mul_a if even else mul_b, out=s[0])  # (a broadcast [2, 1] multiplier is slower)
+        torch.mul(x[1], mul_b if even else mul_a, out=s[1])
         torch.bitwise_and(x, 1, out=t)
         t <<= 31
         s += t
@@ -72,7 +76,7 @@ def _philox_words01(seed: int, start: int, bufs: list[torch.Tensor]) -> tuple[to
         x, y, s, t = t, s, x, y
         k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
     # after an even number of rounds the rows are back in [c0, c2] / [c1, c3] order
-    return x[0], y[0]
+    return x[0], y[0], s
 
 
 def _uniform(w: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
@@ -84,16 +88,14 @@ def _uniform(w: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     scratch.neg_()
     scratch &= _M32
     scratch ^= w
-    return scratch.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=w.device)
+    return scratch.to(torch.float32) * _UNIFORM_SCALE  # scalar is rounded to float32, product in float32
 
 
 def _randn_flat(seed: int, start: int, bufs: list[torch.Tensor]) -> torch.Tensor:
     """Normals for counters start..start+n-1 where n = bufs[0].shape[1]."""
-    w0, w1 = _philox_words01(seed, start, bufs)
-    device = w0.device
-    free = [b for b in bufs if b.data_ptr() != w0.data_ptr() and b.data_ptr() != w1.data_ptr()]
-    u1 = torch.clamp_min(_uniform(w0, free[0][0]), 1.0e-7)
-    th = _uniform(w1, free[0][1]) * torch.tensor(6.283185307179586, dtype=torch.float32, device=device)
+    w0, w1, scratch = _philox_words01(seed, start, bufs)
+    u1 = torch.clamp_min(_uniform(w0, scratch[0]), 1.0e-7)
+    th = _uniform(w1, scratch[1]) * 6.283185307179586
     # float32 ops, each result correctly rounded: log, *(-2) (exact), sqrt, cos, then one float32 product
     lg = torch.log(u1.double()).float()
     r = torch.sqrt((lg * -2.0).double()).float()

@@ -7,119 +7,17 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
-PathLike = str | os.PathLike
-
-
-# ---- atomic writes ----------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: PathLike, write_fn: Callable[[IO[bytes]], None]) -> None:
-    """Write via a temp file in the same directory, fsync, rename over ``path``, fsync the dir.
-    A crash or exception at any point leaves the old file (or none), never a partial one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write_fn(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    atomic_write(path, lambda fh: fh.write(data))
-
-
-def atomic_write_json(path: PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def atomic_save_safetensors(path: PathLike, tensors: dict[str, torch.Tensor],
-                            metadata: dict[str, str] | None = None) -> None:
-    data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(data, metadata=metadata))
-
-
-# ---- PEFT LoRA adapters -----------------------------------------------------------------------
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_PEFT_PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<ab>lora_[AB])(?:\.[^.]+)?\.weight$")
-
-
-def normalize_peft_key(key: str) -> str:
-    """``[base_model.model.]<module>.lora_A[.<adapter>].weight`` -> the PEFT file form
-    ``base_model.model.<module>.lora_A.weight`` (PEFT drops the adapter name when saving)."""
-    m = _LORA_KEY.match(key)
-    if m is None:
-        raise ValueError(f"not a LoRA weight key: {key!r} (expected '<module>.lora_A.weight' or '.lora_B.weight')")
-    module = m["module"]
-    if not module.startswith(_PEFT_PREFIX):
-        module = _PEFT_PREFIX + module
-    return f"{module}.{m['ab']}.weight"
-
-
-def save_peft_adapter(path: PathLike, tensors: dict[str, torch.Tensor], *, r: int, alpha: float,
-                      target_modules: list[str] | tuple[str, ...], base_model_name_or_path: str,
-                      layers_to_transform: list[int] | tuple[int, ...] | None = None) -> None:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that
-    ``peft.PeftModel.from_pretrained`` loads (A is [r, in], B is [out, r], delta = B@A·alpha/r)."""
-    out: dict[str, torch.Tensor] = {}
-    for k, v in tensors.items():
-        out[normalize_peft_key(k)] = v.detach().to(torch.float32)
-    modules = {k.rsplit(".", 2)[0] for k in out}
-    for mod in sorted(modules):
-        a, b = out.get(f"{mod}.lora_A.weight"), out.get(f"{mod}.lora_B.weight")
-        if a is None or b is None:
-            raise ValueError(f"{mod}: LoRA needs both lora_A and lora_B")
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
-            raise ValueError(f"{mod}: lora_A {tuple(a.shape)} must be [r={r}, in], lora_B {tuple(b.shape)} [out, r={r}]")
-        if mod.rsplit(".", 1)[-1] not in target_modules:
-            raise ValueError(f"{mod}: module not in target_modules {list(target_modules)}")
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
-        "target_modules": sorted(target_modules), "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-        "base_model_name_or_path": base_model_name_or_path, "revision": None,
-        "layers_to_transform": list(layers_to_transform) if layers_to_transform is not None else None,
-        "layers_pattern": None, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
-        "use_rslora": False, "use_dora": False,
-    }
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(path / ADAPTER_WEIGHTS, out, metadata={"format": "pt"})
-    atomic_write_json(path / ADAPTER_CONFIG, config)
-
-
-def load_peft_adapter(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read an adapter (ours or PEFT's); keys normalised to ``base_model.model.<module>.lora_X.weight``."""
-    path = Path(path)
-    cfg_file, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
-    if not cfg_file.is_file() or not weights.is_file():
-        raise ValueError(f"{path}: not a PEFT adapter (need {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-    config = json.loads(cfg_file.read_text())
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA")
-    return {normalize_peft_key(k): v for k, v in load_file(weights).items()}, config
-
+from engine.adapter_io import (  # noqa: F401  (re-exported: checkpoints are built from these)
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, PathLike, _fsync_dir, atomic_save_safetensors, atomic_write,
+    atomic_write_bytes, atomic_write_json, load_peft_adapter, normalize_peft_key, save_peft_adapter,
+)
 
 # ---- trajectory log ---------------------------------------------------------------------------
 @dataclass

@@ -7,10 +7,22 @@ import torch
 from kernels import noise
 from kernels.noise import derive_seed, randn, randn_triton
 
-# The torch twin rounds log/sqrt/cos correctly; the interpreter (numpy float32) is within ~1 ulp of that.
-# Compiled Triton uses fast approximate log/cos on the GPU, so allow a few ulp of |z| <= 5.7 there.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-TOL = dict(atol=1e-6, rtol=1e-6) if INTERPRETED else dict(atol=1e-5, rtol=1e-5)
+
+
+def assert_noise_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """The torch twin rounds log/sqrt/cos correctly; the interpreter (numpy float32) is within ~1 ulp.
+
+    Compiled on a GPU, tl.log/tl.cos may lower to approximate instructions whose absolute error in
+    log(u1) ~1e-7 becomes a larger error in sqrt(-2 log u1) when u1 is within ~1e-4 of 1, so there
+    we demand 1e-5 for all but a rare few values and 1e-3 for every value.
+    """
+    if INTERPRETED:
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        return
+    err = (got - want).abs()
+    assert (err <= 1e-5 + 1e-5 * want.abs()).float().mean().item() >= 0.999, err.max()
+    assert err.max().item() < 1e-3
 
 SEEDS = [0, 1, 2, 3, 7, 42, 1234, 12345, 65537, 2**24 + 1, 2**30, 2**31 - 2, 2**31 - 1,
          derive_seed(0, 0), derive_seed(0, 1), derive_seed(1, 0), derive_seed(2**40 + 9, 3),
@@ -23,7 +35,7 @@ def _check(seed: int, shape, offset: int, device: str) -> None:
     want = randn_triton(seed, shape, offset=offset, device=device)
     assert got.shape == want.shape == torch.Size(shape if isinstance(shape, tuple) else (shape,))
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got, want, **TOL)
+    assert_noise_close(got, want)
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -138,6 +138,7 @@ def test_bad_inputs(device):
         _run(p, "bogus")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="bf16/fp16 tensor-core paths need a GPU (the interpreter has no bf16 dot)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,k,n,r,weight_seed", [(7, 576, 1000, 8, None), (300, 1000, 576, 64, None),

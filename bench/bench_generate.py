@@ -1,0 +1,450 @@
+"""End-to-end generation throughput: MeZO Engine vs transformers `generate`, same weights, same prompts.
+
+Both sides get the same token-id prompts (varied lengths, drawn from --prompt-len) and produce exactly
+--max-tokens greedy tokens per prompt: the engine with `ignore_eos=True`, transformers with EOS
+disabled (`eos_token_id=[]`), so neither stops early. transformers runs all prompts as one batch,
+left-padded; the engine runs them with its own continuous batching. The Engine is built with
+`Engine.from_hf` from the very transformers model that is benchmarked, so the weights are identical
+and loaded once. Each side is warmed up once (full batch, 2 tokens; the engine's prefix cache is then
+reset, so the timed run computes every prompt token) before the timed run(s).
+
+Reported per side: output tokens/s = prompts * max_tokens / wall time of the whole generate call
+(prefill included); the ratio engine / transformers; for the engine, the time in prefill (extend)
+passes, in decode passes and outside the model (scheduling, sampling, detokenizing). Greedy outputs
+of the two are compared (exact-match share; small numeric differences can flip a near-tie).
+
+Results: bench/results/generate_<device-slug>[-<variant>].{json,md}, with the exact command line,
+versions, the CPU model / core count or GPU name, and os.getloadavg() before and after.
+
+    python bench/bench_generate.py                                   # CPU: SmolLM2-135M, fp32
+    python bench/bench_generate.py --random-config 1b                # GPU default: ~1.2B LLaMA, bf16
+    python bench/bench_generate.py --quick --random-config tiny --out-dir /tmp/x   # CI smoke
+    python bench/bench_generate.py --profile                         # + torch.profiler / cProfile tables
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import (command_line, device_slug, loadavg, machine_info, md_table, now_iso,  # noqa: E402
+                          resolve_device, save_results, sync, timed)
+from engine import Engine, SamplingParams  # noqa: E402
+
+# Random-weight LLaMA shapes (bos=1, eos=2, pad=0).
+RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                 tie_word_embeddings=True, rope_theta=10000.0),
+    # SmolLM2-135M's shape
+    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                    tie_word_embeddings=True, rope_theta=100000.0),
+    # Llama-3.2-1B's shape (~1.24B parameters)
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+               tie_word_embeddings=True, rope_theta=500000.0),
+    # Llama-2-7B's shape (~6.7B parameters)
+    "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+               tie_word_embeddings=False, rope_theta=10000.0),
+}
+
+# Varied prompts (instructions, code, facts, stories, maths, lists...). Each benchmark prompt starts
+# with a different one, so no two prompts share a prefix the engine's prefix cache could reuse.
+PROMPTS = [
+    "The capital of France is",
+    "Write a haiku about the sea.",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Explain in simple terms why the sky is blue.",
+    "Once upon a time, in a small village at the edge of a great forest, there lived",
+    "List five tips for staying productive while working from home:\n1.",
+    "Translate to German: 'Where is the nearest train station?'",
+    "Q: What is 17 multiplied by 23?\nA:",
+    "SELECT name, COUNT(*) FROM orders WHERE",
+    "Summarize the plot of Romeo and Juliet in two sentences.",
+    "My favourite recipe for a rainy Sunday afternoon is",
+    "In 1969, the Apollo 11 mission",
+    "Write a short, polite email asking a colleague to review a pull request.",
+    "import numpy as np\n\ndef normalize(x):",
+    "The three laws of thermodynamics state that",
+    "Dear diary, today was a strange day because",
+    "What are the main differences between Python lists and tuples?",
+    "Photosynthesis is the process by which plants",
+    "A good password should",
+    "Give me a packing list for a three-day hiking trip in the mountains.",
+    "The stock market fell sharply on Monday after",
+    "class Stack:\n    def __init__(self):",
+    "Why do cats purr? Scientists believe",
+    "Here is a limerick about a programmer who never slept:",
+    "Describe the water cycle to a ten-year-old.",
+    "Breaking news: researchers have discovered",
+    "To make a cup of green tea properly, first",
+    "The difference between weather and climate is",
+    "Compose a motivational quote for Monday morning:",
+    "User: Can you recommend a good science-fiction novel?\nAssistant:",
+    "The history of the printing press begins",
+    "Rewrite this sentence in the passive voice: 'The cat chased the mouse.'",
+]
+
+
+# -- arguments ----------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None,
+                     help="built-in name, HF directory or .gguf (default on CPU: smollm2-135m)")
+    src.add_argument("--random-config", choices=sorted(RANDOM_CONFIGS), default=None,
+                     help="random-weight LLaMA shape, token-id prompts (default on GPU: 1b)")
+    ap.add_argument("--num-prompts", type=int, default=None, help="default 32 (--quick: 4)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="output tokens per prompt; default 64 (--quick: 8)")
+    ap.add_argument("--prompt-len", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
+                    help="prompt lengths in tokens, drawn uniformly; default 16 128 (--quick: 4 24)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16")
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per side (alternating); median reported")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes for CI (random tiny model unless --model)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing, one extra untimed run per side under torch.profiler (+ cProfile for the "
+                         "engine); tables saved next to the results")
+    ap.add_argument("--out-dir", type=Path, default=None, help="default bench/results/")
+    args = ap.parse_args(argv)
+    args.device = resolve_device(args.device)
+    on_gpu = args.device.type == "cuda"
+    if args.model is None and args.random_config is None:
+        if args.quick:
+            args.random_config = "tiny"
+        elif on_gpu:
+            args.random_config = "1b"
+        else:
+            args.model = "smollm2-135m"
+    quick = dict(num_prompts=4, max_tokens=8, prompt_len=[4, 24])
+    full = dict(num_prompts=32, max_tokens=64, prompt_len=[16, 128])
+    for key, val in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, val)
+    lo, hi = args.prompt_len
+    if args.num_prompts < 1 or args.max_tokens < 1 or not 1 <= lo <= hi or args.repeats < 1:
+        ap.error("need --num-prompts >= 1, --max-tokens >= 1, 1 <= MIN <= MAX, --repeats >= 1")
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if on_gpu else "float32"
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if args.dtype not in table:
+        ap.error(f"--dtype {args.dtype!r} is not one of auto, {', '.join(table)}")
+    args.torch_dtype = table[args.dtype]
+    return args
+
+
+# -- model and prompts --------------------------------------------------------------------------
+def build_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """(transformers model on the device, tokenizer or None, description)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if args.random_config is not None:
+        cfg = LlamaConfig(**RANDOM_CONFIGS[args.random_config], rms_norm_eps=1e-5,
+                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        torch.manual_seed(args.seed)
+        with torch.device(args.device):
+            model = LlamaForCausalLM._from_config(cfg, dtype=args.torch_dtype)
+        return model.eval(), None, f"random-{args.random_config}"
+    from engine.loader import load_tokenizer, resolve_model
+
+    source = resolve_model(args.model)
+    kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=args.torch_dtype, **kw)
+    return model.to(args.device).eval(), load_tokenizer(source), source.name
+
+
+def make_prompts(args: argparse.Namespace, tokenizer: Any, vocab_size: int) -> list[list[int]]:
+    """num_prompts token-id prompts with lengths uniform in --prompt-len (fixed by --seed)."""
+    lo, hi = args.prompt_len
+    g = torch.Generator().manual_seed(args.seed)
+    lengths = torch.randint(lo, hi + 1, (args.num_prompts,), generator=g).tolist()
+    if tokenizer is None:  # random model: random ids, clear of pad/bos/eos (0, 1, 2)
+        low = 3 if vocab_size > 3 else 0
+        return [torch.randint(low, vocab_size, (n,), generator=g).tolist() for n in lengths]
+    prompts = []
+    for i, n in enumerate(lengths):
+        k = len(PROMPTS)
+        head = PROMPTS[i % k] if i < k else f"({i // k}) {PROMPTS[i % k]}"  # distinct first tokens
+        ids = list(tokenizer.encode(head))
+        j = i + 1
+        while len(ids) < n:  # pad out to the target length with other prompts' text
+            ids += list(tokenizer.encode("\n\n" + PROMPTS[j % k], add_special_tokens=False))
+            j += 1
+        prompts.append(ids[:n])
+    return prompts
+
+
+# -- the two sides ------------------------------------------------------------------------------
+def hf_generate(model: Any, prompts: list[list[int]], n: int, pad_id: int, device: torch.device) -> list[list[int]]:
+    """One left-padded batch, greedy, exactly n new tokens per row (EOS disabled)."""
+    from transformers import GenerationConfig
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    gc = GenerationConfig(max_new_tokens=n, do_sample=False, num_beams=1, use_cache=True,
+                          pad_token_id=pad_id, eos_token_id=[])  # [] = never stop at EOS, like ignore_eos
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gc)
+    new = out[:, width:].tolist()
+    if any(len(r) != n for r in new):
+        raise RuntimeError(f"transformers produced {[len(r) for r in new]} tokens, expected {n} each")
+    return new
+
+
+class EngineSplit:
+    """Times the engine's model passes by kind by wrapping its runner (cheap: one sync per pass)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.passes: list[tuple[str, int, int, float]] = []  # (mode, requests, tokens, seconds)
+
+    def __enter__(self) -> "EngineSplit":
+        runner, device = self.engine.runner, self.engine.device
+        orig = type(runner).run.__get__(runner)
+
+        def run(scheduled):
+            sync(device)
+            t0 = time.perf_counter()
+            out = orig(scheduled)
+            sync(device)
+            dt = time.perf_counter() - t0
+            tokens = sum(r.seq_len - s for r, s in zip(scheduled.requests, scheduled.starts))
+            self.passes.append((scheduled.mode, len(scheduled.requests), tokens, dt))
+            return out
+
+        runner.run = run
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        del self.engine.runner.run  # back to the class method
+
+    def summary(self, total_s: float) -> dict[str, Any]:
+        def agg(mode: str) -> dict[str, Any]:
+            sel = [p for p in self.passes if p[0] == mode]
+            secs, toks = sum(p[3] for p in sel), sum(p[2] for p in sel)
+            return {"passes": len(sel), "tokens": toks, "seconds": secs, "tok_s": toks / secs if secs else None,
+                    "max_batch": max((p[1] for p in sel), default=0)}
+
+        prefill, decode = agg("extend"), agg("decode")
+        other = total_s - prefill["seconds"] - decode["seconds"]
+        return {"prefill": prefill, "decode": decode, "outside_model_s": other,
+                "outside_model_share": other / total_s if total_s else None}
+
+
+def engine_generate(engine: Engine, prompts: list[list[int]], n: int) -> list[list[int]]:
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    comps = engine.generate(prompts, params, use_tqdm=False)
+    out = [c.token_ids for c in comps]
+    if any(len(r) != n for r in out):
+        raise RuntimeError(f"engine produced {[len(r) for r in out]} tokens, expected {n} each")
+    return out
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, float]:
+    """Share of prompts with identical greedy outputs, and mean share of tokens before the first mismatch."""
+    prefix = []
+    for x, y in zip(a, b):
+        k = 0
+        while k < min(len(x), len(y)) and x[k] == y[k]:
+            k += 1
+        prefix.append(k / max(len(x), 1))
+    return {"exact_match": sum(x == y for x, y in zip(a, b)) / len(a), "mean_matching_prefix": statistics.mean(prefix)}
+
+
+# -- profiling (optional) -----------------------------------------------------------------------
+def profile_both(engine: Engine, model: Any, prompts: list[list[int]], n: int, pad_id: int,
+                 device: torch.device) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    parts = []
+    engine.reset_cache()
+    pr = cProfile.Profile()
+    pr.enable()
+    engine_generate(engine, prompts, n)
+    pr.disable()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(25)
+    parts += ["=== engine: cProfile, top 25 by own time ===", s.getvalue()]
+    for name, fn in (("engine", lambda: engine_generate(engine, prompts, n)),
+                     ("transformers", lambda: hf_generate(model, prompts, n, pad_id, device))):
+        engine.reset_cache()
+        with profile(activities=acts) as prof:
+            fn()
+            sync(device)
+        parts += [f"=== {name}: torch.profiler, top 30 ops by self time ===",
+                  prof.key_averages().table(sort_by=sort, row_limit=30)]
+    return "\n".join(parts)
+
+
+# -- main ---------------------------------------------------------------------------------------
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = args.device
+    load_before = loadavg()
+    print(f"loading {args.model or 'random-' + args.random_config} ({args.dtype}) on {device} ...", flush=True)
+    model, tokenizer, model_desc = build_model(args)
+    cfg = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    prompts = make_prompts(args, tokenizer, cfg.vocab_size)
+    n, max_len = args.max_tokens, max(len(p) for p in prompts)
+    if max_len + n > cfg.max_position_embeddings:
+        raise SystemExit(f"prompt ({max_len}) + max_tokens ({n}) exceeds max_position_embeddings "
+                         f"({cfg.max_position_embeddings})")
+    pad_id = next((t for t in (getattr(tokenizer, "pad_token_id", None), cfg.pad_token_id,
+                               getattr(tokenizer, "eos_token_id", None)) if t is not None), 0)
+    ps = args.page_size
+    cache_tokens = sum(-(-(len(p) + n) // ps) * ps for p in prompts) + ps  # everything fits: no preemption
+    engine = Engine.from_hf(model, tokenizer=tokenizer, dtype=args.torch_dtype, device=device,
+                            page_size=ps, max_cache_tokens=cache_tokens)
+
+    # warm-up: full batch, 2 tokens each side; then forget the cached prompts
+    warm = min(2, n)
+    hf_generate(model, prompts, warm, pad_id, device)
+    engine_generate(engine, prompts, warm)
+    engine.reset_cache()
+
+    hf_times, eng_times, splits = [], [], []
+    hf_out = eng_out = None
+    stats0 = engine.cache_stats()
+    for _ in range(args.repeats):
+        hf_out, dt = timed(lambda: hf_generate(model, prompts, n, pad_id, device), device)
+        hf_times.append(dt)
+        engine.reset_cache()
+        with EngineSplit(engine) as split:
+            eng_out, dt = timed(lambda: engine_generate(engine, prompts, n), device)
+        eng_times.append(dt)
+        splits.append(split.summary(dt))
+    stats1 = engine.cache_stats()
+    load_after = loadavg()
+
+    out_tokens = len(prompts) * n
+    prompt_tokens = sum(len(p) for p in prompts)
+    hf_s, eng_s = statistics.median(hf_times), statistics.median(eng_times)
+    hf_tps, eng_tps = out_tokens / hf_s, out_tokens / eng_s
+    split = splits[eng_times.index(sorted(eng_times)[(len(eng_times) - 1) // 2])]
+    computed = stats1["tokens_computed"] - stats0["tokens_computed"]
+    slug = device_slug(device)
+    default_model = model_desc == ("random-1b" if device.type == "cuda" else "smollm2-135m")
+    variant = "-quick" if args.quick else ("" if default_model else f"-{model_desc.replace('random-', 'random')}")
+    name = f"generate_{slug}{variant}"
+    payload: dict[str, Any] = {
+        "benchmark": "generate",
+        "timestamp": now_iso(),
+        "command": command_line(__file__, argv),
+        "machine": machine_info(device),
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+        "config": {
+            "model": model_desc, "parameters": n_params, "dtype": args.dtype, "device": str(device),
+            "num_prompts": len(prompts), "max_tokens": n, "prompt_len_range": list(args.prompt_len),
+            "prompt_tokens": prompt_tokens, "prompt_len_mean": prompt_tokens / len(prompts), "max_prompt_len": max_len,
+            "hf_padded_prompt_tokens": max_len * len(prompts), "page_size": ps, "engine_cache_tokens": cache_tokens,
+            "engine_attention_backend": engine.backend.name,
+            "hf_attn_implementation": getattr(cfg, "_attn_implementation", None),
+            "repeats": args.repeats, "warmup": f"1 run per side, full batch, {warm} tokens", "seed": args.seed,
+            "quick": args.quick,
+        },
+        "engine": {
+            "seconds": eng_s, "seconds_all": eng_times, "output_tokens": out_tokens, "output_tok_s": eng_tps,
+            "total_tok_s": (prompt_tokens + out_tokens) / eng_s, "split": split,
+            "tokens_computed": computed // args.repeats,
+            "forward_passes": (stats1["forward_passes"] - stats0["forward_passes"]) // args.repeats,
+            "preemptions": stats1["preemptions"] - stats0["preemptions"],
+        },
+        "transformers": {
+            "seconds": hf_s, "seconds_all": hf_times, "output_tokens": out_tokens, "output_tok_s": hf_tps,
+            "total_tok_s": (prompt_tokens + out_tokens) / hf_s,
+        },
+        "ratio_engine_over_transformers": eng_tps / hf_tps,
+        "greedy_agreement": agreement(eng_out, hf_out),
+    }
+    if args.profile:
+        text = profile_both(engine, model, prompts, n, pad_id, device)
+        ppath = Path(args.out_dir or Path(__file__).resolve().parent / "results") / f"{name}_profile.txt"
+        ppath.parent.mkdir(parents=True, exist_ok=True)
+        ppath.write_text(text)
+        payload["profile_file"] = ppath.name
+        print(f"profile tables: {ppath}")
+    jpath, mpath = save_results(payload, to_markdown(payload), args.out_dir, name)
+    print(summary_text(payload))
+    print(f"wrote {jpath} and {mpath.name}")
+    return payload
+
+
+def summary_text(p: dict[str, Any]) -> str:
+    e, h, c, sp = p["engine"], p["transformers"], p["config"], p["engine"]["split"]
+    return "\n".join([
+        f"{c['model']} {c['dtype']} on {p['machine']['device_name']} ({c['device']}): {c['num_prompts']} prompts x "
+        f"{c['max_tokens']} tokens, prompts {c['prompt_len_range'][0]}-{c['prompt_len_range'][1]} tokens",
+        f"  engine:       {e['output_tok_s']:9.1f} output tok/s  ({e['seconds']:.2f} s)",
+        f"  transformers: {h['output_tok_s']:9.1f} output tok/s  ({h['seconds']:.2f} s)",
+        f"  ratio engine/transformers: {p['ratio_engine_over_transformers']:.2f}x",
+        f"  engine split: prefill {sp['prefill']['seconds']:.2f} s ({sp['prefill']['passes']} passes), decode "
+        f"{sp['decode']['seconds']:.2f} s ({sp['decode']['passes']} passes), outside model {sp['outside_model_s']:.2f} s",
+        f"  greedy agreement: {p['greedy_agreement']['exact_match']:.0%} identical, "
+        f"mean matching prefix {p['greedy_agreement']['mean_matching_prefix']:.0%}",
+        f"  loadavg before {p['loadavg_before']} after {p['loadavg_after']}",
+    ])
+
+
+def to_markdown(p: dict[str, Any]) -> str:
+    m, c, e, h, sp = p["machine"], p["config"], p["engine"], p["transformers"], p["engine"]["split"]
+    lines = [f"# Generation throughput: MeZO Engine vs transformers — {m['device_name']}", "",
+             f"`{p['command']}`", "",
+             f"{p['timestamp']}; torch {m['torch']}, transformers {m['transformers']}, python {m['python']}; "
+             f"git {m['git_commit']}",
+             f"Machine: {m['device_name']} ({m['device']}); CPU {m['cpu_model']}, {m['cpu_cores']} cores, "
+             f"{m['torch_threads']} torch threads" + (f"; GPU {m['gpu_name']} {m['gpu_memory_gib']} GiB, CUDA {m['cuda']}"
+                                                     if "gpu_name" in m else ""),
+             f"Load average (1/5/15 min): before {p['loadavg_before']}, after {p['loadavg_after']}", "",
+             f"Model {c['model']} ({c['parameters'] / 1e6:.1f} M parameters), {c['dtype']}; {c['num_prompts']} prompts of "
+             f"{c['prompt_len_range'][0]}-{c['prompt_len_range'][1]} tokens (mean {c['prompt_len_mean']:.1f}, "
+             f"{c['prompt_tokens']} in all; transformers pads them to {c['hf_padded_prompt_tokens']}), "
+             f"{c['max_tokens']} greedy output tokens each (EOS ignored on both sides). "
+             f"Engine attention backend: {c['engine_attention_backend']}; transformers attention: "
+             f"{c['hf_attn_implementation']}. Warm-up: {c['warmup']}; timed runs per side: {c['repeats']} (median).", "",
+             "## Throughput", ""]
+    lines += md_table([["MeZO Engine", e["seconds"], e["output_tok_s"], e["total_tok_s"]],
+                       ["transformers generate", h["seconds"], h["output_tok_s"], h["total_tok_s"]]],
+                      ["", "wall s", "output tok/s", "(prompt+output) tok/s"])
+    lines += ["", f"**Ratio engine / transformers (output tok/s): {p['ratio_engine_over_transformers']:.2f}x**", "",
+              "## Engine time split", ""]
+    rows = [[k, sp[k]["passes"], sp[k]["max_batch"], sp[k]["tokens"], sp[k]["seconds"], sp[k]["tok_s"] or 0.0]
+            for k in ("prefill", "decode")]
+    rows.append(["outside model (schedule, sample, detokenize)", "", "", "", sp["outside_model_s"], ""])
+    lines += md_table(rows, ["phase", "passes", "max batch", "tokens", "seconds", "tok/s"])
+    a = p["greedy_agreement"]
+    lines += ["", f"Engine: {e['forward_passes']} forward passes, {e['tokens_computed']} tokens computed, "
+              f"{e['preemptions']} preemptions.",
+              f"Greedy outputs: {a['exact_match']:.0%} of prompts identical between the two; mean matching prefix "
+              f"{a['mean_matching_prefix']:.0%}."]
+    if "profile_file" in p:
+        lines += ["", f"Profile tables: `{p['profile_file']}`."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Engine methods for adapters and trainable tensors (kept apart from generation)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .adapter_io import PathLike, load_peft_adapter, save_peft_adapter
+from .adapters import LoraSpec, attach_lora, detach_all, enable_full, load_lora_tensors, trainable_tensors
+
+
+class AdapterMixin:
+    """`add_lora`, `save_adapter`, `load_adapter`, `trainable_parameters` for `Engine`."""
+
+    lora_spec: LoraSpec | None = None
+    full_finetuning: bool = False
+
+    def add_lora(self, r: int = 8, alpha: float = 16.0, target_modules: Sequence[str] = ("q_proj", "v_proj"),
+                 layers: Sequence[int] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Attach a fresh LoRA adapter (PEFT init: B = 0) and return its trainable tensors."""
+        spec = LoraSpec(r, float(alpha), tuple(target_modules), tuple(layers) if layers is not None else None)
+        attach_lora(self.model, spec, seed)
+        self.lora_spec, self.full_finetuning = spec, False
+        self.weights_changed()
+        return self.trainable_parameters()
+
+    def enable_full_finetuning(self) -> dict[str, torch.Tensor]:
+        """Make every decoder projection weight a trainable fp32 tensor (full-parameter MeZO)."""
+        enable_full(self.model)
+        self.lora_spec, self.full_finetuning = None, True
+        self.weights_changed()
+        return self.trainable_parameters()
+
+    def remove_adapter(self) -> None:
+        detach_all(self.model)
+        self.lora_spec, self.full_finetuning = None, False
+        self.weights_changed()
+
+    def trainable_parameters(self) -> dict[str, torch.Tensor]:
+        """Live trainable tensors (modify in place, then call `weights_changed`), keyed by PEFT names."""
+        return trainable_tensors(self.model)
+
+    def set_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy values into the trainable tensors (same keys and shapes)."""
+        live = self.trainable_parameters()
+        missing = set(live) - set(tensors)
+        if missing:
+            raise ValueError(f"set_trainable is missing {sorted(missing)[:3]}")
+        for k, t in live.items():
+            if tuple(tensors[k].shape) != tuple(t.shape):
+                raise ValueError(f"{k}: shape {tuple(tensors[k].shape)} != {tuple(t.shape)}")
+            t.copy_(tensors[k])
+        self.weights_changed()
+
+    def weights_changed(self) -> None:
+        """KV computed under the old weights must never be reused: new namespace, empty cache."""
+        self.namespace = ("weights", id(self), getattr(self, "_version", 0) + 1)
+        self._version = self.namespace[2]
+        self.cache.reset()
+
+    def save_adapter(self, path: PathLike) -> None:
+        """Write the LoRA adapter in PEFT format (adapter_config.json + adapter_model.safetensors)."""
+        if self.lora_spec is None:
+            raise ValueError("no LoRA adapter to save: call add_lora() or load_adapter() first")
+        spec = self.lora_spec
+        targets = list(spec.target_modules)
+        save_peft_adapter(path, self.trainable_parameters(), r=spec.r, alpha=spec.alpha, target_modules=targets,
+                          base_model_name_or_path=str(self.model_name), layers_to_transform=spec.layers)
+
+    def load_adapter(self, path: PathLike) -> LoraSpec:
+        """Load a PEFT-format LoRA adapter (ours or one `peft` wrote) into the engine."""
+        tensors, config = load_peft_adapter(path)
+        r = int(config["r"])
+        alpha = float(config.get("lora_alpha", r))
+        if config.get("use_rslora") or config.get("use_dora"):
+            raise ValueError(f"{path}: rsLoRA/DoRA adapters are not supported")
+        spec = load_lora_tensors(self.model, tensors, alpha / r)
+        self.lora_spec = LoraSpec(r, alpha, spec.target_modules, spec.layers)
+        self.full_finetuning = False
+        self.weights_changed()
+        return self.lora_spec
+
+    def finetune(self, train: Any, eval: Any = None, config: Any = None, out_dir: PathLike | None = None,
+                 progress: bool = True) -> Any:
+        """MeZO fine-tuning of this engine's adapter (see `mezo.finetune`); returns a `TrainResult`.
+
+        The one place where the engine reaches into `mezo`, lazily, so that inference never needs it.
+        """
+        from mezo.finetune import finetune
+
+        return finetune(self, train, eval, config, out_dir=out_dir, progress=progress)
+
+    def adapter_info(self) -> dict[str, Any]:
+        n = sum(t.numel() for t in self.trainable_parameters().values())
+        return {"lora": self.lora_spec, "full": self.full_finetuning, "trainable_numel": n}

@@ -1,0 +1,206 @@
+"""The MeZO training loop: batches, evaluation, checkpoints, resume, trajectory, metrics, plot."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from engine import Engine
+from kernels import derive_seed
+
+from .checkpoint import TrainingCheckpoint, TrajectoryLog, TrajectoryRecord, latest_checkpoint
+from .config import MeZOConfig
+from .data import load_examples
+from .trainer import MeZOTrainer, sample_batch
+
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class TrainResult:
+    """What `Engine.finetune` returns: the per-step history and the evaluations."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    initial_eval: dict[str, Any] | None = None
+    final_eval: dict[str, Any] | None = None
+    steps: int = 0
+    seconds: float = 0.0
+    nonfinite_steps: int = 0
+    resumed_from: int | None = None
+    out_dir: str | None = None
+
+    @property
+    def steps_per_second(self) -> float:
+        done = len(self.history)
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop metric lines of steps that will be redone."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("step", -1) < last_step or rec.get("kind") == "eval" and rec.get("step", -1) <= last_step:
+            keep.append(line)
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def finetune(engine: Engine, train: Any, eval: Any = None, config: MeZOConfig | None = None,
+             out_dir: str | Path | None = None, progress: bool = True) -> TrainResult:
+    """Run MeZO on `train` (examples, JSONL path, "bbc_news" or a dataset); evaluate on `eval`.
+
+    With `out_dir` (or `config.checkpoint_dir`), checkpoints are written every
+    `checkpoint_every` steps and a rerun of the same call resumes from the latest one.
+    """
+    config = config or MeZOConfig()
+    train_ex = load_examples(train, config.objective, split="train")
+    eval_ex = load_examples(eval, config.objective, split="test", limit=config.eval_size) if eval is not None else []
+    if not train_ex:
+        raise ValueError("train has no examples")
+    trainer = MeZOTrainer(engine, config)
+    enc_train = trainer.encode(train_ex)  # every length check happens before the first step
+    enc_eval = trainer.encode(eval_ex) if eval_ex else []
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else (out / "checkpoints" if out else None)
+    result = TrainResult(out_dir=str(out) if out else None)
+    trajectory = metrics_path = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        trajectory = TrajectoryLog(out / "trajectory.jsonl")
+        metrics_path = out / "metrics.jsonl"
+    if ckpt_dir is not None:
+        _resume_or_start(engine, trainer, config, ckpt_dir, trajectory, metrics_path, result)
+    if enc_eval and result.initial_eval is None:
+        result.initial_eval = trainer.evaluate(enc_eval)
+        _log_eval(result, metrics_path, trainer.step_count, result.initial_eval, progress)
+    last_saved = trainer.step_count
+
+    start_time = time.perf_counter()
+    bar = tqdm(total=config.steps, initial=trainer.step_count, desc="MeZO", unit="step", disable=not progress)
+    try:
+        while trainer.step_count < config.steps:
+            step = trainer.step_count
+            batch = [enc_train[i] for i in sample_batch(len(enc_train), config.batch_size, config.seed, step)]
+            record = trainer.step(batch)
+            record["time"] = time.perf_counter() - start_time
+            result.history.append(record)
+            if trajectory is not None:
+                trajectory.append(TrajectoryRecord(step=step, seed=derive_seed(config.seed, step),
+                                                   projected_grad=record["projected_grad"], lr=record["lr"],
+                                                   loss=record["loss"]))
+            if metrics_path is not None:
+                _append_jsonl(metrics_path, {"kind": "train", **record})
+            elapsed = time.perf_counter() - start_time
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.1e}",
+                            steps_per_s=f"{len(result.history) / elapsed:.2f}")
+            bar.update(1)
+            done = trainer.step_count
+            if enc_eval and config.eval_every and done % config.eval_every == 0 and done < config.steps:
+                _log_eval(result, metrics_path, done, trainer.evaluate(enc_eval), progress)
+            if ckpt_dir is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
+                _save_checkpoint(trainer, config, ckpt_dir, trajectory, result)
+                last_saved = done
+    finally:
+        bar.close()
+    result.seconds = time.perf_counter() - start_time
+    result.steps = trainer.step_count
+    result.nonfinite_steps = trainer.nonfinite_steps
+    if enc_eval:
+        result.final_eval = trainer.evaluate(enc_eval)
+        _log_eval(result, metrics_path, trainer.step_count, result.final_eval, progress)
+    if ckpt_dir is not None and last_saved != trainer.step_count:
+        _save_checkpoint(trainer, config, ckpt_dir, trajectory, result)
+    if out is not None:
+        if engine.lora_spec is not None:
+            engine.save_adapter(out / "adapter")
+        from .plot import plot_training
+
+        plot_training(out / "metrics.jsonl", out / "training.png")
+    return result
+
+
+def _log_eval(result: TrainResult, metrics_path: Path | None, step: int, metrics: dict[str, Any],
+              progress: bool) -> None:
+    record = {"kind": "eval", "step": step, **metrics}
+    result.evals.append(record)
+    if metrics_path is not None:
+        _append_jsonl(metrics_path, record)
+    if progress:
+        shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        tqdm.write(f"eval @ step {step}: {shown}")
+
+
+def _save_checkpoint(trainer: MeZOTrainer, config: MeZOConfig, ckpt_dir: Path, trajectory: TrajectoryLog | None,
+                     result: TrainResult) -> None:
+    tensors = {k: v.detach().cpu().clone() for k, v in trainer.params.items()}
+    extra = {"initial_eval": result.initial_eval, "nonfinite_steps": trainer.nonfinite_steps}
+    n_traj = len(trajectory.read()) if trajectory is not None else trainer.step_count
+    TrainingCheckpoint(trainer.step_count, tensors, config.to_dict(), n_traj, extra).save(ckpt_dir)
+    ckpts = sorted((p for p in ckpt_dir.glob("ckpt-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+    for old in ckpts[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _resume_or_start(engine: Engine, trainer: MeZOTrainer, config: MeZOConfig, ckpt_dir: Path,
+                     trajectory: TrajectoryLog | None, metrics_path: Path | None, result: TrainResult) -> None:
+    """Load the latest checkpoint if there is one; otherwise save the initial weights (for replay)."""
+    from safetensors.torch import save_file
+
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    initial = ckpt_dir / "initial.safetensors"
+    latest = latest_checkpoint(ckpt_dir)
+    if latest is None:
+        if not initial.exists():
+            save_file({k: v.detach().cpu().contiguous() for k, v in trainer.params.items()}, str(initial))
+        if trajectory is not None:
+            trajectory.truncate(0)
+        if metrics_path is not None and metrics_path.exists():
+            metrics_path.unlink()
+        return
+    ckpt = TrainingCheckpoint.load(latest)
+    saved = MeZOConfig.from_dict(ckpt.config)
+    if saved.to_dict() != config.to_dict():
+        changed = [k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v]
+        raise ValueError(f"{latest}: checkpoint was made with a different config (differs in {changed}); "
+                         f"use another checkpoint_dir or the same settings")
+    engine.set_trainable(ckpt.tensors)
+    trainer.step_count = ckpt.step
+    trainer.nonfinite_steps = int(ckpt.extra.get("nonfinite_steps", 0))
+    result.initial_eval = ckpt.extra.get("initial_eval")
+    result.resumed_from = ckpt.step
+    if trajectory is not None:
+        trajectory.truncate(ckpt.trajectory_len)
+    if metrics_path is not None:
+        _truncate_metrics(metrics_path, ckpt.step)
+
+
+def replay_trajectory(engine: Engine, initial: dict[str, torch.Tensor], records: list[TrajectoryRecord],
+                      config: MeZOConfig) -> dict[str, torch.Tensor]:
+    """Rebuild the trained tensors from the initial ones and the (seed, projected gradient) log."""
+    trainer = MeZOTrainer(engine, config)
+    engine.set_trainable(initial)
+    for rec in records:
+        grads = rec.projected_grad if isinstance(rec.projected_grad, list) else [rec.projected_grad]
+        if not all(math.isfinite(g) for g in grads):
+            continue  # the run skipped this step
+        seeds = [derive_seed(rec.seed, k) for k in range(len(grads))]
+        trainer.apply_update(seeds, torch.tensor(grads, dtype=torch.float32), rec.lr)
+    return {k: v.detach().clone() for k, v in engine.trainable_parameters().items()}

@@ -1,0 +1,168 @@
+"""MeZO on the engine: both perturbed branches in one batched run, the update in one kernel pass."""
+from __future__ import annotations
+
+import random
+from typing import Any, Sequence
+
+import torch
+
+from engine import Engine
+from kernels import derive_seed, randn, zo_update_
+
+from .config import MeZOConfig
+from .data import ClassificationExample, LMExample
+from .objectives import (EncodedExample, encode, example_loss, generation_metric, generation_request,
+                         scoring_requests, summarize)
+
+Example = ClassificationExample | LMExample
+
+
+def step_seed(base_seed: int, step: int, k: int = 0) -> int:
+    """The seed of SPSA sample k at `step`; tensor seeds then come from `derive_seed(seed, index)`."""
+    return derive_seed(derive_seed(base_seed, step), k)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class MeZOTrainer:
+    """Zeroth-order training of the engine's trainable tensors (LoRA by default) with n-SPSA.
+
+    A step draws a seed, runs the batch under +εz and −εz as ONE set of engine requests
+    (per-sequence signs; within a branch the examples share their common prompt KV through the
+    radix cache, namespaced by (seed, branch)), forms g = (L+ − L−)/2ε on the device and applies
+    p ← p − lr·(g·z + wd·p) with the in-place kernel that regenerates z.
+    """
+
+    def __init__(self, engine: Engine, config: MeZOConfig | None = None):
+        self.engine = engine
+        self.config = config = config or MeZOConfig()
+        if engine.tokenizer is None:
+            raise ValueError("MeZO needs an engine with a tokenizer")
+        if config.mode == "lora":
+            if engine.lora_spec is None:
+                engine.add_lora(config.lora_rank, config.lora_alpha, config.lora_target_modules,
+                                config.lora_layers, seed=config.seed)
+        elif not engine.full_finetuning:
+            engine.enable_full_finetuning()
+        self.params = engine.trainable_parameters()
+        self.step_count = 0
+        self.nonfinite_steps = 0
+        self._consecutive_nonfinite = 0
+
+    # -- noise ------------------------------------------------------------------------------
+    def noise(self, seed: int) -> dict[str, torch.Tensor]:
+        """z of every trainable tensor for `seed`, materialized (tests and debugging only)."""
+        return {name: randn(derive_seed(seed, i), tuple(t.shape), device=t.device)
+                for i, (name, t) in enumerate(self.params.items())}
+
+    # -- losses -----------------------------------------------------------------------------
+    def encode(self, examples: Sequence[Example]) -> list[EncodedExample]:
+        encoded = [encode(self.engine, ex) for ex in examples]
+        for i, ex in enumerate(encoded):
+            length = len(ex.prompt) + max(len(c) for c in (ex.candidates or [ex.target or []]))
+            if length > self.config.max_length:
+                raise ValueError(f"example {i} has {length} tokens, more than max_length={self.config.max_length}")
+        return encoded
+
+    def branch_losses(self, examples: Sequence[Example] | list[EncodedExample], seed: int,
+                      eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch-mean losses at θ+εz and θ−εz (0-d fp32 tensors), from one run of both branches."""
+        eps = self.config.eps if eps is None else eps
+        encoded = self._encoded(examples)
+        per_branch = {}
+        all_reqs = []
+        for sign in (1.0, -1.0):
+            namespace = ("mezo", seed, sign)
+            if self.config.objective in ("accuracy", "f1"):
+                reqs = [[generation_request(self.engine, ex, sign, namespace, self.config.max_new_tokens)]
+                        for ex in encoded]
+            else:
+                reqs = [scoring_requests(self.engine, ex, sign, namespace) for ex in encoded]
+            per_branch[sign] = reqs
+            all_reqs.extend(r for group in reqs for r in group)
+        self.engine.run_requests(all_reqs, perturbation=(seed, eps))
+        losses = [self._batch_loss(encoded, per_branch[s]) for s in (1.0, -1.0)]
+        self.engine.cache.reset()  # KV under perturbed weights is never reused
+        return losses[0], losses[1]
+
+    def _encoded(self, examples) -> list[EncodedExample]:
+        if examples and isinstance(examples[0], EncodedExample):
+            return list(examples)
+        return self.encode(examples)
+
+    def _batch_loss(self, encoded: list[EncodedExample], reqs: list[list]) -> torch.Tensor:
+        objective = self.config.objective
+        if objective in ("accuracy", "f1"):
+            scores = [generation_metric(objective, self.engine.decode(r[0].output_ids), ex.target_text)
+                      for ex, r in zip(encoded, reqs)]
+            return torch.tensor(-sum(scores) / len(scores), dtype=torch.float32)
+        return torch.stack([example_loss(ex, r) for ex, r in zip(encoded, reqs)]).float().mean()
+
+    # -- one step -----------------------------------------------------------------------------
+    def step(self, examples: Sequence[Example] | list[EncodedExample]) -> dict[str, Any]:
+        """One n-SPSA MeZO step on a batch; returns the step's log record."""
+        cfg = self.config
+        encoded = self._encoded(examples)
+        tokens_before = self.engine.runner.tokens_computed
+        seeds, grads, losses = [], [], []
+        for k in range(cfg.n_spsa):
+            seed = step_seed(cfg.seed, self.step_count, k)
+            loss_plus, loss_minus = self.branch_losses(encoded, seed)
+            seeds.append(seed)
+            grads.append((loss_plus - loss_minus) / (2 * cfg.eps))
+            losses.append((loss_plus + loss_minus) / 2)
+        g = torch.stack(grads) / cfg.n_spsa  # n-SPSA averages the n estimates
+        loss = torch.stack(losses).mean()
+        lr = cfg.lr_at(self.step_count)
+        finite = bool(torch.isfinite(g).all() and torch.isfinite(loss))  # the step's one host sync
+        record = {"step": self.step_count, "seeds": seeds, "projected_grad": g.tolist(), "lr": lr,
+                  "loss": float(loss), "skipped": not finite,
+                  "tokens_computed": self.engine.runner.tokens_computed - tokens_before}
+        if finite:
+            self.apply_update(seeds, g, lr)
+            self._consecutive_nonfinite = 0
+        else:
+            self.nonfinite_steps += 1
+            self._consecutive_nonfinite += 1
+            if self._consecutive_nonfinite >= cfg.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"{self._consecutive_nonfinite} consecutive non-finite losses (last at step {self.step_count}); "
+                    f"lower lr ({cfg.lr}) or eps ({cfg.eps})")
+        self.step_count += 1
+        return record
+
+    def apply_update(self, seeds: Sequence[int], grads: torch.Tensor, lr: float) -> None:
+        """p ← p − lr·(Σ_k g_k z_k + wd·p) for every trainable tensor, z regenerated in the kernel."""
+        for index, param in enumerate(self.params.values()):
+            tensor_seeds = [derive_seed(s, index) for s in seeds]
+            zo_update_(param, tensor_seeds, grads.to(param.device, torch.float32), lr, self.config.weight_decay)
+        self.engine.weights_changed()
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def evaluate(self, examples: Sequence[Example] | list[EncodedExample]) -> dict[str, Any]:
+        """Unperturbed metrics: loss and accuracy (classification), loss (LM), accuracy/F1 (generation)."""
+        encoded = self._encoded(examples)
+        namespace = self.engine.namespace
+        if self.config.objective in ("accuracy", "f1"):
+            reqs = [[generation_request(self.engine, ex, 0.0, namespace, self.config.max_new_tokens)]
+                    for ex in encoded]
+        else:
+            reqs = [scoring_requests(self.engine, ex, 0.0, namespace) for ex in encoded]
+        self.engine.run_requests([r for group in reqs for r in group])
+        return summarize(self.config.objective, encoded, reqs, self.engine)
+
+
+def sample_batch(num_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Indices of the step's batch: epoch-wise shuffles derived from (seed, epoch), so resuming
+    at any step sees exactly the batches an uninterrupted run would."""
+    per_epoch = max(1, num_examples // batch_size)
+    epoch, slot = divmod(step, per_epoch)
+    order = list(range(num_examples))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    start = slot * batch_size
+    idx = order[start:start + batch_size]
+    if len(idx) < batch_size:  # fewer examples than one batch: wrap around
+        idx += order[: batch_size - len(idx)]
+    return idx
