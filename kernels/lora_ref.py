@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .noise import randn
+from .noise_cache import cached_randn
 
 __all__ = ["lora_noise", "noisy_lora_linear_ref"]
 
@@ -15,7 +15,7 @@ __all__ = ["lora_noise", "noisy_lora_linear_ref"]
 def lora_noise(seed_a: int, seed_b: int, shape_a: tuple[int, ...], shape_b: tuple[int, ...],
                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(Z_A, Z_B): the float32 noise the kernels perturb LoRA A and B by (offset 0, row-major)."""
-    return randn(seed_a, shape_a, device=device), randn(seed_b, shape_b, device=device)
+    return cached_randn(seed_a, shape_a, device=device), cached_randn(seed_b, shape_b, device=device)
 
 
 def _row_scale(signs: torch.Tensor, eps: float, m: int) -> torch.Tensor:
@@ -42,7 +42,7 @@ def noisy_lora_linear_ref(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.T
     se = _row_scale(signs.to(x.device), eps, xf.shape[0])
     y = xf @ weight.to(torch.float32).t()
     if weight_seed is not None:
-        z_w = randn(weight_seed, weight.shape, device=x.device)
+        z_w = cached_randn(weight_seed, weight.shape, device=x.device)
         y = y + se * (xf @ z_w.t())
     if bias is not None:
         y = y + bias.to(torch.float32)

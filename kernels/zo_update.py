@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .noise import randn
+from .noise_cache import cached_randn
 
 __all__ = ["zo_update_", "zo_update_ref_"]
 
@@ -57,11 +57,13 @@ def zo_update_ref_(param: torch.Tensor, seeds: Sequence[int] | torch.Tensor, gra
         raise ValueError(f"{len(seeds)} seeds but {g.numel()} projected gradients")
     work = param if param.is_contiguous() else param.contiguous()
     flat = work.view(-1)
+    # the forward passes of this step materialized the same z already (see noise_cache)
+    noise = [cached_randn(seed, (flat.numel(),), device=flat.device) for seed in seeds]
     for start in range(0, flat.numel(), _TORCH_CHUNK):
         p = flat[start:start + _TORCH_CHUNK]
         acc = torch.zeros_like(p, dtype=torch.float32)
-        for k, seed in enumerate(seeds):
-            acc += g[k] * randn(seed, p.numel(), offset=start, device=p.device)
+        for k, z in enumerate(noise):
+            acc += g[k] * z[start:start + p.numel()]
         p -= lr * (acc + weight_decay * p)
     if work is not param:
         param.copy_(work)

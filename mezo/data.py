@@ -42,8 +42,12 @@ BBC_CANDIDATES = [" " + t for t in BBC_TOPICS]
 # Prompt styles. "headline" (default) is ~10-20 tokens; "headline_lead" adds the article's first
 # sentence cut to BBC_LEAD_WORDS words, ~30-50 tokens. Candidates start with a space so that they
 # tokenize as whole words after "Topic:" for BPE tokenizers.
+BBC_INSTRUCTION = ("Classify the topic of the BBC news headline as business, entertainment, politics, "
+                   "sport or tech.\n\n")
 BBC_PROMPTS = {
     "headline": "Headline: {headline}\nTopic:",
+    "instruct": BBC_INSTRUCTION + "Headline: {headline}\nTopic:",
+    "instruct_lead": BBC_INSTRUCTION + "Headline: {headline}\nLead: {lead}\nTopic:",
     "headline_lead": "Headline: {headline}\nLead: {lead}\nTopic:",
 }
 BBC_PROMPT = "headline"

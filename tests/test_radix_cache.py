@@ -199,10 +199,11 @@ def path_tokens(node: RadixNode) -> tuple:
 
 
 class CacheMachine(RuleBasedStateMachine):
-    @initialize(ps=st.sampled_from([1, 2, 4]), num_pages=st.integers(8, 32))
-    def setup(self, ps: int, num_pages: int) -> None:
+    @initialize(ps=st.sampled_from([1, 2, 4]), capacity=st.integers(16, 96))
+    def setup(self, ps: int, capacity: int) -> None:
+        """`capacity` is in tokens (1-8 sequences): eviction is frequent, yet trees can grow."""
         self.ps = ps
-        self.pool = KVPool(1, num_pages, ps, 1, 1, torch.float32, "cpu")
+        self.pool = KVPool(1, 1 + capacity // ps, ps, 1, 1, torch.float32, "cpu")
         self.cache = RadixCache(self.pool, ps)
         self.model: dict = {ns: {} for ns in NAMESPACES}
         self.requests: list = []  # (ns, tokens, pages, locked node, locked path)

@@ -1,0 +1,94 @@
+"""Shared helpers for the MeZO acceptance tests (tests/test_mezo_*.py)."""
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+
+from mezo_fixtures import FEW_SHOT, HEADLINES, tiny_text_engine
+
+
+@functools.lru_cache(maxsize=1)
+def _base():
+    """The tiny HF model + tokenizer behind `tiny_text_engine()` (built once per process)."""
+    engine, hf, tok = tiny_text_engine()
+    return hf, tok
+
+
+def make_engine(**engine_kw):
+    """A fresh engine over the SAME weights as `tiny_text_engine()` (seed 0), fp32 on CPU."""
+    from engine import Engine
+
+    hf, tok = _base()
+    engine_kw.setdefault("max_cache_tokens", 16384)
+    return Engine.from_hf(hf, tok, dtype="float32", device="cpu", **engine_kw)
+
+
+def base_hf():
+    """A private deep copy of the tiny transformers model (peft mutates the model it wraps)."""
+    return copy.deepcopy(_base()[0])
+
+
+def tokenizer():
+    return _base()[1]
+
+
+def randomize_lora_b(engine, std: float = 0.05, seed: int = 1) -> None:
+    """Give the adapter a nonzero B (PEFT init has B = 0, which hides half the perturbation)."""
+    g = torch.Generator().manual_seed(seed)
+    values = {}
+    for k, v in engine.trainable_parameters().items():
+        values[k] = torch.randn(v.shape, generator=g) * std if "lora_B" in k else v.clone()
+    engine.set_trainable(values)
+
+
+def snapshot(engine) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in engine.trainable_parameters().items()}
+
+
+def long_prefix(tok, min_tokens: int = 256) -> str:
+    """A few-shot prompt of at least `min_tokens` tokens (FEW_SHOT plus more solved headlines)."""
+    shots = ["Headline: Rivals draw in tense derby\nTopic: sport\n",
+             "Headline: Retailer warns of weaker sales\nTopic: business\n",
+             "Headline: Actor wins award for debut role\nTopic: entertainment\n",
+             "Headline: Software flaw puts millions of laptops at risk\nTopic: tech\n",
+             "Headline: Opposition leader calls for inquiry\nTopic: politics\n"]
+    text, i = FEW_SHOT, 0
+    while len(tok.encode(text, add_special_tokens=False)) < min_tokens:
+        text += shots[i % len(shots)]
+        i += 1
+    return text
+
+
+def classification_examples(prefix: str, candidates: list[str], n: int | None = None):
+    from mezo import ClassificationExample
+
+    heads = HEADLINES if n is None else [HEADLINES[i % len(HEADLINES)] + ("" if i < len(HEADLINES) else f" ({i})")
+                                         for i in range(n)]
+    return [ClassificationExample(f"{prefix}Headline: {h}\nTopic:", list(candidates), i % len(candidates))
+            for i, h in enumerate(heads)]
+
+
+def hf_loss(model, encoded, objective: str = "classification") -> torch.Tensor:
+    """The loss of mezo/objectives.py computed on a transformers (or PEFT) model, differentiably.
+
+    classification: mean token log-prob of each candidate, cross-entropy over candidates, mean over
+    examples; lm: mean CE of the target tokens, mean over examples.
+    """
+    losses = []
+    for ex in encoded:
+        if objective == "lm":
+            ids = torch.tensor([ex.prompt + ex.target])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+            pos = torch.arange(len(ex.prompt) - 1, len(ex.prompt) + len(ex.target) - 1)
+            losses.append(-logp[pos, torch.tensor(ex.target)].mean())
+            continue
+        scores = []
+        for cand in ex.candidates:
+            ids = torch.tensor([ex.prompt + cand])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+            pos = torch.arange(len(ex.prompt) - 1, len(ex.prompt) + len(cand) - 1)
+            scores.append(logp[pos, torch.tensor(cand)].mean())
+        losses.append(-torch.log_softmax(torch.stack(scores), dim=-1)[ex.label])
+    return torch.stack(losses).mean()
