@@ -9,7 +9,9 @@ and loaded once. Each side is warmed up once (full batch, 2 tokens; the engine's
 reset, so the timed run computes every prompt token) before the timed run(s).
 
 Reported per side: output tokens/s = prompts * max_tokens / wall time of the whole generate call
-(prefill included); the ratio engine / transformers; for the engine, the time in prefill (extend)
+(prefill included), from the fastest of --repeats timed runs taken in ABBA order (other processes on a
+shared machine only ever add time; every run's time and the load average are recorded too); the
+ratio engine / transformers; for the engine, the time in prefill (extend)
 passes, in decode passes and outside the model (scheduling, sampling, detokenizing). Greedy outputs
 of the two are compared (exact-match share; small numeric differences can flip a near-tie).
 
@@ -112,7 +114,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16")
     ap.add_argument("--page-size", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=1, help="timed runs per side (alternating); median reported")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="timed runs per side, in ABBA order (hf, engine, engine, hf, ...); the fastest run of "
+                         "each side is the headline, all are recorded (default 2)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny sizes for CI (random tiny model unless --model)")
     ap.add_argument("--profile", action="store_true",
@@ -299,6 +304,8 @@ def profile_both(engine: Engine, model: Any, prompts: list[list[int]], n: int, p
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = args.device
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     load_before = loadavg()
     print(f"loading {args.model or 'random-' + args.random_config} ({args.dtype}) on {device} ...", flush=True)
     model, tokenizer, model_desc = build_model(args)
@@ -322,25 +329,32 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     engine_generate(engine, prompts, warm)
     engine.reset_cache()
 
-    hf_times, eng_times, splits = [], [], []
+    # ABBA order (hf, engine, engine, hf, hf, ...): a load that drifts during the run hits both alike.
+    # Other processes only ever add time, so the fastest run of each side is the headline.
+    hf_times, eng_times, splits, run_load = [], [], [], []
     hf_out = eng_out = None
     stats0 = engine.cache_stats()
-    for _ in range(args.repeats):
-        hf_out, dt = timed(lambda: hf_generate(model, prompts, n, pad_id, device), device)
-        hf_times.append(dt)
-        engine.reset_cache()
-        with EngineSplit(engine) as split:
-            eng_out, dt = timed(lambda: engine_generate(engine, prompts, n), device)
-        eng_times.append(dt)
-        splits.append(split.summary(dt))
+    order = [side for r in range(args.repeats) for side in (("hf", "engine") if r % 2 == 0 else ("engine", "hf"))]
+    for side in order:
+        if side == "hf":
+            hf_out, dt = timed(lambda: hf_generate(model, prompts, n, pad_id, device), device)
+            hf_times.append(dt)
+        else:
+            engine.reset_cache()  # the timed run computes every prompt token
+            with EngineSplit(engine) as split:
+                eng_out, dt = timed(lambda: engine_generate(engine, prompts, n), device)
+            eng_times.append(dt)
+            splits.append(split.summary(dt))
+        run_load.append({"side": side, "seconds": dt, "loadavg_1min_after": (loadavg() or [None])[0]})
+        print(f"  {side:12s} run: {dt:.2f} s", flush=True)
     stats1 = engine.cache_stats()
     load_after = loadavg()
 
     out_tokens = len(prompts) * n
     prompt_tokens = sum(len(p) for p in prompts)
-    hf_s, eng_s = statistics.median(hf_times), statistics.median(eng_times)
+    hf_s, eng_s = min(hf_times), min(eng_times)
     hf_tps, eng_tps = out_tokens / hf_s, out_tokens / eng_s
-    split = splits[eng_times.index(sorted(eng_times)[(len(eng_times) - 1) // 2])]
+    split = splits[eng_times.index(eng_s)]
     computed = stats1["tokens_computed"] - stats0["tokens_computed"]
     slug = device_slug(device)
     default_model = model_desc == ("random-1b" if device.type == "cuda" else "smollm2-135m")
@@ -353,6 +367,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "machine": machine_info(device),
         "loadavg_before": load_before,
         "loadavg_after": load_after,
+        "runs": run_load,
         "config": {
             "model": model_desc, "parameters": n_params, "dtype": args.dtype, "device": str(device),
             "num_prompts": len(prompts), "max_tokens": n, "prompt_len_range": list(args.prompt_len),
@@ -360,18 +375,20 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "hf_padded_prompt_tokens": max_len * len(prompts), "page_size": ps, "engine_cache_tokens": cache_tokens,
             "engine_attention_backend": engine.backend.name,
             "hf_attn_implementation": getattr(cfg, "_attn_implementation", None),
-            "repeats": args.repeats, "warmup": f"1 run per side, full batch, {warm} tokens", "seed": args.seed,
-            "quick": args.quick,
+            "repeats": args.repeats, "run_order": order, "torch_threads": torch.get_num_threads(),
+            "warmup": f"1 run per side, full batch, {warm} tokens", "seed": args.seed, "quick": args.quick,
         },
         "engine": {
-            "seconds": eng_s, "seconds_all": eng_times, "output_tokens": out_tokens, "output_tok_s": eng_tps,
+            "seconds": eng_s, "seconds_all": eng_times, "seconds_median": statistics.median(eng_times),
+            "output_tokens": out_tokens, "output_tok_s": eng_tps,
             "total_tok_s": (prompt_tokens + out_tokens) / eng_s, "split": split,
             "tokens_computed": computed // args.repeats,
             "forward_passes": (stats1["forward_passes"] - stats0["forward_passes"]) // args.repeats,
             "preemptions": stats1["preemptions"] - stats0["preemptions"],
         },
         "transformers": {
-            "seconds": hf_s, "seconds_all": hf_times, "output_tokens": out_tokens, "output_tok_s": hf_tps,
+            "seconds": hf_s, "seconds_all": hf_times, "seconds_median": statistics.median(hf_times),
+            "output_tokens": out_tokens, "output_tok_s": hf_tps,
             "total_tok_s": (prompt_tokens + out_tokens) / hf_s,
         },
         "ratio_engine_over_transformers": eng_tps / hf_tps,
@@ -394,7 +411,8 @@ def summary_text(p: dict[str, Any]) -> str:
     e, h, c, sp = p["engine"], p["transformers"], p["config"], p["engine"]["split"]
     return "\n".join([
         f"{c['model']} {c['dtype']} on {p['machine']['device_name']} ({c['device']}): {c['num_prompts']} prompts x "
-        f"{c['max_tokens']} tokens, prompts {c['prompt_len_range'][0]}-{c['prompt_len_range'][1]} tokens",
+        f"{c['max_tokens']} tokens, prompts {c['prompt_len_range'][0]}-{c['prompt_len_range'][1]} tokens, "
+        f"{c['torch_threads']} threads, best of {c['repeats']}",
         f"  engine:       {e['output_tok_s']:9.1f} output tok/s  ({e['seconds']:.2f} s)",
         f"  transformers: {h['output_tok_s']:9.1f} output tok/s  ({h['seconds']:.2f} s)",
         f"  ratio engine/transformers: {p['ratio_engine_over_transformers']:.2f}x",
@@ -415,17 +433,21 @@ def to_markdown(p: dict[str, Any]) -> str:
              f"Machine: {m['device_name']} ({m['device']}); CPU {m['cpu_model']}, {m['cpu_cores']} cores, "
              f"{m['torch_threads']} torch threads" + (f"; GPU {m['gpu_name']} {m['gpu_memory_gib']} GiB, CUDA {m['cuda']}"
                                                      if "gpu_name" in m else ""),
-             f"Load average (1/5/15 min): before {p['loadavg_before']}, after {p['loadavg_after']}", "",
+             f"Load average (1/5/15 min): before {p['loadavg_before']}, after {p['loadavg_after']}; 1-min load "
+             f"after each timed run: " + ", ".join(f"{r['side']} {r['loadavg_1min_after']}" for r in p["runs"]), "",
              f"Model {c['model']} ({c['parameters'] / 1e6:.1f} M parameters), {c['dtype']}; {c['num_prompts']} prompts of "
              f"{c['prompt_len_range'][0]}-{c['prompt_len_range'][1]} tokens (mean {c['prompt_len_mean']:.1f}, "
              f"{c['prompt_tokens']} in all; transformers pads them to {c['hf_padded_prompt_tokens']}), "
              f"{c['max_tokens']} greedy output tokens each (EOS ignored on both sides). "
              f"Engine attention backend: {c['engine_attention_backend']}; transformers attention: "
-             f"{c['hf_attn_implementation']}. Warm-up: {c['warmup']}; timed runs per side: {c['repeats']} (median).", "",
+             f"{c['hf_attn_implementation']}. Warm-up: {c['warmup']}. Timed runs per side: {c['repeats']}, order "
+             f"{' '.join(c['run_order'])}; the fastest run of each side is reported (other processes only add time).", "",
              "## Throughput", ""]
-    lines += md_table([["MeZO Engine", e["seconds"], e["output_tok_s"], e["total_tok_s"]],
-                       ["transformers generate", h["seconds"], h["output_tok_s"], h["total_tok_s"]]],
-                      ["", "wall s", "output tok/s", "(prompt+output) tok/s"])
+    fmt = lambda xs: ", ".join(f"{x:.2f}" for x in xs)  # noqa: E731
+    lines += md_table([["MeZO Engine", e["seconds"], e["output_tok_s"], e["total_tok_s"], fmt(e["seconds_all"])],
+                       ["transformers generate", h["seconds"], h["output_tok_s"], h["total_tok_s"],
+                        fmt(h["seconds_all"])]],
+                      ["", "wall s (best)", "output tok/s", "(prompt+output) tok/s", "all runs, s"])
     lines += ["", f"**Ratio engine / transformers (output tok/s): {p['ratio_engine_over_transformers']:.2f}x**", "",
               "## Engine time split", ""]
     rows = [[k, sp[k]["passes"], sp[k]["max_batch"], sp[k]["tokens"], sp[k]["seconds"], sp[k]["tok_s"] or 0.0]

@@ -128,7 +128,7 @@ class Engine(AdapterMixin):
         if max_cache_tokens is None:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
-                return 1 + KVPool.pages_for_budget(int(free * DEFAULT_GPU_CACHE_FRACTION), spec.num_layers,
+                return 1 + KVPool.pages_for_budget(  # usable pages; +1 for the null pageint(free * DEFAULT_GPU_CACHE_FRACTION), spec.num_layers,
                                                    self.page_size, spec.num_kv_heads, spec.head_dim, self.dtype)
             max_cache_tokens = DEFAULT_CPU_CACHE_TOKENS
         if isinstance(max_cache_tokens, bool) or not isinstance(max_cache_tokens, int) or max_cache_tokens < self.page_size:

@@ -67,13 +67,14 @@ class KVPool:
     @staticmethod
     def pages_for_budget(bytes_budget: int, num_layers: int, page_size: int, num_kv_heads: int, head_dim: int,
                          dtype: torch.dtype) -> int:
-        """Total `num_pages` (NULL page included) whose storage fits in `bytes_budget`.
+        """USABLE pages that fit in `bytes_budget` once the NULL page is paid for: pass 1 + this as num_pages.
 
-        May return < 2; the constructor then rejects it with a clear error.
+        Counting usable pages means forgetting the +1 errs on the small side, never over budget. May be 0.
         """
         if bytes_budget < 0:
             raise ValueError(f"bytes_budget must be >= 0, got {bytes_budget}")
-        return int(bytes_budget) // KVPool.page_bytes(num_layers, page_size, num_kv_heads, head_dim, dtype)
+        total = int(bytes_budget) // KVPool.page_bytes(num_layers, page_size, num_kv_heads, head_dim, dtype)
+        return max(total - 1, 0)
 
     # ------------------------------------------------------------- bookkeeping
     def _check_page(self, page: int, what: str) -> None:

@@ -95,7 +95,11 @@ class RadixCache:
         p = len(matched)
         if p < len(pages):
             new_pages = pages[p:]
-            self.pool.incref(new_pages)  # raises (tree unchanged but for a split) if a page is not live
+            try:
+                self.pool.incref(new_pages)  # raises if a page is not live; the tree gains nothing but a split
+            except (RuntimeError, ValueError):
+                self._maybe_prune_root(root)
+                raise
             leaf = RadixNode(toks[p * ps:], new_pages, node, namespace, last_access=self._clock)
             node.children[leaf.tokens[:ps]] = leaf
             self._num_cached += len(new_pages)

@@ -115,17 +115,18 @@ class Scheduler:
         start = match.num_tokens + match.partial_tokens
         if budget is not None and req.seq_len - start > budget:
             return None
-        self.cache.lock(match.node)
+        lock_node = match.partial_node or match.node  # also pins the partially matched page
+        self.cache.lock(lock_node)
         need = _ceil_div(req.seq_len, self.page_size) - len(match.pages)
         fresh = self._alloc(need)
         if fresh is None:
-            self.cache.unlock(match.node)
+            self.cache.unlock(lock_node)
             return None
         self.pool.incref(match.pages)
         if match.partial_tokens:
             self.pool.copy_slots(match.partial_page, fresh[0], match.partial_tokens)
         req.pages = list(match.pages) + fresh
-        req.lock_node = match.node
+        req.lock_node = lock_node
         req.num_computed = start
         if not req.admitted_once:
             req.cached_tokens = start

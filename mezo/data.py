@@ -10,6 +10,7 @@ import functools
 import importlib.util
 import json
 import random
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,10 +104,17 @@ def bbc_news_rows(split: str, style: str = BBC_PROMPT) -> list[dict[str, Any]]:
 
 
 # ---- loading and validation -----------------------------------------------------------------
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+
+
 def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
     rows = []
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
         for lineno, line in enumerate(fh, 1):
+            bad = _UNDECODABLE.search(line)  # an undecodable byte, kept as a lone surrogate
+            if bad is not None:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{ord(bad[0]) - 0xDC00:02x} "
+                                 f"at column {bad.start() + 1})")
             if not line.strip():
                 continue
             try:

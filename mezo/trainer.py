@@ -10,7 +10,7 @@ from engine import Engine
 from kernels import derive_seed, randn, zo_update_
 
 from .config import MeZOConfig
-from .data import ClassificationExample, LMExample
+from .data import ClassificationExample, LMExample, load_examples
 from .objectives import (EncodedExample, encode, example_loss, generation_metric, generation_request,
                          scoring_requests, summarize)
 
@@ -59,11 +59,19 @@ class MeZOTrainer:
 
     # -- losses -----------------------------------------------------------------------------
     def encode(self, examples: Sequence[Example]) -> list[EncodedExample]:
+        # the checks finetune's input gets (`step` may be handed raw examples): a clear ValueError
+        # here instead of an IndexError, or a silently misaligned loss, mid-step
+        examples = load_examples(list(examples), self.config.objective)
         encoded = [encode(self.engine, ex) for ex in examples]
+        context = self.engine.spec.max_position_embeddings
         for i, ex in enumerate(encoded):
+            if not ex.prompt:
+                raise ValueError(f"example {i}: the prompt encodes to no tokens")
             length = len(ex.prompt) + max(len(c) for c in (ex.candidates or [ex.target or []]))
             if length > self.config.max_length:
                 raise ValueError(f"example {i} has {length} tokens, more than max_length={self.config.max_length}")
+            if length > context:
+                raise ValueError(f"example {i} has {length} tokens, more than the model's context ({context})")
         return encoded
 
     def branch_losses(self, examples: Sequence[Example] | list[EncodedExample], seed: int,

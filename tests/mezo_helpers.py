@@ -76,19 +76,18 @@ def hf_loss(model, encoded, objective: str = "classification") -> torch.Tensor:
     classification: mean token log-prob of each candidate, cross-entropy over candidates, mean over
     examples; lm: mean CE of the target tokens, mean over examples.
     """
+    def mean_logprob(prompt: list[int], cont: list[int]) -> torch.Tensor:
+        ids = torch.tensor([prompt + cont])
+        # logits of the last len(cont)+1 positions; the first len(cont) of them predict `cont`
+        logits = model(input_ids=ids, logits_to_keep=len(cont) + 1).logits[0, :-1].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        return logp[torch.arange(len(cont)), torch.tensor(cont)].mean()
+
     losses = []
     for ex in encoded:
         if objective == "lm":
-            ids = torch.tensor([ex.prompt + ex.target])
-            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
-            pos = torch.arange(len(ex.prompt) - 1, len(ex.prompt) + len(ex.target) - 1)
-            losses.append(-logp[pos, torch.tensor(ex.target)].mean())
+            losses.append(-mean_logprob(ex.prompt, ex.target))
             continue
-        scores = []
-        for cand in ex.candidates:
-            ids = torch.tensor([ex.prompt + cand])
-            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
-            pos = torch.arange(len(ex.prompt) - 1, len(ex.prompt) + len(cand) - 1)
-            scores.append(logp[pos, torch.tensor(cand)].mean())
-        losses.append(-torch.log_softmax(torch.stack(scores), dim=-1)[ex.label])
+        scores = torch.stack([mean_logprob(ex.prompt, c) for c in ex.candidates])
+        losses.append(-torch.log_softmax(scores, dim=-1)[ex.label])
     return torch.stack(losses).mean()

@@ -124,13 +124,18 @@ def test_write_casts_dtype():
 def test_pages_for_budget():
     per_page = 2 * 3 * 16 * 4 * 64 * 2  # K+V, layers, page_size, heads, head_dim, bf16 bytes
     assert KVPool.page_bytes(3, 16, 4, 64, torch.bfloat16) == per_page
-    assert KVPool.pages_for_budget(per_page * 10, 3, 16, 4, 64, torch.bfloat16) == 10
-    assert KVPool.pages_for_budget(per_page * 10 - 1, 3, 16, 4, 64, torch.bfloat16) == 9
-    assert KVPool.pages_for_budget(per_page * 10, 3, 16, 4, 64, torch.float32) == 5
+    # usable pages: the NULL page is paid for out of the same budget
+    assert KVPool.pages_for_budget(per_page * 10, 3, 16, 4, 64, torch.bfloat16) == 9
+    assert KVPool.pages_for_budget(per_page * 10 - 1, 3, 16, 4, 64, torch.bfloat16) == 8
+    assert KVPool.pages_for_budget(per_page * 10, 3, 16, 4, 64, torch.float32) == 4
+    assert KVPool.pages_for_budget(per_page, 3, 16, 4, 64, torch.bfloat16) == 0
     n = KVPool.pages_for_budget(per_page * 10, 3, 16, 4, 64, torch.bfloat16)
-    pool = KVPool(3, n, 16, 4, 64, torch.bfloat16, "cpu")
+    pool = KVPool(3, 1 + n, 16, 4, 64, torch.bfloat16, "cpu")
+    assert pool.num_usable_pages == n
     used = sum(t.numel() * t.element_size() for t in pool.k_pools + pool.v_pools)
-    assert used <= per_page * 10
+    assert used == per_page * 10
     with pytest.raises(ValueError, match="num_pages"):
-        KVPool(3, KVPool.pages_for_budget(per_page, 3, 16, 4, 64, torch.bfloat16), 16, 4, 64,
+        KVPool(3, 1 + KVPool.pages_for_budget(per_page, 3, 16, 4, 64, torch.bfloat16), 16, 4, 64,
                torch.bfloat16, "cpu")
+    with pytest.raises(ValueError):
+        KVPool.pages_for_budget(-1, 3, 16, 4, 64, torch.bfloat16)

@@ -118,6 +118,10 @@ def test_lru_order_and_tail_trim():
     cache.match_prefix("x", [1])
     assert cache.evict(1) == 1  # LRU leaf is [3,3,3]: only its tail page goes
     assert cache.match_prefix("x", [3, 3, 3]).num_tokens == 2
+    put(pool, cache, "x", [4, 4, 4, 4])
+    cache.match_prefix("x", [1])  # LRU order now: [3, 3], [4, 4, 4, 4], [1]
+    assert cache.evict(4) == 4  # [3, 3] goes whole, then two tail pages of [4, 4, 4, 4]
+    assert [cache.match_prefix("x", t).num_tokens for t in ([3], [4] * 4, [1])] == [0, 2, 1]
     check(pool, cache)
 
 

@@ -1,0 +1,225 @@
+"""Targets, tables, markdown and the bar chart of bench_mezo.py's results."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench.common import md_table
+
+# (metric, op, threshold) per device type and scenario; "*" applies to every scenario.
+TARGETS: dict[str, dict[str, list[tuple[str, str, float]]]] = {
+    "cpu": {
+        "cls": [("speedup", ">=", 1.5)],
+        "cls_16shot": [("speedup", ">=", 5.0), ("prefix_sharing_speedup", ">=", 4.0)],
+        "*": [("memory.step_vs_inference_peak", "<=", 1.2)],
+    },
+    "cuda": {
+        "cls": [("speedup", ">=", 4.0)],
+        "cls_16shot": [("speedup", ">=", 10.0)],
+        "*": [("zo_overhead", "<=", 1.05), ("memory.step_vs_inference_peak", "<=", 1.2)],
+    },
+}
+MB = 2**20
+
+
+def _get(res: dict[str, Any], path: str) -> Any:
+    cur: Any = res
+    for part in path.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def evaluate_targets(res: dict[str, Any], key: str, device_type: str, speed_only: bool = False) -> None:
+    """res["targets"]: each target with its value and met = True / False / None (not measured)."""
+    table = TARGETS.get(device_type, TARGETS["cpu"])
+    out = []
+    for metric, op, thr in table.get(key, []) + table.get("*", []):
+        if speed_only and metric.startswith("memory."):
+            continue
+        val = _get(res, metric)
+        met = None if val is None else (val >= thr if op == ">=" else val <= thr)
+        out.append({"metric": metric, "target": f"{op} {thr:g}", "value": val, "met": met})
+    res["targets"] = out
+
+
+def _f(v: Any, nd: int = 3) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{nd}g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return str(v)
+
+
+def _mb(m: dict[str, Any] | None, field: str = "peak_bytes") -> str:
+    if not m or field not in m:
+        return "—"
+    return f"{m[field] / MB:.0f}"
+
+
+def summary_rows(scenarios: dict[str, Any]) -> tuple[list[list[Any]], list[str]]:
+    header = ["scenario", "ref steps/s", "engine steps/s", "speedup", "ref tok/s", "engine tok/s",
+              "tokens computed/step ref / engine", "ZO overhead", "peak MB ref/engine/engine inference",
+              "mem step/inference"]
+    rows = []
+    for key, r in scenarios.items():
+        b, e = r.get("baseline", {}), r.get("engine", {})
+        mem = r.get("memory", {})
+        peaks = "/".join(_mb(r.get(side, {}).get("memory")) for side in ("baseline", "engine", "engine_forward"))
+        rows.append([
+            key, _f(b.get("steps_per_s")), _f(e.get("steps_per_s")) if e else "skipped",
+            (_f(r["speedup"]) + "x") if "speedup" in r else "—",
+            _f(b.get("tokens_per_s")), _f(e.get("tokens_per_s")),
+            f"{_f(b.get('tokens_computed_per_step'))} / {_f(e.get('tokens_computed_per_step'))}",
+            _f(r.get("zo_overhead")),
+            peaks + (" (ref: sub-batch)" if b.get("extrapolated_from_examples") else ""),
+            _f(mem.get("step_vs_inference_peak")),
+        ])
+    return rows, header
+
+
+def summary_table(scenarios: dict[str, Any]) -> str:
+    rows, header = summary_rows(scenarios)
+    return "\n".join(md_table(rows, header))
+
+
+def to_markdown(p: dict[str, Any], name: str) -> str:
+    m, s = p["machine"], p["settings"]
+    hw = m.get("gpu_name") or f"{m['cpu_model']}, {m['cpu_cores_usable']} cores, {m['torch_threads']} torch threads"
+    v = p["versions"]
+    lines = [
+        f"# MeZO step throughput: engine vs reference (transformers + PEFT) — {m['device_name']}", "",
+        f"`{p['command']}`", "",
+        f"{p['timestamp']}; torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, "
+        f"python {v['python']}; git {m.get('git_commit')}",
+        f"Machine: {hw} ({m['device']})",
+        f"Load average (1/5/15 min): {', '.join(f'{k} {v_}' for k, v_ in p['loadavg'].items())}",
+        f"Model {p['model']['name']} ({p['model']['params'] / 1e6:.1f} M parameters), {p['model']['dtype']}; "
+        f"B = {s['batch_size']}; {s['steps']} timed step(s) per contestant after {s['warmup']} warm-up, "
+        f"contestants interleaved with rotating order; median step time. Whole run {p.get('wall_s', 0) / 60:.1f} min.",
+        "", "## Results", "",
+    ]
+    rows, header = summary_rows(p["scenarios"])
+    lines += md_table(rows, header)
+    lines += ["", "ref = `ReferenceMeZO` (bench/baselines/reference_mezo.py) on transformers + PEFT; engine = "
+              "`MeZOTrainer.step`. tok/s = the workload's tokens (every reference row unpadded, both branches) "
+              "per second, the same numerator for both sides; *tokens computed* = what each side pushed through "
+              "the model per step (reference: padded rows x width x 2; engine: `runner.tokens_computed`). "
+              "ZO overhead = engine step / the engine's plain unperturbed forward of the same 2xB requests. "
+              "Peak memory: each contestant runs in its own fresh process; " + _mem_method(p) +
+              "; max over its timed calls; the engine's KV pool is sized to hold every sequence of the step "
+              "unshared.", ""]
+    lines += ["## Targets", ""]
+    trows = []
+    for key, r in p["scenarios"].items():
+        for t in r.get("targets", []):
+            met = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+            trows.append([key, t["metric"], t["target"], _f(t["value"]), met])
+    lines += md_table(trows, ["scenario", "metric", "target", "value", "result"]) if trows else ["(none)"]
+    lines += ["", "## Details", ""]
+    for key, r in p["scenarios"].items():
+        lines += [f"### {r['title']}", ""]
+        facts = [f"trainable params {r['trainable_params']:,}",
+                 f"prompt tokens mean {r['prompt_tokens_mean']:.1f} / max {r['prompt_tokens_max']}",
+                 f"reference batch {r['reference_rows']} rows x {r['reference_width']} tokens",
+                 f"workload {r['workload_tokens_per_step']} tokens/step", f"engine KV pool {r['kv_pool_tokens']} tokens"]
+        if "target_tokens_mean" in r:
+            facts.append(f"target tokens mean {r['target_tokens_mean']:.1f}")
+        if "shared_prefix_tokens" in r:
+            facts.append(f"shared prefix {r['shared_prefix_tokens']} tokens")
+        if r.get("single_token_candidates") is not None:
+            facts.append(f"single-token candidates: {r['single_token_candidates']}")
+        lines.append("; ".join(facts) + ".")
+        lines.append("")
+        srows = []
+        for side in ("baseline", "engine", "engine_forward", "engine_no_prefix_cache"):
+            if side in r:
+                d = r[side]
+                srows.append([side, _f(d["step_s"]), _f(d["steps_per_s"]), _f(d["tokens_per_s"]),
+                              _f(d["tokens_computed_per_step"]), d["timed_steps"],
+                              ", ".join(_f(x) for x in d["step_s_all"]),
+                              ", ".join(_f(x) for x in d["warmup_s"]) or ("(first call timed)" if d["first_call_timed"] else "—"),
+                              _mb(d["memory"])])
+        lines += md_table(srows, ["contestant", "step s (median)", "steps/s", "tok/s", "tokens computed/step",
+                                  "timed", "all step s", "warm-up s", "peak MB"])
+        extra = []
+        if "prefix_sharing_speedup" in r:
+            extra.append(f"prefix sharing: no-cache step / cached step = {r['prefix_sharing_speedup']:.2f}x")
+        for side in ("baseline", "engine", "engine_forward", "engine_no_prefix_cache"):
+            mm = r.get(side, {}).get("memory")
+            if mm:
+                extra.append(f"peak memory {side}: {mm['peak_bytes'] / MB:.0f} MB, +{mm['delta_bytes'] / MB:.0f} MB "
+                             f"over the level before the step" + (f" (measured on {mm['measured_on_examples']} "
+                             f"examples)" if mm.get("measured_on_examples") else ""))
+        mem = r.get("memory", {})
+        if "step_vs_inference_peak" in mem:
+            extra.append(f"peak memory engine step / engine inference on the same 2xB batch: "
+                         f"{mem['step_vs_inference_peak']:.3f}")
+        if "engine_vs_baseline_peak" in mem:
+            extra.append(f"peak memory engine step / reference step: {mem['engine_vs_baseline_peak']:.3f}")
+        if "engine_noise_estimate" in r:
+            est = r["engine_noise_estimate"]
+            extra.append(f"engine noise generation: {est['elements']:,} elements, {est['elements_per_s']:,.0f} elements/s "
+                         f"-> >= {est['seconds_per_step_lower_bound']:.1f} s/step")
+        extra += r.get("notes", [])
+        if r.get("profile_file"):
+            extra.append(f"a target was missed: profile of one engine step in {r['profile_file']}")
+        extra.append(f"load average before / after: {r['loadavg']['before']} / {r['loadavg']['after']}")
+        lines += [""] + [f"- {x}" for x in extra] + [""]
+    return "\n".join(lines)
+
+
+def _mem_method(p: dict[str, Any]) -> str:
+    for r in p["scenarios"].values():
+        for side in ("baseline", "engine"):
+            m = r.get(side, {}).get("memory", {})
+            if m.get("method"):
+                return f"measured as {m['method']}"
+    return "not measured"
+
+
+def plot(p: dict[str, Any], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    keys = list(p["scenarios"])
+    base = [p["scenarios"][k].get("baseline", {}).get("steps_per_s", 0.0) for k in keys]
+    eng = [p["scenarios"][k].get("engine", {}).get("steps_per_s", 0.0) for k in keys]
+    fig, ax = plt.subplots(figsize=(1.9 * len(keys) + 3, 4.2))
+    xs = range(len(keys))
+    ax.bar([x - 0.2 for x in xs], base, 0.4, label="reference (transformers + PEFT)", color="#999999")
+    ax.bar([x + 0.2 for x in xs], eng, 0.4, label="MeZO Engine", color="#1f77b4")
+    for x, k, e in zip(xs, keys, eng):
+        r = p["scenarios"][k]
+        label = f"{r['speedup']:.2f}x" if "speedup" in r else "skipped"
+        ax.annotate(label, (x + 0.2, e if e else 0), ha="center", va="bottom", fontsize=9,
+                    xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(keys)
+    ax.set_ylabel("MeZO steps / s (higher is better)")
+    if any(base) and any(eng) and max(base + eng) / max(min(v for v in base + eng if v > 0), 1e-12) > 30:
+        ax.set_yscale("log")
+    ax.set_title(f"MeZO step throughput, B={p['settings']['batch_size']}, {p['model']['name']} "
+                 f"{p['model']['dtype']} on {p['machine']['device_name']}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def profile_markdown(p: dict[str, Any], profiles: dict[str, Any]) -> str:
+    lines = [f"# Profiles of one engine MeZO step — {p['machine']['device_name']}", "", f"`{p['command']}`", ""]
+    for key, prof in profiles.items():
+        lines += [f"## {p['scenarios'][key]['title']}", "",
+                  f"cProfile'd step: {prof['cprofile_wall_s']:.2f} s wall; torch.profiler'd step: "
+                  f"{prof['torch_profiler_wall_s']:.2f} s wall (profilers add overhead).", "",
+                  "### cProfile, by cumulative time", "", "```", prof["cprofile_cumulative"], "```", "",
+                  "### cProfile, by own time", "", "```", prof["cprofile_tottime"], "```", "",
+                  "### torch.profiler, ops by self time", "", "```", prof["torch_ops"], "```", ""]
+    return "\n".join(lines)
