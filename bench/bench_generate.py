@@ -22,12 +22,18 @@ versions, the CPU model / core count or GPU name, and os.getloadavg() before and
     python bench/bench_generate.py --random-config 1b                # GPU default: ~1.2B LLaMA, bf16
     python bench/bench_generate.py --quick --random-config tiny --out-dir /tmp/x   # CI smoke
     python bench/bench_generate.py --profile                         # + torch.profiler / cProfile tables
+
+On a small CPU shared with other busy processes, torch's default of one OpenMP thread per core makes
+every op wait for descheduled threads (measured here: ~5x slower, 2x run-to-run spread, on 2 cores at
+load 4-5); `--threads 1` gives steadier numbers (results then go to generate_<slug>-t1.*). The results
+flag `cpu_oversubscribed` when the load average exceeded the usable cores.
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import statistics
 import sys
@@ -359,6 +365,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     slug = device_slug(device)
     default_model = model_desc == ("random-1b" if device.type == "cuda" else "smollm2-135m")
     variant = "-quick" if args.quick else ("" if default_model else f"-{model_desc.replace('random-', 'random')}")
+    if args.threads is not None:
+        variant += f"-t{args.threads}"
     name = f"generate_{slug}{variant}"
     payload: dict[str, Any] = {
         "benchmark": "generate",
@@ -368,6 +376,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "loadavg_before": load_before,
         "loadavg_after": load_after,
         "runs": run_load,
+        "cpu_oversubscribed": busy(load_before, load_after, run_load),
         "config": {
             "model": model_desc, "parameters": n_params, "dtype": args.dtype, "device": str(device),
             "num_prompts": len(prompts), "max_tokens": n, "prompt_len_range": list(args.prompt_len),
@@ -407,6 +416,22 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return payload
 
 
+def busy(before: list[float] | None, after: list[float] | None, runs: list[dict[str, Any]]) -> bool:
+    """True when the 1-minute load average exceeded the usable cores at any point we sampled."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    loads = [x[0] for x in (before, after) if x] + [r["loadavg_1min_after"] for r in runs if r["loadavg_1min_after"]]
+    return bool(loads) and max(loads) > cores
+
+
+def busy_note(p: dict[str, Any]) -> str | None:
+    if not p.get("cpu_oversubscribed"):
+        return None
+    loads = [r["loadavg_1min_after"] for r in p["runs"]]
+    return (f"NOTE: the CPU was oversubscribed (1-min load {p['loadavg_before'][0]} before, {loads} after the timed "
+            f"runs, on {p['machine']['cpu_cores_usable']} usable cores): other processes competed for it, so "
+            f"absolute times are inflated and noisy: check the spread of each side's runs before trusting the ratio.")
+
+
 def summary_text(p: dict[str, Any]) -> str:
     e, h, c, sp = p["engine"], p["transformers"], p["config"], p["engine"]["split"]
     return "\n".join([
@@ -421,7 +446,7 @@ def summary_text(p: dict[str, Any]) -> str:
         f"  greedy agreement: {p['greedy_agreement']['exact_match']:.0%} identical, "
         f"mean matching prefix {p['greedy_agreement']['mean_matching_prefix']:.0%}",
         f"  loadavg before {p['loadavg_before']} after {p['loadavg_after']}",
-    ])
+    ] + ([f"  {busy_note(p)}"] if busy_note(p) else []))
 
 
 def to_markdown(p: dict[str, Any]) -> str:
@@ -435,6 +460,7 @@ def to_markdown(p: dict[str, Any]) -> str:
                                                      if "gpu_name" in m else ""),
              f"Load average (1/5/15 min): before {p['loadavg_before']}, after {p['loadavg_after']}; 1-min load "
              f"after each timed run: " + ", ".join(f"{r['side']} {r['loadavg_1min_after']}" for r in p["runs"]), "",
+             *([busy_note(p), ""] if busy_note(p) else []),
              f"Model {c['model']} ({c['parameters'] / 1e6:.1f} M parameters), {c['dtype']}; {c['num_prompts']} prompts of "
              f"{c['prompt_len_range'][0]}-{c['prompt_len_range'][1]} tokens (mean {c['prompt_len_mean']:.1f}, "
              f"{c['prompt_tokens']} in all; transformers pads them to {c['hf_padded_prompt_tokens']}), "

@@ -44,8 +44,7 @@ from bench.common import (command_line, device_slug, loadavg, machine_info, now_
                           save_results)
 from bench.mezo_report import evaluate_targets, plot, profile_markdown, summary_table, to_markdown  # noqa: E402
 from bench.mezo_worker import Worker  # noqa: E402
-from bench.mezo_workloads import (RANDOM_CONFIGS, SCENARIOS, ModelRef, Sizes, build_examples,  # noqa: E402
-                                  encode_examples, load_tokenizer)
+from bench.mezo_scenarios import RANDOM_CONFIGS, SCENARIOS, ModelRef, Sizes  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -81,6 +80,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads in every contestant process (default: torch's default; --quick 1, since "
                          "tiny ops on a shared machine mostly wait at the OpenMP barrier)")
+    ap.add_argument("--note", action="append", default=[], help="a line of context for the results (repeatable)")
     ap.add_argument("--quick", action="store_true", help="tiny random model, B=2, 2 steps (CI smoke test)")
     ap.add_argument("--out-dir", type=Path, default=None, help="default bench/results/")
     ap.add_argument("--name", default=None, help="results file stem (default mezo_<device-slug>)")
@@ -173,33 +173,12 @@ def side_stats(c: Contestant, workload_tokens: int, batch_size: int) -> dict[str
 
 
 # -- one scenario ----------------------------------------------------------------------------------------
-def workload_facts(key: str, tok: Any, sizes: Sizes) -> dict[str, Any]:
-    scen = SCENARIOS[key]
-    enc = encode_examples(tok, build_examples(scen, sizes, tok))
-    facts: dict[str, Any] = {
-        "title": scen.title, "objective": scen.objective, "mode": scen.mode, "preset": scen.preset,
-        "batch_size": sizes.batch_size,
-        "prompt_tokens_mean": statistics.mean(len(e.prompt) for e in enc),
-        "prompt_tokens_max": max(len(e.prompt) for e in enc),
-        "single_token_candidates": all(e.single_token for e in enc) if scen.objective == "classification" else None,
-    }
-    if scen.objective == "lm":
-        facts["target_tokens_mean"] = statistics.mean(len(e.target or []) for e in enc)
-    if key == "cls_16shot":
-        common = enc[0].prompt
-        for e in enc[1:]:
-            n = next((i for i, (x, y) in enumerate(zip(common, e.prompt)) if x != y), min(len(common), len(e.prompt)))
-            common = common[:n]
-        facts["shared_prefix_tokens"] = len(common)
-    return facts
-
-
-def run_scenario(key: str, tok: Any, ref: ModelRef, args: argparse.Namespace, sizes: Sizes,
+def run_scenario(key: str, ref: ModelRef, args: argparse.Namespace, sizes: Sizes,
                  tmp: Path) -> dict[str, Any]:
     scen = SCENARIOS[key]
     b = sizes.batch_size
-    res = workload_facts(key, tok, sizes)
-    res["notes"] = []
+    res: dict[str, Any] = {"title": scen.title, "objective": scen.objective, "mode": scen.mode,
+                           "preset": scen.preset, "batch_size": b, "notes": []}
     res["loadavg"] = {"before": loadavg()}
     base_spec = {"model": asdict(ref), "scenario": key, "sizes": asdict(sizes), "threads": args.threads}
     init_path = str(tmp / f"lora_init_{key}.pt")
@@ -214,7 +193,9 @@ def run_scenario(key: str, tok: Any, ref: ModelRef, args: argparse.Namespace, si
             return c
 
         eng = start("engine", save_lora_init=init_path, estimate_noise=scen.mode == "full")
-        res.update(trainable_params=eng.info["trainable_params"], kv_pool_tokens=eng.info["kv_pool_tokens"])
+        res.update({k: eng.info[k] for k in ("prompt_tokens_mean", "prompt_tokens_max", "single_token_candidates",
+                                             "target_tokens_mean", "shared_prefix_tokens", "trainable_params",
+                                             "kv_pool_tokens", "attention_backend") if k in eng.info})
         est = eng.info.get("noise_estimate")
         if est is not None:
             res["engine_noise_estimate"] = est
@@ -283,7 +264,6 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ref = ModelRef(args.model, args.random_config, args.dtype, str(args.device), tokenizer_path=args.tokenizer)
     sizes = Sizes(args.batch_size, args.shots, *args.lm_tokens)
     load = {"start": loadavg()}
-    tok = load_tokenizer(args.tokenizer)
     prep = Worker("prepare")  # one GGUF conversion, cached for every worker
     try:
         prep.ask("prepare", asdict(ref))
@@ -299,12 +279,12 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      "noshare_examples": args.noshare_examples, "slow_seconds": args.slow_seconds,
                      "max_step_seconds": args.max_step_seconds, "profile": args.profile,
                      "torch_threads": args.threads},
-        "versions": _versions(), "scenarios": {},
+        "versions": _versions(), "notes": list(args.note), "scenarios": {},
     }
     with tempfile.TemporaryDirectory(prefix="mezo_bench_") as tmp:
         for key in args.scenarios:
             print(f"scenario {key} ...", flush=True)
-            res = run_scenario(key, tok, ref, args, sizes, Path(tmp))
+            res = run_scenario(key, ref, args, sizes, Path(tmp))
             payload["model"].update(params=res["model_info"]["model_params"], layers=res["model_info"]["layers"],
                                     hidden=res["model_info"]["hidden"])
             payload["scenarios"][key] = res
@@ -331,11 +311,15 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _versions() -> dict[str, Any]:
-    import peft
-    import transformers
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "python": sys.version.split()[0]}
+    out: dict[str, Any] = {"torch": torch.__version__, "python": sys.version.split()[0]}
+    for pkg in ("transformers", "peft", "triton"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -86,7 +86,8 @@ def summary_table(scenarios: dict[str, Any]) -> str:
 
 def to_markdown(p: dict[str, Any], name: str) -> str:
     m, s = p["machine"], p["settings"]
-    hw = m.get("gpu_name") or f"{m['cpu_model']}, {m['cpu_cores_usable']} cores, {m['torch_threads']} torch threads"
+    hw = m.get("gpu_name") or f"{m['cpu_model']}, {m['cpu_cores_usable']} cores"
+    hw += f"; torch threads per contestant process: {s.get('torch_threads')}"
     v = p["versions"]
     lines = [
         f"# MeZO step throughput: engine vs reference (transformers + PEFT) — {m['device_name']}", "",
@@ -98,8 +99,9 @@ def to_markdown(p: dict[str, Any], name: str) -> str:
         f"Model {p['model']['name']} ({p['model']['params'] / 1e6:.1f} M parameters), {p['model']['dtype']}; "
         f"B = {s['batch_size']}; {s['steps']} timed step(s) per contestant after {s['warmup']} warm-up, "
         f"contestants interleaved with rotating order; median step time. Whole run {p.get('wall_s', 0) / 60:.1f} min.",
-        "", "## Results", "",
     ]
+    lines += [f"Note: {n}" for n in p.get("notes", [])]
+    lines += ["", "## Results", ""]
     rows, header = summary_rows(p["scenarios"])
     lines += md_table(rows, header)
     lines += ["", "ref = `ReferenceMeZO` (bench/baselines/reference_mezo.py) on transformers + PEFT; engine = "

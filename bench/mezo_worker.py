@@ -160,6 +160,7 @@ class Side:
                 hf, tok, ref, scenario, examples[:k], prefix_cache=role != "engine_no_prefix_cache",
                 cache_tokens=w.kv_tokens_needed(full_encoded))
             eng = self.trainer.engine
+            self.info.update(w.describe(scenario, full_encoded))
             self.info.update(trainable_params=w.trainable_numel(self.trainer),
                              kv_pool_tokens=eng.pool.num_usable_pages * eng.page_size,
                              attention_backend=eng.backend.name)

@@ -29,7 +29,8 @@ from mezo.data import (BBC_SPLIT_SEED, BBC_TEST_SIZE, BBC_TOPICS, Classification
 from mezo.objectives import EncodedExample, example_loss, scoring_requests
 from mezo.trainer import MeZOTrainer
 
-from bench.mezo_scenarios import CACHE_ROOT, RANDOM_CONFIGS, SCENARIOS, VOCAB, ModelRef, Scenario, Sizes  # noqa: F401
+from bench.mezo_scenarios import (CACHE_ROOT, FULL_MODE_MODULES, RANDOM_CONFIGS, SCENARIOS, VOCAB,  # noqa: F401
+                                  ModelRef, Scenario, Sizes)
 
 def mezo_config(scenario: Scenario) -> MeZOConfig:
     return MeZOConfig.preset(scenario.preset, objective=scenario.objective, steps=1000)
@@ -291,6 +292,23 @@ def plain_forward(trainer: MeZOTrainer, encoded: list[EncodedExample]) -> float:
     losses = [torch.stack([example_loss(ex, r) for ex, r in zip(encoded, g)]).mean() for g in groups]
     eng.cache.reset()
     return float(sum(losses) / 2)
+
+
+def describe(scenario: Scenario, encoded: list[EncodedExample]) -> dict[str, Any]:
+    """Token facts of a scenario's batch (as the engine tokenizes it)."""
+    facts: dict[str, Any] = {
+        "prompt_tokens_mean": sum(len(e.prompt) for e in encoded) / len(encoded),
+        "prompt_tokens_max": max(len(e.prompt) for e in encoded),
+        "single_token_candidates": all(e.single_token for e in encoded) if scenario.objective == "classification" else None,
+    }
+    if scenario.objective == "lm":
+        facts["target_tokens_mean"] = sum(len(e.target or []) for e in encoded) / len(encoded)
+    common = encoded[0].prompt
+    for e in encoded[1:]:
+        n = next((i for i, (x, y) in enumerate(zip(common, e.prompt)) if x != y), min(len(common), len(e.prompt)))
+        common = common[:n]
+    facts["shared_prefix_tokens"] = len(common)
+    return facts
 
 
 def trainable_numel(trainer: MeZOTrainer) -> int:

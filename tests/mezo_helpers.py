@@ -61,11 +61,19 @@ def long_prefix(tok, min_tokens: int = 256) -> str:
     return text
 
 
+MORE_HEADLINES = ["Coach sacked after heavy defeat", "Singer tops the charts again", "Carmaker recalls electric vans",
+                  "Prime minister faces tough questions", "Museum unveils lost painting", "Tennis star retires at thirty",
+                  "Start-up raises funds for robot cleaners", "Voters head to the polls in by-election",
+                  "Streaming service loses subscribers", "Hackers target hospital computers"]
+ALL_HEADLINES = list(HEADLINES) + MORE_HEADLINES  # 16 distinct headlines
+
+
 def classification_examples(prefix: str, candidates: list[str], n: int | None = None):
+    """`n` (default 6, at most 16) examples with distinct headlines after the shared `prefix`."""
     from mezo import ClassificationExample
 
-    heads = HEADLINES if n is None else [HEADLINES[i % len(HEADLINES)] + ("" if i < len(HEADLINES) else f" ({i})")
-                                         for i in range(n)]
+    heads = ALL_HEADLINES[:len(HEADLINES) if n is None else n]
+    assert len(heads) == (n or len(HEADLINES))
     return [ClassificationExample(f"{prefix}Headline: {h}\nTopic:", list(candidates), i % len(candidates))
             for i, h in enumerate(heads)]
 

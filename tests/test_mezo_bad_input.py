@@ -129,7 +129,7 @@ def test_prompt_longer_than_model_context_fails_before_training(tmp_path, calls)
     (ClassificationExample("Headline: x\nTopic:", CANDS, 7), "label 7 out of range"),
     (ClassificationExample("Headline: x\nTopic:", [], 0), "'candidates' must be a list of at least 2"),
     (LMExample("Headline: x\nTopic:", " sport"), "missing required key 'candidates'"),
-])
+], ids=["empty-prompt", "label-out-of-range", "no-candidates", "lm-example-for-classification"])
 def test_trainer_step_rejects_bad_examples_before_any_forward(example, message):
     """MeZOTrainer.step takes raw examples too: they get the same checks as finetune's input."""
     engine = make_engine()

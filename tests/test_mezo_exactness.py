@@ -93,7 +93,6 @@ def test_branch_losses_equal_explicit_perturbation(mode, objective, kind, few_sh
     assert set(z) == set(theta)
     ref_plus = _reference(engine, trainer, examples, theta, z, +1, eps)
     ref_minus = _reference(engine, trainer, examples, theta, z, -1, eps)
-    # the perturbation is visible far above the tolerance, so a wrong sign/seed/branch would fail
     # the perturbation is visible well above the tolerance, so a wrong sign/seed/branch would fail
     assert abs(ref_plus - ref_minus) > 20 * REL * abs(ref_plus)
     assert float(loss_plus) == pytest.approx(ref_plus, rel=REL, abs=0)
