@@ -23,9 +23,7 @@ import json
 import math
 import platform
 import re
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import median_ms_cpu, median_ms_cuda  # noqa: E402
 from kernels.attention import (decode_attention_flash, decode_attention_torch,  # noqa: E402
                                decode_attention_triton, extend_attention_flash,
                                extend_attention_torch, extend_attention_triton, flash_attn_available)
@@ -53,29 +52,11 @@ def _l2_flush_buffer() -> torch.Tensor:
 def time_cuda(fn: Callable[[], object], warmup: int = 5, iters: int = 30) -> float:
     """Median milliseconds per call, L2 flushed before each call."""
     flush = _l2_flush_buffer()
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return median_ms_cuda(fn, warmup, iters, before_each=flush.zero_)
 
 
 def time_cpu(fn: Callable[[], object], warmup: int = 2, iters: int = 15) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return median_ms_cpu(fn, warmup, iters)
 
 
 def paged_copy(k: torch.Tensor, v: torch.Tensor, page_size: int, gen: torch.Generator):

@@ -15,13 +15,12 @@ import json
 import os
 import platform
 import re
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import median_ms_cpu, median_ms_cuda  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -29,29 +28,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _timer_cuda(fn: Callable[[], object], warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return median_ms_cuda(fn, warmup, iters)
 
 
 def _timer_cpu(fn: Callable[[], object], warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return median_ms_cpu(fn, warmup, iters)
 
 
 def _unfused_lora(x, w, a, b, z_gen, seed_a, seed_b, eps, scale):

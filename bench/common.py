@@ -7,12 +7,14 @@ machines sit side by side.
 """
 from __future__ import annotations
 
+
 import datetime as _dt
 import json
 import os
 import platform
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -154,3 +156,34 @@ def save_results(payload: dict[str, Any], markdown: str, out_dir: str | Path | N
     jpath.write_text(json.dumps(payload, indent=2) + "\n")
     mpath.write_text(markdown.rstrip() + "\n")
     return jpath, mpath
+
+
+def median_ms_cpu(fn: Callable[[], object], warmup: int = 2, iters: int = 15) -> float:
+    """Median wall milliseconds per call on the host."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def median_ms_cuda(fn: Callable[[], object], warmup: int = 5, iters: int = 30,
+                   before_each: Callable[[], object] | None = None) -> float:
+    """Median milliseconds per call between CUDA events; `before_each` (e.g. an L2 flush) is not timed."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        if before_each is not None:
+            before_each()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
