@@ -165,7 +165,9 @@ def side_stats(c: Contestant, workload_tokens: int, batch_size: int) -> dict[str
            "tokens_computed_per_step": computed, "computed_tokens_per_s": computed / step,
            "memory": {"peak_bytes": peak["peak_bytes"], "before_bytes": peak["before_bytes"],
                       "delta_bytes": max(0, peak["peak_bytes"] - peak["before_bytes"]),
-                      "method": peak["memory_method"], "pid": c.worker.proc.pid}}
+                      "method": peak["memory_method"], "pid": c.worker.proc.pid,
+                      "heap_retained_bytes": [x["heap_retained_bytes"] for x in c.warmups + c.calls],
+                      "noise_cache_bytes": [x["noise_cache_bytes"] for x in c.warmups + c.calls]}}
     if c.scale != 1.0:
         out["extrapolated_from_examples"] = round(batch_size / c.scale)
         out["memory"]["measured_on_examples"] = round(batch_size / c.scale)
@@ -199,18 +201,18 @@ def run_scenario(key: str, ref: ModelRef, args: argparse.Namespace, sizes: Sizes
         est = eng.info.get("noise_estimate")
         if est is not None:
             res["engine_noise_estimate"] = est
-        skip_engine = est is not None and est["seconds_per_step_lower_bound"] > args.max_step_seconds
+        skip_engine = est is not None and est["seconds_per_generation"] > args.max_step_seconds
         if skip_engine:
             eng.worker.close()
             contestants.remove(eng)
             res["notes"].append(
-                f"engine full-mode steps SKIPPED: generating the noise alone is estimated at >= "
-                f"{est['seconds_per_step_lower_bound']:.0f} s per step (> --max-step-seconds {args.max_step_seconds:.0f}): "
-                f"{est['elements']:,} noise elements x {est['generations_per_step']} generations at "
-                f"{est['elements_per_s']:,.0f} elements/s (kernels.randn, the torch Philox twin)")
+                f"engine full-mode steps SKIPPED: generating z once for every weight is estimated at "
+                f"{est['seconds_per_generation']:.0f} s (> --max-step-seconds {args.max_step_seconds:.0f}): "
+                f"{est['elements']:,} elements at {est['elements_per_s']:,.0f} elements/s (kernels.randn)")
         bk = args.fewshot_baseline_examples if key == "cls_16shot" and args.fewshot_baseline_examples else b
         base = start("baseline", scale=b / bk, lora_init=init_path if scen.mode == "lora" else None, examples=bk)
-        res.update(reference_rows=base.info["reference_rows"], reference_width=base.info["reference_width"],
+        res.update(reference_logits_bytes=base.info["reference_logits_bytes"],
+                   reference_rows=base.info["reference_rows"], reference_width=base.info["reference_width"],
                    workload_tokens_per_step=base.info["workload_tokens_per_step"],
                    reference_trainable_params=base.info["trainable_params"])
         contestants.sort(key=lambda c: c.name != "baseline")  # baseline first in round 0

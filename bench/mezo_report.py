@@ -123,6 +123,7 @@ def to_markdown(p: dict[str, Any], name: str) -> str:
     for key, r in p["scenarios"].items():
         lines += [f"### {r['title']}", ""]
         facts = [f"trainable params {r['trainable_params']:,}",
+                 f"reference logits {r.get('reference_logits_bytes', 0) / 2**30:.2f} GiB per forward (full batch)",
                  f"prompt tokens mean {r['prompt_tokens_mean']:.1f} / max {r['prompt_tokens_max']}",
                  f"reference batch {r['reference_rows']} rows x {r['reference_width']} tokens",
                  f"workload {r['workload_tokens_per_step']} tokens/step", f"engine KV pool {r['kv_pool_tokens']} tokens"]
@@ -162,8 +163,18 @@ def to_markdown(p: dict[str, Any], name: str) -> str:
             extra.append(f"peak memory engine step / reference step: {mem['engine_vs_baseline_peak']:.3f}")
         if "engine_noise_estimate" in r:
             est = r["engine_noise_estimate"]
-            extra.append(f"engine noise generation: {est['elements']:,} elements, {est['elements_per_s']:,.0f} elements/s "
-                         f"-> >= {est['seconds_per_step_lower_bound']:.1f} s/step")
+            extra.append(f"kernels.randn on this device: {est['elements_per_s']:,.0f} elements/s, so generating z once "
+                         f"for all {est['elements']:,} trainable elements takes ~{est['seconds_per_generation']:.1f} s")
+        for side in ("baseline", "engine", "engine_forward"):
+            mm = r.get(side, {}).get("memory", {})
+            ret = [x for x in mm.get("heap_retained_bytes", []) if x]
+            if ret and max(ret) > 64 * MB:
+                extra.append(f"{side}: glibc heap retained from earlier calls, trimmed before each call: "
+                             + ", ".join(f"{x / MB:.0f}" for x in mm["heap_retained_bytes"]) + " MB")
+            nc = [x for x in mm.get("noise_cache_bytes", []) if x is not None]
+            if side == "engine" and nc and max(nc) > 16 * MB:
+                extra.append("engine: kernels.noise_cache holds " + ", ".join(f"{x / MB:.0f}" for x in nc)
+                             + " MB of noise after each call (live tensors, included in its peak)")
         extra += r.get("notes", [])
         if r.get("profile_file"):
             extra.append(f"a target was missed: profile of one engine step in {r['profile_file']}")

@@ -11,7 +11,10 @@ from a multiprocessing forkserver that has imported torch, transformers, peft an
 Peak memory of a call:
 - CPU: peak resident set size. Linux resets the high-water mark VmHWM when "5" is written to
   /proc/self/clear_refs, so VmHWM after the call is the call's peak; where that is unavailable a
-  2 ms psutil sampler stands in (it can miss short spikes; the result names the method).
+  2 ms psutil sampler stands in (it can miss short spikes; the result names the method). Before
+  each call the glibc heap is trimmed (malloc_trim(0)): glibc keeps freed mid-size buffers in the
+  heap, so without it a call's peak would also count what earlier calls freed but glibc kept; the
+  amount trimmed is reported as `heap_retained_bytes` (it shows how the process's RSS would creep).
 - GPU: torch.cuda.max_memory_allocated after torch.cuda.reset_peak_memory_stats.
 `peak_bytes` is absolute (interpreter, weights, KV pool, temporaries); `before_bytes` the level
 just before the call.
@@ -66,7 +69,28 @@ def _status_bytes(field: str) -> int | None:
     return None
 
 
+def _malloc_trim() -> bool:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def _noise_cache_bytes() -> int | None:
+    """Bytes held by the torch path's noise memo (kernels.noise_cache), if the engine has one."""
+    try:
+        from kernels import noise_cache
+    except ImportError:
+        return None
+    return int(getattr(noise_cache, "_cache_bytes", 0))
+
+
 class PeakMeter:
+    retained = 0
+
     def __init__(self, device: str):
         self.cuda = str(device).startswith("cuda")
         self.method = ""
@@ -86,12 +110,16 @@ class PeakMeter:
 
     def start(self) -> int:
         gc.collect()
+        self.retained = 0
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.method = "torch.cuda.max_memory_allocated"
             return self.current()
         before = self.current()
+        if _malloc_trim():
+            after = self.current()
+            self.retained, before = max(0, before - after), after
         try:
             with open("/proc/self/clear_refs", "w") as fh:
                 fh.write("5")  # VmHWM := current RSS
@@ -151,7 +179,9 @@ class Side:
             init = torch.load(spec["lora_init"]) if spec.get("lora_init") else None
             self.mezo, batch = w.build_baseline(hf, tok, ref, scenario, examples, init)
             self.batch = w.sub_batch(batch, k) if k < len(examples) else batch
+            vocab = hf.get_output_embeddings().weight.shape[0]
             self.info.update(reference_rows=int(batch.input_ids.shape[0]), reference_width=int(batch.input_ids.shape[1]),
+                             reference_logits_bytes=int(batch.input_ids.numel()) * vocab * 4,
                              workload_tokens_per_step=2 * sum(batch.lengths),
                              trainable_params=sum(p.numel() for _, p in self.mezo.params))
             self.tokens = 2 * int(self.batch.input_ids.numel())
@@ -195,6 +225,7 @@ class Side:
         seconds = time.perf_counter() - t0
         peak = self.meter.stop()
         return {"seconds": seconds, "tokens_computed": tokens, "peak_bytes": peak, "before_bytes": before,
+                "heap_retained_bytes": self.meter.retained, "noise_cache_bytes": _noise_cache_bytes(),
                 "memory_method": self.meter.method}
 
     def profile(self, top: int = 30) -> dict[str, Any]:
@@ -227,19 +258,18 @@ class Side:
 
 
 def noise_estimate(elements: int, device: str) -> dict[str, Any]:
-    """Lower bound of a full-mode engine step on this device's noise path: z of every trainable
-    weight is generated at least twice a step (>= 1 forward pass, the update) by kernels.randn."""
+    """Rough time to generate z once for every trainable element with kernels.randn on this device
+    (a full-parameter engine step generates it at least once, in its first forward pass)."""
     from kernels import randn
 
-    n = 1 << 18
+    n = 1 << 20
     randn(1, (n,), device=device)
     t0 = time.perf_counter()
     randn(2, (n,), device=device)
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
     rate = n / (time.perf_counter() - t0)
-    return {"elements": elements, "elements_per_s": rate, "generations_per_step": 2,
-            "seconds_per_step_lower_bound": 2 * elements / rate}
+    return {"elements": elements, "elements_per_s": rate, "seconds_per_generation": elements / rate}
 
 
 def _serve(conn: Any) -> None:

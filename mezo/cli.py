@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 # The demo's settings come from a recorded sweep on SmolLM2-135M + BBC headlines (README, "MeZO demo").
-DEMO_OVERRIDES = {"lr": 2e-3, "eps": 1e-2}
+DEMO_OVERRIDES = {"lr": 1e-3, "eps": 1e-2}
 
 
 def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
