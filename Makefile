@@ -14,7 +14,7 @@ generate-demo: setup
 		"The capital of France is" "Write a haiku about the sea." "def fibonacci(n):"
 
 # README's first command: MeZO-LoRA on SmolLM2-135M + BBC News (instruction prompt), CPU, ~10 min.
-DEMO_STEPS ?= 300
+DEMO_STEPS ?= 200
 demo: setup
 	$(PYTHON) -m engine.cli finetune --model smollm2-135m --task bbc_news:instruct --preset opt-lora --demo \
 		--steps $(DEMO_STEPS) --eval-size 500 --eval-every 100 --out runs/demo
