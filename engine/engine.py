@@ -228,10 +228,9 @@ class Engine(AdapterMixin):
                 targets = torch.tensor(req.all_ids[req.score_from:], device=rows.device)
                 if req.keep_logits:
                     req.logits = rows  # the caller reads them (on the device: no host sync here)
-                    req.finish_reason = "stop"
-                    continue
-                logp = torch.log_softmax(rows, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-                req.token_logprobs = logp.tolist()
+                    rows = rows[: len(targets)]
+                # [n] fp32 on the device; only the targets' log-probs are kept, not [n, vocab] rows
+                req.token_logprobs = torch.log_softmax(rows, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
                 req.finish_reason = "stop"
             else:
                 if scheduled.mode == "extend":
@@ -292,7 +291,7 @@ class Engine(AdapterMixin):
         self._run_to_completion(len(index), use_tqdm=None)
         out: list[list[float]] = [[0.0] * len(c) for c in candidates]
         for i, j, req in index:
-            out[i][j] = float(sum(req.token_logprobs))
+            out[i][j] = float(req.token_logprobs.sum())
         return out
 
     def prompt_logits(self, prompts: Sequence[Sequence[int]], starts: Sequence[int] | None = None) -> list[torch.Tensor]:

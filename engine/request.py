@@ -33,7 +33,7 @@ class Request:
     lock_node: Any = None
     generator: torch.Generator | None = None
     finish_reason: str | None = None
-    token_logprobs: list[float] = field(default_factory=list)
+    token_logprobs: torch.Tensor | None = None  # scoring: log-prob of each token from score_from on
     logits: torch.Tensor | None = None
     text: str = ""
 

@@ -45,13 +45,14 @@ def encode(engine: Engine, ex: ClassificationExample | LMExample) -> EncodedExam
 
 def scoring_requests(engine: Engine, ex: EncodedExample, sign: float, namespace: Hashable) -> list[Request]:
     """Requests whose logits give the example's loss. Single-token candidates: one request, one row."""
-    def req(ids: list[int]) -> Request:
-        return engine.new_request(ids, score_from=len(ex.prompt), keep_logits=True, sign=sign, namespace=namespace)
+    def req(ids: list[int], keep_logits: bool = False) -> Request:
+        return engine.new_request(ids, score_from=len(ex.prompt), keep_logits=keep_logits, sign=sign,
+                                  namespace=namespace)
 
     if ex.candidates is None:
         return [req(ex.prompt + ex.target)]
     if ex.single_token:
-        return [req(ex.prompt)]  # the last prompt position scores every candidate
+        return [req(ex.prompt, keep_logits=True)]  # one row, the last prompt position, scores every candidate
     return [req(ex.prompt + c) for c in ex.candidates]
 
 
@@ -61,12 +62,7 @@ def candidate_scores(ex: EncodedExample, reqs: list[Request]) -> torch.Tensor:
         logp = torch.log_softmax(reqs[0].logits[0], dim=-1)
         ids = torch.tensor([c[0] for c in ex.candidates], device=logp.device)
         return logp[ids]
-    scores = []
-    for cand, r in zip(ex.candidates, reqs):
-        logp = torch.log_softmax(r.logits[: len(cand)], dim=-1)
-        ids = torch.tensor(cand, device=logp.device)
-        scores.append(logp.gather(-1, ids[:, None]).mean())
-    return torch.stack(scores)
+    return torch.stack([r.token_logprobs.mean() for r in reqs])
 
 
 def example_loss(ex: EncodedExample, reqs: list[Request]) -> torch.Tensor:
@@ -74,9 +70,7 @@ def example_loss(ex: EncodedExample, reqs: list[Request]) -> torch.Tensor:
     if ex.candidates is not None:
         scores = candidate_scores(ex, reqs)
         return -torch.log_softmax(scores, dim=-1)[ex.label]
-    rows = reqs[0].logits[: len(ex.target)]
-    ids = torch.tensor(ex.target, device=rows.device)
-    return -torch.log_softmax(rows, dim=-1).gather(-1, ids[:, None]).mean()
+    return -reqs[0].token_logprobs.mean()
 
 
 def generation_request(engine: Engine, ex: EncodedExample, sign: float, namespace: Hashable,
