@@ -213,7 +213,8 @@ def plot(p: dict[str, Any], path: Path) -> Path | None:
         ax.annotate(label, (x + 0.2, e if e else 0), ha="center", va="bottom", fontsize=9,
                     xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(list(xs))
-    ax.set_xticklabels(keys)
+    ax.set_xticklabels([k + ("\n(reference extrapolated\nfrom a sub-batch)" if p["scenarios"][k].get("baseline", {})
+                              .get("extrapolated_from_examples") else "") for k in keys], fontsize=9)
     ax.set_ylabel("MeZO steps / s (higher is better)")
     if any(base) and any(eng) and max(base + eng) / max(min(v for v in base + eng if v > 0), 1e-12) > 30:
         ax.set_yscale("log")

@@ -10,13 +10,11 @@ import copy
 import functools
 import hashlib
 import importlib.util
-import json
 import random
 import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +27,10 @@ from mezo.data import (BBC_SPLIT_SEED, BBC_TEST_SIZE, BBC_TOPICS, Classification
 from mezo.objectives import EncodedExample, example_loss, scoring_requests
 from mezo.trainer import MeZOTrainer
 
-from bench.mezo_scenarios import (CACHE_ROOT, FULL_MODE_MODULES, RANDOM_CONFIGS, SCENARIOS, VOCAB,  # noqa: F401
-                                  ModelRef, Scenario, Sizes)
+# SCENARIOS, ModelRef, Sizes are re-exported for the contestant processes (bench/mezo_worker.py).
+from bench.mezo_scenarios import CACHE_ROOT, FULL_MODE_MODULES, RANDOM_CONFIGS, VOCAB, ModelRef, Scenario  # noqa: F401
+from bench.mezo_scenarios import SCENARIOS, Sizes  # noqa: F401
+
 
 def mezo_config(scenario: Scenario) -> MeZOConfig:
     return MeZOConfig.preset(scenario.preset, objective=scenario.objective, steps=1000)
@@ -313,10 +313,3 @@ def describe(scenario: Scenario, encoded: list[EncodedExample]) -> dict[str, Any
 
 def trainable_numel(trainer: MeZOTrainer) -> int:
     return sum(t.numel() for t in trainer.params.values())
-
-
-def dump(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True)
-
-
-Step = Callable[[], Any]

