@@ -17,6 +17,7 @@ import argparse
 import ctypes
 import gc
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -55,9 +56,11 @@ def main() -> None:
         print(f"{args.what} {i}: RSS before {before:.0f} MB, peak {_status_bytes('VmHWM') / MB:.0f} MB, "
               f"after {rss():.0f} MB; noise cache {(_noise_cache_bytes() or 0) / MB:.0f} MB", flush=True)
     live = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.numel() * obj.element_size() > 16 * MB:
-            live[obj.untyped_storage().data_ptr()] = (tuple(obj.shape), obj.untyped_storage().nbytes() / MB)
+    with warnings.catch_warnings():  # isinstance() on some lazily deprecated objects warns
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and obj.numel() * obj.element_size() > 16 * MB:
+                live[obj.untyped_storage().data_ptr()] = (tuple(obj.shape), obj.untyped_storage().nbytes() / MB)
     eng = trainer.engine
     print(f"live tensors > 16 MiB: {sorted(live.values())}")
     print(f"model parameters {sum(p.numel() * p.element_size() for p in eng.model.parameters()) / MB:.0f} MB, "
