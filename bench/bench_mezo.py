@@ -23,7 +23,8 @@ than --slow-seconds is timed on that call only.
     python bench/bench_mezo.py --quick --out-dir /tmp/x         # CI smoke (tiny random model)
 
 Results: bench/results/mezo_<device-slug>.{json,md,png}, and _profile.md when a target is missed
-(cProfile + torch.profiler of one engine step of that scenario).
+(cProfile + torch.profiler of one engine step of that scenario). bench/mezo_memprobe.py breaks a
+step's resident memory down further (noise memo, glibc heap retention).
 """
 from __future__ import annotations
 

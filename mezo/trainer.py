@@ -8,6 +8,7 @@ import torch
 
 from engine import Engine
 from kernels import derive_seed, randn, zo_update_
+from kernels.noise_cache import clear_noise_cache
 
 from .config import MeZOConfig
 from .data import ClassificationExample, LMExample, load_examples
@@ -146,6 +147,7 @@ class MeZOTrainer:
         for index, param in enumerate(self.params.values()):
             tensor_seeds = [derive_seed(s, index) for s in seeds]
             zo_update_(param, tensor_seeds, grads.to(param.device, torch.float32), lr, self.config.weight_decay)
+        clear_noise_cache()  # this step's z is never used again (the next step has new seeds)
         self.engine.weights_changed()
 
     # -- evaluation -----------------------------------------------------------------------------
