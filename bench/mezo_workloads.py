@@ -162,8 +162,8 @@ def kv_tokens_needed(encoded: list[EncodedExample], page_size: int = 16) -> int:
     """KV slots for all 2×B requests of a step with no sharing at all (+1 page each for slack)."""
     total = 0
     for ex in encoded:
-        rows = [ex.prompt + (ex.target or [])] if ex.candidates is None or ex.single_token \
-            else [ex.prompt + c for c in ex.candidates]
+        rows = [ex.prompt + (ex.target or [])] if ex.candidates is None \
+            else [ex.prompt] + [ex.prompt + c for c in ex.candidates if len(c) > 1]
         total += sum((-(-len(r) // page_size) + 1) * page_size for r in rows)
     return 2 * total + 4 * page_size
 

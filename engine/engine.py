@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .adapter_api import AdapterMixin
 from .attention_backend import AttentionBackend
+from .candidates import candidate_requests, candidate_token_logprobs
 from .kv_pool import KVPool
 from .loader import load_config, load_state_dict, load_tokenizer, resolve_model
 from .model import CausalLM
@@ -270,29 +271,32 @@ class Engine(AdapterMixin):
     def score(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
         """Sum of token log-probs of each candidate continuation given its prompt.
 
-        Candidates are tokenized on their own and appended to the prompt's ids; all candidates of
-        a prompt share the prompt's KV through the prefix cache.
+        Candidates are tokenized on their own and appended to the prompt's ids. The prompt's KV is
+        computed once and every candidate reuses all of it (engine/candidates.py).
         """
         if len(prompts) != len(candidates):
             raise ValueError(f"got {len(prompts)} prompts but {len(candidates)} candidate lists")
-        index: list[tuple[int, int, Request]] = []
+        greedy = SamplingParams(max_tokens=1, temperature=0.0)
+
+        def make(ids: list[int], *, score_from: int, keep_logits: bool = False) -> Request:
+            req = self._make_request(ids, greedy, score_from=score_from)
+            req.keep_logits = keep_logits
+            self.scheduler.check_fits(req)
+            return req
+
+        groups: list[tuple[list[list[int]], list[Request]]] = []
         for i, (prompt, cands) in enumerate(zip(prompts, candidates)):
             ids = validate_prompt(prompt, self)
             if not cands:
                 raise ValueError(f"candidates[{i}] is empty")
-            for j, cand in enumerate(cands):
-                cand_ids = validate_prompt(cand, self, field=f"candidates[{i}][{j}]", add_special_tokens=False)
-                req = self._make_request(ids + cand_ids, SamplingParams(max_tokens=1, temperature=0.0),
-                                         score_from=len(ids))
-                self.scheduler.check_fits(req)
-                index.append((i, j, req))
-        for _, _, req in index:
+            cand_ids = [validate_prompt(c, self, field=f"candidates[{i}][{j}]", add_special_tokens=False)
+                        for j, c in enumerate(cands)]
+            groups.append((cand_ids, candidate_requests(ids, cand_ids, make)))
+        reqs = [r for _, group in groups for r in group]
+        for req in reqs:
             self.scheduler.add(req)
-        self._run_to_completion(len(index), use_tqdm=None)
-        out: list[list[float]] = [[0.0] * len(c) for c in candidates]
-        for i, j, req in index:
-            out[i][j] = float(req.token_logprobs.sum())
-        return out
+        self._run_to_completion(len(reqs), use_tqdm=None)
+        return [[float(lp.sum()) for lp in candidate_token_logprobs(cand_ids, group)] for cand_ids, group in groups]
 
     def prompt_logits(self, prompts: Sequence[Sequence[int]], starts: Sequence[int] | None = None) -> list[torch.Tensor]:
         """fp32 logits at every position p >= starts[i] of each prompt ([len - start, vocab]).

@@ -3,6 +3,11 @@
 Every key carries a namespace (adapter version at inference, (step, branch) during training) with one
 tree per namespace, so KV computed under different weights is never shared. The tree owns one pool
 reference per stored page; requests own their own references and lock the nodes they read from.
+
+Besides runs of full pages the tree keeps *tail leaves*: the partially filled last page of a finished
+sequence (one page, fewer than page_size tokens, never with children). A later query can copy the
+matching slots out of it. This is what lets the candidates of a prompt reuse all of the prompt's KV,
+not only its page-aligned part.
 """
 from __future__ import annotations
 
@@ -16,12 +21,14 @@ from engine.kv_pool import KVPool
 
 @dataclass(eq=False)
 class RadixNode:
-    """A run of full pages. `tokens` has len(pages) * page_size ids; the root has none."""
+    """A run of full pages (`tokens` has len(pages) * page_size ids), or a tail leaf: one page holding
+    fewer than page_size tokens. The root has none."""
     tokens: tuple[int, ...]
     pages: list[int]
     parent: RadixNode | None = field(default=None, repr=False)
     namespace: Hashable = None
-    # keyed by the child's first page of tokens: two children never share a first page
+    # keyed by the child's first page of tokens (two children never share a first page); a tail leaf
+    # is keyed by all its tokens, which are fewer, so the two kinds of keys never collide
     children: dict[tuple[int, ...], RadixNode] = field(default_factory=dict, repr=False)
     lock_ref: int = 0
     last_access: int = 0
@@ -69,7 +76,7 @@ class RadixCache:
         n = len(pages) * self.page_size
         rest = toks[n:n + self.page_size]
         best_k, best = 0, None
-        for child in node.children.values():  # only a first page can partially match (k < page_size)
+        for child in node.children.values():  # a full child's first page or a tail leaf (k < page_size)
             k = _common_len(child.tokens, rest)
             if k > best_k:
                 best_k, best = k, child
@@ -80,31 +87,63 @@ class RadixCache:
         return PrefixMatch(node, pages, n, best.pages[0] if best else None, best_k, best)
 
     def insert(self, namespace: Hashable, tokens: Sequence[int], pages: Sequence[int]) -> int:
-        """Store the missing suffix (one new ref per stored page). Returns tokens already cached."""
+        """Store the missing suffix (one new ref per stored page). Returns tokens already cached.
+
+        The last page may be partly filled (a finished sequence's tail): it becomes a tail leaf unless
+        the tree already holds those tokens after the same prefix.
+        """
+        return self._insert(namespace, tokens, pages)[0]
+
+    def insert_and_lock(self, namespace: Hashable, tokens: Sequence[int], pages: Sequence[int]) -> RadixNode:
+        """Insert full pages and lock the node that ends at the last of them (a running request's
+        prefix: protected, and its own pages stay usable by later requests). Returns the locked node."""
+        if len(tokens) % self.page_size:
+            raise ValueError("RadixCache.insert_and_lock: full pages only (a running request's tail still grows)")
+        node = self._insert(namespace, tokens, pages)[1]
+        self.lock(node)
+        return node
+
+    def _insert(self, namespace: Hashable, tokens: Sequence[int], pages: Sequence[int]) -> tuple[int, RadixNode]:
+        """(tokens already cached, deepest node of the full pages)."""
         ps = self.page_size
-        if len(tokens) != len(pages) * ps:
+        if not (len(pages) - 1) * ps < len(tokens) <= len(pages) * ps:
             raise ValueError(f"RadixCache.insert: {len(tokens)} tokens for {len(pages)} pages of {ps}; "
-                             "insert full pages only")
-        if not self.enabled or not pages:
-            return 0
+                             "insert full pages, the last one possibly partly filled")
+        if not self.enabled:
+            return 0, self._disabled_root
+        if not pages:  # nothing to store: an existing root, or a detached one (no empty tree is kept)
+            return 0, self.roots.get(namespace) or RadixNode((), [], namespace=namespace)
         toks, pages = tuple(tokens), list(pages)
+        num_full = len(toks) // ps
+        root = self._root(namespace)
+        node, matched = self._walk(root, toks, num_full)
+        p = len(matched)
+        try:
+            if p < num_full:
+                node = self._add_child(node, toks[p * ps:num_full * ps], pages[p:num_full])
+            tail = toks[num_full * ps:]
+            if tail and any(_common_len(c.tokens, tail) == len(tail) for c in node.children.values()):
+                return p * ps + len(tail), node
+            if tail:
+                self._add_child(node, tail, pages[num_full:])
+        except (RuntimeError, ValueError):
+            self._maybe_prune_root(root)
+            raise
+        return p * ps, node
+
+    def _root(self, namespace: Hashable) -> RadixNode:
         root = self.roots.get(namespace)
         if root is None:
             root = self.roots[namespace] = RadixNode((), [], namespace=namespace)
-        node, matched = self._walk(root, toks, len(pages))
-        p = len(matched)
-        if p < len(pages):
-            new_pages = pages[p:]
-            try:
-                self.pool.incref(new_pages)  # raises if a page is not live; the tree gains nothing but a split
-            except (RuntimeError, ValueError):
-                self._maybe_prune_root(root)
-                raise
-            leaf = RadixNode(toks[p * ps:], new_pages, node, namespace, last_access=self._clock)
-            node.children[leaf.tokens[:ps]] = leaf
-            self._num_cached += len(new_pages)
-            self._num_nodes += 1
-        return p * ps
+        return root
+
+    def _add_child(self, parent: RadixNode, tokens: tuple[int, ...], pages: list[int]) -> RadixNode:
+        self.pool.incref(pages)  # raises if a page is not live; the tree gains nothing
+        child = RadixNode(tokens, pages, parent, parent.namespace, last_access=self._clock)
+        parent.children[tokens[:self.page_size]] = child
+        self._num_cached += len(pages)
+        self._num_nodes += 1
+        return child
 
     # ------------------------------------------------------------------ locking
     def lock(self, node: RadixNode) -> None:
@@ -218,7 +257,8 @@ class RadixCache:
                 locked += len(node.pages) if node.lock_ref else 0
                 parent = node.parent
                 assert parent is not None and parent.children.get(node.tokens[:ps]) is node, "broken link"
-                assert node.pages and len(node.tokens) == len(node.pages) * ps, "segment/pages mismatch"
+                tail_leaf = len(node.pages) == 1 and 0 < len(node.tokens) < ps and not node.children
+                assert node.pages and (len(node.tokens) == len(node.pages) * ps or tail_leaf), "segment/pages mismatch"
                 assert 0 <= node.lock_ref <= parent.lock_ref, "lock_ref not propagated to ancestors"
                 assert node.namespace == ns, "node in the wrong namespace"
                 assert all(self.pool.refcount(p) >= 1 for p in node.pages), "tree holds a free page"

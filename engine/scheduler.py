@@ -94,11 +94,22 @@ class Scheduler:
         return batch
 
     def _shares_uncached_prefix(self, req: Request, batch: ScheduledBatch) -> bool:
+        """Should `req` wait one launch for KV that a request of this batch is about to compute?
+
+        Yes when that saves at least a page, or when the other request is a scoring one (it finishes
+        in this launch and publishes every token, its partly filled last page included) and the wait
+        at least halves `req`'s work: the candidates of a prompt reuse all of it. The halving rule
+        keeps requests that share a few tokens by chance from queueing behind each other.
+        """
         if not self.cache.enabled:
             return False
-        ids = req.all_ids
+        ids, limit = req.all_ids, self._match_limit(req)
         for other, start in zip(batch.requests, batch.starts):
-            if other.namespace == req.namespace and _common_prefix(ids, other.all_ids) >= start + self.page_size:
+            if other.namespace != req.namespace:
+                continue
+            reusable = min(_common_prefix(ids, other.all_ids), limit) - start
+            if reusable >= self.page_size or (other.is_scoring and reusable > 0
+                                              and 2 * reusable >= req.seq_len - start):
                 return True
         return False
 
@@ -165,17 +176,17 @@ class Scheduler:
         full = req.num_computed // self.page_size
         if full == 0:
             return
-        ids = req.all_ids[: full * self.page_size]
-        self.cache.insert(req.namespace, ids, req.pages[:full])
-        node = self.cache.match_prefix(req.namespace, ids).node
-        self.cache.lock(node)
+        node = self.cache.insert_and_lock(req.namespace, req.all_ids[: full * self.page_size], req.pages[:full])
         if req.lock_node is not None:
             self.cache.unlock(req.lock_node)
         req.lock_node = node
 
     def release(self, req: Request) -> None:
-        """Give back everything a request holds (its full pages stay cached in the tree)."""
-        self.cache_computed(req)
+        """Give back everything a request holds. What it computed stays cached, its partly filled
+        last page included (as a tail leaf): a request continuing the same tokens copies those slots."""
+        if req.num_computed:
+            used = _ceil_div(req.num_computed, self.page_size)
+            self.cache.insert(req.namespace, req.all_ids[: req.num_computed], req.pages[:used])
         if req.lock_node is not None:
             self.cache.unlock(req.lock_node)
             req.lock_node = None

@@ -9,6 +9,7 @@ from typing import Any, Hashable
 import torch
 
 from engine import Engine, SamplingParams
+from engine.candidates import candidate_requests, candidate_token_logprobs
 from engine.request import Request
 
 from .data import ClassificationExample, LMExample
@@ -44,25 +45,20 @@ def encode(engine: Engine, ex: ClassificationExample | LMExample) -> EncodedExam
 
 
 def scoring_requests(engine: Engine, ex: EncodedExample, sign: float, namespace: Hashable) -> list[Request]:
-    """Requests whose logits give the example's loss. Single-token candidates: one request, one row."""
-    def req(ids: list[int], keep_logits: bool = False) -> Request:
-        return engine.new_request(ids, score_from=len(ex.prompt), keep_logits=keep_logits, sign=sign,
+    """Requests whose logits give the example's loss. Classification: the prompt once, plus one request
+    per multi-token candidate that reuses all of the prompt's KV (engine/candidates.py)."""
+    def make(ids: list[int], *, score_from: int, keep_logits: bool = False) -> Request:
+        return engine.new_request(ids, score_from=score_from, keep_logits=keep_logits, sign=sign,
                                   namespace=namespace)
 
     if ex.candidates is None:
-        return [req(ex.prompt + ex.target)]
-    if ex.single_token:
-        return [req(ex.prompt, keep_logits=True)]  # one row, the last prompt position, scores every candidate
-    return [req(ex.prompt + c) for c in ex.candidates]
+        return [make(ex.prompt + ex.target, score_from=len(ex.prompt))]
+    return candidate_requests(ex.prompt, ex.candidates, make)
 
 
 def candidate_scores(ex: EncodedExample, reqs: list[Request]) -> torch.Tensor:
     """Mean token log-prob of each candidate (MeZO's train_as_classification), fp32 [num_candidates]."""
-    if ex.single_token:
-        logp = torch.log_softmax(reqs[0].logits[0], dim=-1)
-        ids = torch.tensor([c[0] for c in ex.candidates], device=logp.device)
-        return logp[ids]
-    return torch.stack([r.token_logprobs.mean() for r in reqs])
+    return torch.stack([lp.mean() for lp in candidate_token_logprobs(ex.candidates, reqs)])
 
 
 def example_loss(ex: EncodedExample, reqs: list[Request]) -> torch.Tensor:

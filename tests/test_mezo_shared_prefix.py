@@ -67,25 +67,16 @@ def test_shared_prefix_computed_once_per_branch_and_exact():
         torch.testing.assert_close(params[k], ref_params[k], rtol=0, atol=1e-6)
 
 
-def test_multi_token_candidates_share_the_prompt_prefix():
-    """Multi-token candidates are separate leaves; the 256-token prompt is still computed once per
-    branch: beyond it each candidate costs at most its example's suffix, the candidate and one
-    re-scored prompt token."""
-    cached, losses, _, encoded = _run_step(MULTI, enable_prefix_cache=True)
-    prefix, _ = _bound(encoded)
-    per_leaf = sum(len(c) + len(e.prompt) - prefix + 1 for e in encoded for c in e.candidates)
-    assert cached["tokens_computed"] <= 2 * (prefix + per_leaf)
-    uncached, ref_losses, _, _ = _run_step(MULTI, enable_prefix_cache=False)
-    assert uncached["tokens_computed"] > 2 * (prefix + per_leaf)
-    assert losses == pytest.approx(ref_losses, rel=1e-5, abs=0)
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "the candidates of one example do not share the example's own suffix KV: the scheduler only "
-    "defers a request that shares >= one full page of uncached tokens, and only full pages enter the "
-    "radix cache, so each multi-token candidate recomputes the example's sub-page suffix (and the last "
-    "prompt token, needed for its first logit)"))
-def test_multi_token_candidates_meet_the_strict_bound():
-    cached, _, _, encoded = _run_step(MULTI, enable_prefix_cache=True)
+def test_multi_token_candidates_share_the_prompt_and_example_kv():
+    """Multi-token candidates: the 256-token prompt once per branch, each example's own suffix once,
+    then only the candidates' tokens (the prompt request's last row scores every first token) — the
+    strict bound holds, and the losses equal those with the cache disabled."""
+    cached, losses, params, encoded = _run_step(MULTI, enable_prefix_cache=True)
     prefix, suffixes = _bound(encoded)
+    assert all(len(c) > 1 for e in encoded for c in e.candidates)
     assert cached["tokens_computed"] <= 2 * (prefix + suffixes)
+    uncached, ref_losses, ref_params, _ = _run_step(MULTI, enable_prefix_cache=False)
+    assert uncached["tokens_computed"] > 2 * (prefix + suffixes)
+    assert losses == pytest.approx(ref_losses, rel=1e-5, abs=0)
+    for k in params:
+        torch.testing.assert_close(params[k], ref_params[k], rtol=0, atol=1e-6)

@@ -149,12 +149,41 @@ def test_disabled_mode():
     check(pool, cache)
 
 
+def test_tail_leaf_serves_partial_matches():
+    """A finished sequence's partly filled last page is kept as a tail leaf: a query that continues
+    the same tokens copies them out of it; a tail already covered by a full page is not stored twice."""
+    pool, cache = make(page_size=4)
+    pages = pool.alloc(2)
+    assert cache.insert("ns", [1, 2, 3, 4, 5, 6], pages) == 0
+    pool.decref(pages)
+    assert cache.num_cached_pages == 2 and cache.stats()["nodes"] == 2
+    m = cache.match_prefix("ns", [1, 2, 3, 4, 5, 6, 7])
+    assert m.pages == [pages[0]] and (m.partial_page, m.partial_tokens) == (pages[1], 2)
+    assert m.partial_node.tokens == (5, 6) and not m.partial_node.children
+    m = cache.match_prefix("ns", [1, 2, 3, 4, 5, 9])
+    assert (m.partial_page, m.partial_tokens) == (pages[1], 1)
+    # a full page that starts with the tail covers it; the reverse insert is a no-op
+    full = pool.alloc(2)
+    assert cache.insert("ns", [1, 2, 3, 4, 5, 6, 7, 8], full) == 4
+    more = pool.alloc(2)
+    assert cache.insert("ns", [1, 2, 3, 4, 5, 6, 7], more) == 7 and pool.refcount(more[1]) == 1
+    pool.decref(full + more)
+    check(pool, cache)
+    # tail leaves are evicted like any leaf, and a locked one is not
+    m = cache.match_prefix("ns", [1, 2, 3, 4, 5, 6])
+    cache.lock(m.partial_node)
+    assert cache.evict(10) == 1 and cache.num_cached_pages == 2  # only the full (5, 6, 7, 8) page went
+    cache.unlock(m.partial_node)
+    assert cache.evict(10) == 2 and cache.num_cached_pages == 0
+    check(pool, cache)
+
+
 def test_reset_and_errors():
     pool, cache = make()
     put(pool, cache, "a", [1, 2, 3, 4])
     put(pool, cache, "b", [1, 2])
     with pytest.raises(ValueError, match="full pages"):
-        cache.insert("a", [1, 2, 3], pool.alloc(2))
+        cache.insert("a", [1, 2, 3], pool.alloc(3))  # a 3rd page with no tokens
     with pytest.raises(RuntimeError):
         cache.insert("a", [5, 6], [pool.num_pages - 1])  # not a live page
     node = cache.match_prefix("a", [1, 2]).node
@@ -163,7 +192,7 @@ def test_reset_and_errors():
         cache.reset()
     cache.unlock(node)
     cache.reset()
-    assert cache.num_cached_pages == 0 and cache.roots == {} and pool.num_free_pages == pool.num_usable_pages - 2
+    assert cache.num_cached_pages == 0 and cache.roots == {} and pool.num_free_pages == pool.num_usable_pages - 3
     check(pool, cache)
     with pytest.raises(ValueError):
         RadixCache(pool, 4)
@@ -180,6 +209,10 @@ NS = st.sampled_from(["a", "a", "a", "b", ("step", 1)])  # skewed so one tree gr
 SHARED = st.builds(lambda base, cut, tail: list(base[:cut]) + tail,
                    st.sampled_from(BASES), st.integers(2, 12), st.lists(st.integers(0, 3), max_size=3))
 TOKENS = st.one_of(SHARED, SHARED, st.lists(st.integers(0, 3), max_size=12))
+
+
+def _common(a: tuple, b: tuple) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def tree_content(cache: RadixCache) -> dict:
@@ -243,23 +276,29 @@ class CacheMachine(RuleBasedStateMachine):
         assert m.num_tokens == n * self.ps
         self.assert_holds(ns, tokens[:m.num_tokens], m.pages)
         base, nxt = tokens[:n * self.ps], tokens[n * self.ps:(n + 1) * self.ps]
-        best = 0
-        for prefix in self.model[ns]:
-            if len(prefix) == len(base) + self.ps and prefix[:len(base)] == base:
-                k = next((i for i, (x, y) in enumerate(zip(prefix[len(base):], nxt)) if x != y), len(nxt))
-                best = max(best, k)
+        best = max((_common(prefix[len(base):], nxt) for prefix in self.next_pages(ns, base)), default=0)
         assert best < self.ps or not nxt
         assert m.partial_tokens == best and (m.partial_page is None) == (best == 0)
         if best:
             self.assert_holds(ns, nxt[:best], [m.partial_page])
         return m
 
+    def next_pages(self, ns, base: tuple):
+        """Model keys one page (full, or a tail leaf's partial one) below the page-aligned `base`."""
+        return [p for p in self.model[ns] if len(base) < len(p) <= len(base) + self.ps and p[:len(base)] == base]
+
     def insert_checked(self, ns, tokens: tuple, pages: list[int]) -> None:
-        n = len(pages)
+        """Insert `tokens` (the last of `pages` may be partly filled: a tail leaf)."""
+        n = len(tokens) // self.ps
         known = self.longest(ns, tokens[:n * self.ps])
-        assert self.cache.insert(ns, tokens[:n * self.ps], pages) == known * self.ps
+        base, tail = tokens[:n * self.ps], tokens[n * self.ps:]
+        covered = bool(tail) and known == n and any(
+            _common(p[len(base):], tail) == len(tail) for p in self.next_pages(ns, base))
+        assert self.cache.insert(ns, tokens, pages) == known * self.ps + (len(tail) if covered else 0)
         for j in range(known, n):
             self.model[ns][tokens[:(j + 1) * self.ps]] = pages[j]
+        if tail and not covered:
+            self.model[ns][tokens] = pages[n]
 
     def evict_checked(self, n: int) -> None:
         free_before, evictable = self.pool.num_free_pages, self.cache.evictable_pages()
@@ -288,10 +327,10 @@ class CacheMachine(RuleBasedStateMachine):
     def match(self, ns, tokens):
         self.match_checked(ns, tuple(tokens))
 
-    @rule(ns=NS, tokens=TOKENS)
-    def insert_fresh(self, ns, tokens):
-        tokens = tuple(tokens[:len(tokens) // self.ps * self.ps])
-        pages = self.alloc(len(tokens) // self.ps)
+    @rule(ns=NS, tokens=TOKENS, with_tail=st.booleans())
+    def insert_fresh(self, ns, tokens, with_tail):
+        tokens = tuple(tokens if with_tail else tokens[:len(tokens) // self.ps * self.ps])
+        pages = self.alloc(-(-len(tokens) // self.ps))
         if pages is None:
             return
         self.write(ns, tokens, pages, 0)
@@ -324,7 +363,10 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def finish_request(self, data):
         ns, tokens, pages, node, _ = self.requests.pop(data.draw(st.integers(0, len(self.requests) - 1)))
-        self.insert_checked(ns, tokens, pages[:len(tokens) // self.ps])
+        if data.draw(st.booleans()):  # publish the partly filled last page too, as the scheduler does
+            self.insert_checked(ns, tokens, pages)
+        else:
+            self.insert_checked(ns, tokens[:len(tokens) // self.ps * self.ps], pages[:len(tokens) // self.ps])
         self.cache.unlock(node)
         self.pool.decref(pages)
 
@@ -368,7 +410,9 @@ class CacheMachine(RuleBasedStateMachine):
         expected = Counter(p for ns in tree for p in tree[ns].values())
         expected.update(p for r in self.requests for p in r[2])
         assert all(self.pool.refcount(p) == expected[p] for p in range(1, self.pool.num_pages))
-        locked = {(ns, path[:i]) for ns, path in self.locked_paths() for i in range(1, len(path) + 1)}
+        # a lock pins the node's page-aligned ancestors and itself (a tail leaf is nobody's ancestor)
+        locked = {(ns, path[:i]) for ns, path in self.locked_paths() for i in range(self.ps, len(path) + 1, self.ps)}
+        locked |= {(ns, path) for ns, path in self.locked_paths()}
         unlocked = sum((ns, prefix) not in locked for ns in tree for prefix in tree[ns])
         assert self.cache.evictable_pages() == unlocked
         assert self.cache.num_cached_pages == sum(len(t) for t in tree.values())
