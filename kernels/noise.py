@@ -16,6 +16,8 @@ compiled GPU kernels may use approximate log/cos instructions), so "equal" means
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from typing import Sequence
 
 import torch
@@ -30,6 +32,7 @@ _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57  # Philox-4x32 multipliers
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85      # Philox-4x32 key bumps (Weyl sequence)
 _N_ROUNDS = 10
 _CHUNK = 1 << 16  # elements per pass: four int64 [2, chunk] scratch buffers (4 MiB) stay cache-resident
+_FUSED_CHUNK = 1 << 16  # the compiled Philox's fixed chunk (one compilation; other sizes run eager)
 _UNIFORM_SCALE = 4.6566127342e-10  # Triton's uint_to_uniform_float scale for 32-bit words
 
 
@@ -91,14 +94,65 @@ def _uniform(w: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     return scratch.to(torch.float32) * _UNIFORM_SCALE  # scalar is rounded to float32, product in float32
 
 
-def _randn_flat(seed: int, start: int, bufs: list[torch.Tensor]) -> torch.Tensor:
+def _philox_words01_fused(key: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same two words as `_philox_words01` for counters start..start+_FUSED_CHUNK-1, written as one
+    expression for torch.compile (key: int64 [2] = (lo, hi) of the seed; start: int64 0-d), so
+    inductor fuses the 10 rounds into one loop. Integer ops only: the result is exact, like eager."""
+    ctr = torch.arange(_FUSED_CHUNK, dtype=torch.int64, device=start.device) + start
+    k0, k1 = key[0], key[1]
+    c0, c1 = ctr & _M32, ctr >> 32
+    c2 = c3 = torch.zeros_like(ctr)
+    for _ in range(_N_ROUNDS):
+        p0 = c0 * (_ROUND_A - 2**31) + ((c0 & 1) << 31)  # see _philox_words01 for the split multiply
+        p1 = c2 * (_ROUND_B - 2**31) + ((c2 & 1) << 31)
+        hi0, lo0 = (p0 >> 32) + (c0 >> 1), p0 & _M32
+        hi1, lo1 = (p1 >> 32) + (c2 >> 1), p1 & _M32
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
+    return c0, c1
+
+
+class _CompiledPhilox:
+    """torch.compile'd Philox for full CPU chunks: ~13x faster than the eager ops, which matters
+    when full-parameter MeZO regenerates z for 10^8 weights a step. Compiled on first use (once per
+    process, ~20 s, then cached by inductor on disk); any failure falls back to eager for good.
+    MEZO_COMPILE_NOISE=0 turns it off."""
+
+    def __init__(self) -> None:
+        self.fn = None
+        self.enabled = os.environ.get("MEZO_COMPILE_NOISE", "1") != "0"
+
+    def __call__(self, seed: int, start: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self.enabled:
+            return None
+        try:
+            if self.fn is None:
+                self.fn = torch.compile(_philox_words01_fused, dynamic=False)
+            key = torch.tensor([seed & _M32, (seed >> 32) & _M32], dtype=torch.int64)
+            return self.fn(key, torch.tensor(start, dtype=torch.int64))
+        except Exception as err:  # no compiler, unsupported platform, ...: eager still gives the same bits
+            warnings.warn(f"compiled Philox unavailable, using eager torch ops ({type(err).__name__}: {err})")
+            self.enabled = False
+            return None
+
+
+_compiled_philox = _CompiledPhilox()
+
+
+def _randn_flat(seed: int, start: int, bufs: list[torch.Tensor], compiled: bool = False) -> torch.Tensor:
     """Normals for counters start..start+n-1 where n = bufs[0].shape[1]."""
-    w0, w1, scratch = _philox_words01(seed, start, bufs)
+    words = _compiled_philox(seed, start) if compiled else None
+    if words is not None:
+        w0, w1 = words
+        scratch = bufs[2]
+    else:
+        w0, w1, scratch = _philox_words01(seed, start, bufs)
     u1 = torch.clamp_min(_uniform(w0, scratch[0]), 1.0e-7)
     th = _uniform(w1, scratch[1]) * 6.283185307179586
-    # float32 ops, each result correctly rounded: log, *(-2) (exact), sqrt, cos, then one float32 product
+    # float32 ops, each result correctly rounded: log and cos through float64, *(-2) (exact), sqrt
+    # (IEEE float32 sqrt is correctly rounded, as rounding the float64 one would be), one product
     lg = torch.log(u1.double()).float()
-    r = torch.sqrt((lg * -2.0).double()).float()
+    r = torch.sqrt(lg * -2.0)
     c = torch.cos(th.double()).float()
     return r * c
 
@@ -117,10 +171,11 @@ def randn(seed: int, shape: int | Sequence[int], offset: int = 0, device: torch.
     seed = int(seed) & _M64
     out = torch.empty(n, dtype=torch.float32, device=device)
     full = [torch.empty(2, min(n, _CHUNK), dtype=torch.int64, device=device) for _ in range(4)]
+    compiled = device.type == "cpu" and _CHUNK == _FUSED_CHUNK
     for start in range(0, n, _CHUNK):
         m = min(_CHUNK, n - start)
         bufs = full if m == full[0].shape[1] else [b[:, :m] for b in full]
-        out[start:start + m] = _randn_flat(seed, offset + start, bufs)
+        out[start:start + m] = _randn_flat(seed, offset + start, bufs, compiled and m == _FUSED_CHUNK)
     return out.view(shape)
 
 

@@ -8,7 +8,7 @@ import torch
 
 from engine import Engine
 from kernels import derive_seed, randn, zo_update_
-from kernels.noise_cache import clear_noise_cache
+from kernels.noise_cache import clear_noise_cache, set_noise_cache_limit
 
 from .config import MeZOConfig
 from .data import ClassificationExample, LMExample, load_examples
@@ -48,11 +48,18 @@ class MeZOTrainer:
         elif not engine.full_finetuning:
             engine.enable_full_finetuning()
         self.params = engine.trainable_parameters()
+        set_noise_cache_limit(self.noise_memo_budget())
         self.step_count = 0
         self.nonfinite_steps = 0
         self._consecutive_nonfinite = 0
 
     # -- noise ------------------------------------------------------------------------------
+    def noise_memo_budget(self) -> int:
+        """Bytes the CPU path may keep of a step's z between its launches and the update: a tenth of
+        the weights' bytes. All of LoRA's z fits; full-parameter mode keeps part and regenerates the
+        rest, so the step stays within ~1.1x the memory of inference (MeZO's point)."""
+        return sum(p.numel() * p.element_size() for p in self.engine.model.parameters()) // 10
+
     def noise(self, seed: int) -> dict[str, torch.Tensor]:
         """z of every trainable tensor for `seed`, materialized (tests and debugging only)."""
         return {name: randn(derive_seed(seed, i), tuple(t.shape), device=t.device)

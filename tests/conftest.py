@@ -11,6 +11,9 @@ import torch
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+# the compiled CPU Philox costs ~20 s of compilation per process: only its own test turns it on
+os.environ.setdefault("MEZO_COMPILE_NOISE", "0")
+
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402

@@ -73,6 +73,22 @@ def test_chunking_is_invisible(monkeypatch):
     assert torch.equal(randn(99, 1000, offset=5), ref)
 
 
+def test_compiled_philox_gives_the_eager_bits(monkeypatch):
+    """Full CPU chunks go through torch.compile'd Philox (the CPU full-parameter path's speed);
+    it must give exactly the eager words, hence the same z, for any seed and offset."""
+    compiled = noise._CompiledPhilox()
+    compiled.enabled = True
+    monkeypatch.setattr(noise, "_compiled_philox", compiled)
+    n = 2 * noise._FUSED_CHUNK + 123
+    for seed, offset in ((7, 0), (derive_seed(5, 3), 2**31 - n), (2**40 + 9, 2**32 + 1)):
+        fast = randn(seed, n, offset=offset)
+        assert compiled.enabled and compiled.fn is not None, "the compiled path did not run"
+        compiled.enabled = False
+        slow = randn(seed, n, offset=offset)
+        compiled.enabled = True
+        assert torch.equal(fast, slow)
+
+
 def test_empty_and_bad_offset():
     assert randn(1, (0, 3)).shape == (0, 3)
     with pytest.raises(ValueError):
