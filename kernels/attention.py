@@ -40,6 +40,31 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _attend_tile(q, K, V, pt_row, offs_n, n_ok, visible, kvh, offs_d, d_ok, m_i, l_i, acc, sm_scale_log2,
+                 stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+                 PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over the KV tile at positions `offs_n`, read through the page table.
+    `visible` masks the scores (causality in extend, the sequence's end in decode). Returns the new
+    (running max, running sum, accumulator); all in fp32, base-2 exponentials."""
+    page = tl.load(pt_row + offs_n // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
+    slot = offs_n % PAGE_SIZE
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k_off = page * stride_kp + slot * stride_ks + kvh * stride_kh
+    k = tl.load(K + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
+    qk = tl.where(visible, qk, float("-inf"))
+    # Every row sees at least one position of its first tile, so m_new is finite from then on.
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v_off = page * stride_vp + slot * stride_vs + kvh * stride_vh
+    v = tl.load(V + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _extend_kernel(Q, K, V, Out, PT, QO_INDPTR, PREFIX, sm_scale_log2,
                    stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_ptb,
@@ -78,23 +103,10 @@ def _extend_kernel(Q, K, V, Out, PT, QO_INDPTR, PREFIX, sm_scale_log2,
     for n_start in range(0, kv_end, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < kv_end
-        page = tl.load(pt_row + offs_n // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
-        slot = offs_n % PAGE_SIZE
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k_off = page * stride_kp + slot * stride_ks + kvh * stride_kh
-        k = tl.load(K + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
-        visible = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
-        qk = tl.where(visible, qk, float("-inf"))
-        # Every row sees kv position 0 in the first tile, so m_new is finite from then on.
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v_off = page * stride_vp + slot * stride_vs + kvh * stride_vh
-        v = tl.load(V + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        visible = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])  # causal over prefix + new tokens
+        m_i, l_i, acc = _attend_tile(q, K, V, pt_row, offs_n, n_ok, visible, kvh, offs_d, d_ok, m_i, l_i, acc,
+                                     sm_scale_log2, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs,
+                                     stride_vh, PAGE_SIZE, DOT_PRECISION)
 
     out = acc / l_i[:, None]
     o_off = (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh
@@ -135,21 +147,9 @@ def _decode_split_kernel(Q, K, V, PT, SEQ_LENS, MID_O, MID_LSE, sm_scale_log2, n
     for n_start in range(start, end, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
-        page = tl.load(pt_row + offs_n // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
-        slot = offs_n % PAGE_SIZE
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k_off = page * stride_kp + slot * stride_ks + kvh * stride_kh
-        k = tl.load(K + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
-        qk = tl.where(n_ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v_off = page * stride_vp + slot * stride_vs + kvh * stride_vh
-        v = tl.load(V + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _attend_tile(q, K, V, pt_row, offs_n, n_ok, n_ok[None, :], kvh, offs_d, d_ok, m_i, l_i,
+                                     acc, sm_scale_log2, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs,
+                                     stride_vh, PAGE_SIZE, DOT_PRECISION)
 
     mo = MID_O + b * stride_mob + head[:, None] * stride_moh + split * stride_mos + offs_d[None, :]
     tl.store(mo, acc / l_i[:, None], mask=hd_mask)
