@@ -55,10 +55,10 @@ class MeZOTrainer:
 
     # -- noise ------------------------------------------------------------------------------
     def noise_memo_budget(self) -> int:
-        """Bytes the CPU path may keep of a step's z between its launches and the update: a tenth of
-        the weights' bytes. All of LoRA's z fits; full-parameter mode keeps part and regenerates the
-        rest, so the step stays within ~1.1x the memory of inference (MeZO's point)."""
-        return sum(p.numel() * p.element_size() for p in self.engine.model.parameters()) // 10
+        """Bytes the CPU path may keep of a step's z between its launches and the update: a twentieth
+        of the weights' bytes. LoRA's z fits in it; full-parameter mode keeps part and regenerates the
+        rest, so the step stays near the memory of inference (MeZO's point)."""
+        return sum(p.numel() * p.element_size() for p in self.engine.model.parameters()) // 20
 
     def noise(self, seed: int) -> dict[str, torch.Tensor]:
         """z of every trainable tensor for `seed`, materialized (tests and debugging only)."""

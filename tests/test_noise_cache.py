@@ -47,21 +47,21 @@ def test_trainer_bounds_the_memo_and_the_bound_changes_no_number(mode):
     engine = make_engine()
     trainer = MeZOTrainer(engine, MeZOConfig(mode=mode, batch_size=2, seed=3))
     weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-    assert trainer.noise_memo_budget() == weights // 10
-    assert noise_cache.set_noise_cache_limit(weights // 10) == weights // 10  # set by the trainer
+    assert trainer.noise_memo_budget() == weights // 20
+    assert noise_cache.set_noise_cache_limit(weights // 20) == weights // 20  # set by the trainer
     z_bytes = 4 * sum(p.numel() for p in trainer.params.values())
     batch = classification_examples("", [" sport", " tech"], n=2)
     seed = 12345
     losses = {}
-    for limit in (weights // 10, z_bytes // 3, 0):  # all of z (this tiny model), a third, none
+    for limit in (weights // 20, z_bytes // 3, 0):  # all of z (this tiny model), a third, none
         noise_cache.set_noise_cache_limit(limit)
         noise_cache.clear_noise_cache()
         losses[limit] = trainer.branch_losses(batch, seed)
         held = noise_cache.noise_cache_bytes()
         assert held <= limit and (held == z_bytes or limit < z_bytes)
-    first = losses[weights // 10]
+    first = losses[weights // 20]
     assert all(torch.equal(l[0], first[0]) and torch.equal(l[1], first[1]) for l in losses.values())
-    noise_cache.set_noise_cache_limit(weights // 10)
+    noise_cache.set_noise_cache_limit(weights // 20)
     trainer.branch_losses(batch, seed)
     assert noise_cache.noise_cache_bytes() > 0
     trainer.apply_update([seed], torch.zeros(1), 0.0)
