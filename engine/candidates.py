@@ -31,6 +31,9 @@ def candidate_requests(prompt: list[int], candidates: list[list[int]], make: Req
 
 def candidate_token_logprobs(candidates: list[list[int]], reqs: list[Request]) -> list[torch.Tensor]:
     """Log-prob of each token of each candidate ([len(c)] fp32 tensors on the model's device)."""
+    if len(reqs) != 1 + sum(len(c) > 1 for c in candidates):
+        raise ValueError(f"{len(reqs)} requests do not belong to these {len(candidates)} candidates "
+                         "(expected those of candidate_requests)")
     first = torch.log_softmax(reqs[0].logits[-1].float(), dim=-1)
     heads = first[torch.tensor([c[0] for c in candidates], device=first.device)]
     tails = iter(reqs[1:])

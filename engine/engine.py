@@ -219,6 +219,8 @@ class Engine(AdapterMixin):
         """One scheduler iteration; returns how many requests finished."""
         scheduled = self.scheduler.schedule()
         if scheduled is None:
+            if self.scheduler.has_work():
+                raise self.scheduler.abort_stalled()
             return 0
         logits = self.runner.run(scheduled)
         finished = 0

@@ -122,7 +122,9 @@ class RadixCache:
             if p < num_full:
                 node = self._add_child(node, toks[p * ps:num_full * ps], pages[p:num_full])
             tail = toks[num_full * ps:]
-            if tail and any(_common_len(c.tokens, tail) == len(tail) for c in node.children.values()):
+            cover = next((c for c in node.children.values() if _common_len(c.tokens, tail) == len(tail)), None)
+            if tail and cover is not None:
+                cover.last_access = self._clock
                 return p * ps + len(tail), node
             if tail:
                 self._add_child(node, tail, pages[num_full:])

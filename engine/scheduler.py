@@ -64,6 +64,16 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def abort_stalled(self) -> RuntimeError:
+        """Nothing runs and nothing can be admitted: drop the waiting requests (they hold no pages)
+        and describe why, instead of looping forever."""
+        n = len(self.waiting)
+        self.waiting.clear()
+        stats = self.cache.stats()
+        return RuntimeError(
+            f"scheduler stalled: {n} waiting request(s) cannot get KV pages ({self.pool.num_free_pages} free of "
+            f"{self.pool.num_usable_pages}, {stats['locked_pages']} locked by the prefix cache); they were dropped")
+
     # -- scheduling ----------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
         batch = self._admit()
@@ -104,12 +114,19 @@ class Scheduler:
         if not self.cache.enabled:
             return False
         ids, limit = req.all_ids, self._match_limit(req)
+        own_start: int | None = None  # what req can already reuse (looked up only when it matters)
         for other, start in zip(batch.requests, batch.starts):
             if other.namespace != req.namespace:
                 continue
-            reusable = min(_common_prefix(ids, other.all_ids), limit) - start
+            shared = min(_common_prefix(ids, other.all_ids), limit)
+            if shared <= start:
+                continue
+            if own_start is None:
+                match = self.cache.match_prefix(req.namespace, ids[:limit])
+                own_start = match.num_tokens + match.partial_tokens
+            reusable = shared - max(start, own_start)
             if reusable >= self.page_size or (other.is_scoring and reusable > 0
-                                              and 2 * reusable >= req.seq_len - start):
+                                              and 2 * reusable >= req.seq_len - own_start):
                 return True
         return False
 
@@ -123,19 +140,25 @@ class Scheduler:
         """Match the cached prefix, take pages for the rest; returns the first uncached position."""
         ids = req.all_ids
         match = self.cache.match_prefix(req.namespace, ids[: self._match_limit(req)])
-        start = match.num_tokens + match.partial_tokens
-        if budget is not None and req.seq_len - start > budget:
-            return None
-        lock_node = match.partial_node or match.node  # also pins the partially matched page
-        self.cache.lock(lock_node)
         need = _ceil_div(req.seq_len, self.page_size) - len(match.pages)
-        fresh = self._alloc(need)
-        if fresh is None:
+        # With the partially matched page: its node is locked until the copy is done. That node may be
+        # big, and pinning it can starve the allocation; then try again without the partial match.
+        for lock_node, partial in ((match.partial_node, match.partial_tokens), (match.node, 0)):
+            if lock_node is None:
+                continue
+            start = match.num_tokens + partial
+            if budget is not None and req.seq_len - start > budget:
+                return None
+            self.cache.lock(lock_node)
+            fresh = self._alloc(need)
+            if fresh is not None:
+                break
             self.cache.unlock(lock_node)
+        else:
             return None
         self.pool.incref(match.pages)
-        if match.partial_tokens:
-            self.pool.copy_slots(match.partial_page, fresh[0], match.partial_tokens)
+        if partial:
+            self.pool.copy_slots(match.partial_page, fresh[0], partial)
         req.pages = list(match.pages) + fresh
         req.lock_node = lock_node
         req.num_computed = start

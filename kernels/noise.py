@@ -126,10 +126,17 @@ class _CompiledPhilox:
         if not self.enabled:
             return None
         try:
-            if self.fn is None:
+            first_use = self.fn is None
+            if first_use:
                 self.fn = torch.compile(_philox_words01_fused, dynamic=False)
             key = torch.tensor([seed & _M32, (seed >> 32) & _M32], dtype=torch.int64)
-            return self.fn(key, torch.tensor(start, dtype=torch.int64))
+            words = self.fn(key, torch.tensor(start, dtype=torch.int64))
+            if first_use:  # one eager chunk (~4 ms) guards the noise contract against a miscompile
+                bufs = [torch.empty(2, _FUSED_CHUNK, dtype=torch.int64) for _ in range(4)]
+                e0, e1, _ = _philox_words01(seed, start, bufs)
+                if not (torch.equal(words[0], e0) and torch.equal(words[1], e1)):
+                    raise RuntimeError("compiled Philox disagrees with the eager one")
+            return words
         except Exception as err:  # no compiler, unsupported platform, ...: eager still gives the same bits
             warnings.warn(f"compiled Philox unavailable, using eager torch ops ({type(err).__name__}: {err})")
             self.enabled = False

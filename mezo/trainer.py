@@ -140,6 +140,7 @@ class MeZOTrainer:
             self.apply_update(seeds, g, lr)
             self._consecutive_nonfinite = 0
         else:
+            clear_noise_cache()  # the skipped step's z is never used again either
             self.nonfinite_steps += 1
             self._consecutive_nonfinite += 1
             if self._consecutive_nonfinite >= cfg.max_nonfinite:

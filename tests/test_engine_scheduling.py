@@ -100,3 +100,40 @@ def test_score_shares_prompt_and_equals_logprob_sum(hf) -> None:
     assert any(len(p) % 4 for p in prompts) and any(len(c) > 1 for cs in cands for c in cs)
     assert stats["tokens_computed"] == sum(len(p) for p in prompts) + sum(len(c) for cs in cands for c in cs if len(c) > 1)
     assert stats["forward_passes"] == 2
+
+
+def test_partial_match_never_starves_admission() -> None:
+    """A partial match pins its (possibly big) cached node until the copy; when that pinning leaves
+    too few pages, the request is admitted without the partial match instead of waiting forever."""
+    from engine.kv_pool import KVPool
+    from engine.radix_cache import RadixCache
+    from engine.request import Request
+    from engine.scheduler import Scheduler
+
+    pool = KVPool(1, 9, 2, 1, 2, torch.float32, "cpu")  # 8 usable pages of 2 tokens
+    cache = RadixCache(pool, 2)
+    pages = pool.alloc(5)
+    cache.insert("a", list(range(1, 11)), pages)  # one 5-page node
+    pool.decref(pages)
+    scheduler = Scheduler(pool, cache)
+    req = Request(1, [1, 9] + [0] * 12, SamplingParams(max_tokens=1, temperature=0.0), "a")  # 7 pages
+    scheduler.add(req)
+    batch = scheduler.schedule()
+    assert batch is not None and batch.requests == [req] and batch.starts == [0]
+    scheduler.finish(req)
+    pool.check_invariants()
+    cache.check_invariants()
+
+
+def test_a_stalled_scheduler_raises_instead_of_spinning(hf) -> None:
+    engine = make_engine(hf, page_size=4, max_cache_tokens=64)  # 16 pages
+    held = random_prompts(1, 256, 40, 40, seed=11)[0]
+    engine.generate([held], SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+    node = engine.cache.match_prefix(engine.namespace, held).node
+    engine.cache.lock(node)  # 10 pages nobody may evict: a 40-token prompt can never be admitted
+    other = random_prompts(1, 256, 40, 40, seed=12)[0]
+    with pytest.raises(RuntimeError, match="stalled"):
+        engine.generate([other], SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+    assert not engine.scheduler.has_work()
+    engine.cache.unlock(node)
+    assert engine.generate([other], SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)[0].token_ids
