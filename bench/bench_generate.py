@@ -46,25 +46,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (command_line, device_slug, loadavg, machine_info, md_table, now_iso,  # noqa: E402
                           resolve_device, save_results, sync, timed)
+from bench.model_shapes import LLAMA_SHAPES  # noqa: E402
 from engine import Engine, SamplingParams  # noqa: E402
 
-# Random-weight LLaMA shapes (bos=1, eos=2, pad=0).
+# Random-weight LLaMA shapes (bos=1, eos=2, pad=0) with each model's own (vocab, context).
+_VOCAB_AND_CONTEXT = {"tiny": (256, 2048), "smollm2": (49152, 8192), "1b": (128256, 8192), "7b": (32000, 4096)}
 RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
-    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                 tie_word_embeddings=True, rope_theta=10000.0),
-    # SmolLM2-135M's shape
-    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                    tie_word_embeddings=True, rope_theta=100000.0),
-    # Llama-3.2-1B's shape (~1.24B parameters)
-    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-               tie_word_embeddings=True, rope_theta=500000.0),
-    # Llama-2-7B's shape (~6.7B parameters)
-    "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-               tie_word_embeddings=False, rope_theta=10000.0),
+    name: {**shape, "vocab_size": _VOCAB_AND_CONTEXT[name][0], "max_position_embeddings": _VOCAB_AND_CONTEXT[name][1]}
+    for name, shape in LLAMA_SHAPES.items()
 }
 
 # Varied prompts (instructions, code, facts, stories, maths, lists...). Each benchmark prompt starts

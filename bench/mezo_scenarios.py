@@ -7,17 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.model_shapes import LLAMA_SHAPES
+
 # Random-weight LLaMA shapes for GPU runs. All use SmolLM2's tokenizer, so vocab is 49152.
-RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0),
-    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, tie_word_embeddings=True, rope_theta=500000.0),
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32, tie_word_embeddings=False, rope_theta=10000.0),
-}
+RANDOM_CONFIGS: dict[str, dict[str, Any]] = LLAMA_SHAPES
 VOCAB = 49152
 CACHE_ROOT = Path(tempfile.gettempdir()) / "mezo_bench_cache"
 FULL_MODE_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

