@@ -58,6 +58,29 @@ def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtyp
     return table[dtype]
 
 
+def cache_pages(spec: ModelSpec, device: torch.device, dtype: torch.dtype, page_size: int,
+                max_cache_tokens: int | None) -> int:
+    """Pages of the KV pool, the reserved null page included.
+
+    max_cache_tokens=None: on CUDA, half of the memory free now (`torch.cuda.mem_get_info`, read
+    after the weights are loaded); elsewhere DEFAULT_CPU_CACHE_TOKENS. Raises ValueError for a bad
+    `max_cache_tokens`, or when free GPU memory holds no page at all.
+    """
+    if max_cache_tokens is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            usable = KVPool.pages_for_budget(int(free * DEFAULT_GPU_CACHE_FRACTION), spec.num_layers, page_size,
+                                             spec.num_kv_heads, spec.head_dim, dtype)
+            if usable < 1:
+                raise ValueError(f"only {free} bytes of GPU memory are free: not one KV page of {page_size} tokens "
+                                 "fits in half of it; pass max_cache_tokens")
+            return 1 + usable  # +1: the reserved null page
+        max_cache_tokens = DEFAULT_CPU_CACHE_TOKENS
+    if isinstance(max_cache_tokens, bool) or not isinstance(max_cache_tokens, int) or max_cache_tokens < page_size:
+        raise ValueError(f"max_cache_tokens must be an int >= page_size ({page_size}), got {max_cache_tokens!r}")
+    return 1 + math.ceil(max_cache_tokens / page_size)  # +1: the reserved null page
+
+
 class Engine(AdapterMixin):
     """A paged-KV LLaMA engine. `model` is a built-in name, an HF directory or a .gguf path."""
 
@@ -125,16 +148,7 @@ class Engine(AdapterMixin):
         self.model.to(self.device)
 
     def _num_pages(self, max_cache_tokens: int | None) -> int:
-        spec = self.spec
-        if max_cache_tokens is None:
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                return 1 + KVPool.pages_for_budget(  # usable pages; +1 for the null pageint(free * DEFAULT_GPU_CACHE_FRACTION), spec.num_layers,
-                                                   self.page_size, spec.num_kv_heads, spec.head_dim, self.dtype)
-            max_cache_tokens = DEFAULT_CPU_CACHE_TOKENS
-        if isinstance(max_cache_tokens, bool) or not isinstance(max_cache_tokens, int) or max_cache_tokens < self.page_size:
-            raise ValueError(f"max_cache_tokens must be an int >= page_size ({self.page_size}), got {max_cache_tokens!r}")
-        return 1 + math.ceil(max_cache_tokens / self.page_size)  # +1: the reserved null page
+        return cache_pages(self.spec, self.device, self.dtype, self.page_size, max_cache_tokens)
 
     # -- tokens ----------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
