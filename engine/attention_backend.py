@@ -7,41 +7,48 @@ import torch
 
 from kernels import attention as attn
 
+from .kernel_choice import check_triton_device, resolve_kernels
+
 BACKENDS = ("auto", "torch", "triton", "flash_attn")
 
 
 @dataclass
 class AttentionBackend:
-    """Dispatches extend/decode to one implementation; `auto` = Triton on GPU, torch on CPU."""
+    """Dispatches extend/decode to one implementation ("torch", "triton" or "flash_attn").
+
+    `attention_backend="auto"` follows the engine's `kernels` switch: kernels="torch" -> torch,
+    kernels="triton" -> triton, kernels="auto" -> flash_attn on CUDA when it is importable and
+    page_size % 256 == 0, else what kernels="auto" resolves to (triton on CUDA, torch elsewhere).
+    An explicit attention_backend overrides the switch for attention only.
+    """
 
     name: str
 
     @classmethod
-    def select(cls, requested: str, device: torch.device, page_size: int) -> "AttentionBackend":
+    def select(cls, requested: str, device: torch.device, page_size: int, kernels: str = "auto") -> "AttentionBackend":
         if requested not in BACKENDS:
             raise ValueError(f"attention_backend={requested!r} is not one of {BACKENDS}")
+        flash_ok = device.type == "cuda" and attn.flash_attn_available() and page_size % 256 == 0
         if requested == "flash_attn":
-            if not (device.type == "cuda" and attn.flash_attn_available() and page_size % 256 == 0):
+            if not flash_ok:
                 raise ValueError(
                     "attention_backend='flash_attn' needs CUDA, an importable flash_attn and page_size % 256 == 0"
                 )
             return cls("flash_attn")
         if requested == "auto":
-            if device.type != "cuda":
-                return cls("torch")
-            if attn.flash_attn_available() and page_size % 256 == 0:
+            if kernels == "auto" and flash_ok:
                 return cls("flash_attn")
-            return cls("triton")
+            return cls(resolve_kernels(kernels, device))
+        if requested == "triton":
+            check_triton_device(device, "attention_backend='triton'")
         return cls(requested)
 
     def extend(self, q, k_pool, v_pool, batch, sm_scale: float) -> torch.Tensor:
-        if self.name == "flash_attn":
-            return attn.extend_attention_flash(q, k_pool, v_pool, batch.page_table, batch.qo_indptr, batch.prefix_lens, sm_scale)
-        return attn.extend_attention(
-            q, k_pool, v_pool, batch.page_table, batch.qo_indptr, batch.prefix_lens, sm_scale, impl=self.name
-        )
+        # the batch's host-side lengths size the launch: no .max() on device tensors in any layer
+        return attn.extend_attention(q, k_pool, v_pool, batch.page_table, batch.qo_indptr, batch.prefix_lens,
+                                     sm_scale, impl=self.name, max_extend_len=batch.max_extend_len,
+                                     max_seq_len=batch.max_seq_len)
 
     def decode(self, q, k_pool, v_pool, batch, sm_scale: float) -> torch.Tensor:
-        if self.name == "flash_attn":
-            return attn.decode_attention_flash(q, k_pool, v_pool, batch.page_table, batch.seq_lens, sm_scale)
-        return attn.decode_attention(q, k_pool, v_pool, batch.page_table, batch.seq_lens, sm_scale, impl=self.name)
+        return attn.decode_attention(q, k_pool, v_pool, batch.page_table, batch.seq_lens, sm_scale, impl=self.name,
+                                     max_seq_len=batch.max_seq_len)

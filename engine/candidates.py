@@ -35,7 +35,7 @@ def candidate_token_logprobs(candidates: list[list[int]], reqs: list[Request]) -
         raise ValueError(f"{len(reqs)} requests do not belong to these {len(candidates)} candidates "
                          "(expected those of candidate_requests)")
     first = torch.log_softmax(reqs[0].logits[-1].float(), dim=-1)
-    heads = first[torch.tensor([c[0] for c in candidates], device=first.device)]
+    heads = first[torch.tensor([c[0] for c in candidates]).to(first.device, non_blocking=True)]
     tails = iter(reqs[1:])
     out = []
     for j, cand in enumerate(candidates):

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from .adapter_api import AdapterMixin
 from .attention_backend import AttentionBackend
 from .candidates import candidate_requests, candidate_token_logprobs
+from .kernel_choice import resolve_kernels
 from .kv_pool import KVPool
 from .loader import load_config, load_state_dict, load_tokenizer, resolve_model
 from .model import CausalLM
@@ -82,7 +83,14 @@ def cache_pages(spec: ModelSpec, device: torch.device, dtype: torch.dtype, page_
 
 
 class Engine(AdapterMixin):
-    """A paged-KV LLaMA engine. `model` is a built-in name, an HF directory or a .gguf path."""
+    """A paged-KV LLaMA engine. `model` is a built-in name, an HF directory or a .gguf path.
+
+    kernels: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton" — one switch for
+    attention, the noisy LoRA linear and the MeZO update (engine/kernel_choice.py). "triton" on CPU
+    runs the Triton interpreter and needs TRITON_INTERPRET=1 set before triton is imported
+    (ValueError otherwise). attention_backend="auto" follows `kernels` (see AttentionBackend);
+    an explicit attention_backend overrides it for attention only.
+    """
 
     def __init__(
         self,
@@ -95,6 +103,7 @@ class Engine(AdapterMixin):
         enable_prefix_cache: bool = True,
         max_prefill_tokens: int = 8192,
         max_running: int = 256,
+        kernels: str = "auto",
         *,
         _hf_model: Any = None,
         _tokenizer: Any = None,
@@ -103,6 +112,8 @@ class Engine(AdapterMixin):
         self.dtype = _resolve_dtype(dtype, self.device)
         if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"page_size must be a positive int, got {page_size!r}")
+        self.kernels = resolve_kernels(kernels, self.device)
+        self.backend = AttentionBackend.select(attention_backend, self.device, page_size, kernels)
         if _hf_model is not None:
             hf_config, self.tokenizer = _hf_model.config, _tokenizer
             state = {k: v.detach().to(self.dtype) for k, v in _hf_model.state_dict().items()}
@@ -117,13 +128,14 @@ class Engine(AdapterMixin):
         self.spec = ModelSpec.from_hf(hf_config)
         self.model = CausalLM(self.spec, hf_config, self.dtype, self.device)
         self._load_weights(state)
+        for linear in self.model.linears().values():
+            linear.kernels = self.kernels
         self.page_size = page_size
         num_pages = self._num_pages(max_cache_tokens)
         self.pool = KVPool(self.spec.num_layers, num_pages, page_size, self.spec.num_kv_heads,
                            self.spec.head_dim, self.dtype, self.device)
         self.cache = RadixCache(self.pool, page_size, enabled=enable_prefix_cache)
         self.scheduler = Scheduler(self.pool, self.cache, max_prefill_tokens, max_running)
-        self.backend = AttentionBackend.select(attention_backend, self.device, page_size)
         self.runner = ModelRunner(self.model, self.pool, self.backend, self.device)
         eos = set(self.spec.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -242,7 +254,8 @@ class Engine(AdapterMixin):
         for req, rows in zip(scheduled.requests, logits):
             req.num_computed = req.seq_len
             if req.is_scoring:
-                targets = torch.tensor(req.all_ids[req.score_from:], device=rows.device)
+                # a queued copy (a blocking one would wait for the forward to finish)
+                targets = torch.tensor(req.all_ids[req.score_from:]).to(rows.device, non_blocking=True)
                 if req.keep_logits:
                     req.logits = rows  # the caller reads them (on the device: no host sync here)
                     rows = rows[: len(targets)]

@@ -33,6 +33,10 @@ class ForwardBatch:
     seq_lens: torch.Tensor  # [B] int32, prefix + new tokens
     qo_indptr: torch.Tensor  # [B+1] int32, row range of each sequence in the flattened batch
     logits_indices: torch.Tensor  # [L] int64, the only rows whose logits are computed
+    # host ints known when the batch is built: they size the attention launches, so no layer reads a
+    # device tensor back (a GPU sync) to learn them. None = unknown (the kernels then read them).
+    max_extend_len: int | None = None  # most new tokens of one sequence
+    max_seq_len: int | None = None  # most prefix + new tokens of one sequence
     perturbation: Perturbation | None = None
 
     @property
@@ -86,6 +90,8 @@ def build_forward_batch(
         if table:
             table_t[b, : len(table)] = torch.tensor(table, dtype=torch.int32)
     seq_lens = [p + len(t) for p, t in zip(prefix_lens, tokens)]
+    max_extend_len = max((len(t) for t in tokens), default=0)
+    max_seq_len = max(seq_lens, default=0)
 
     def as_tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
@@ -98,10 +104,12 @@ def build_forward_batch(
         input_ids=as_tensor(input_ids, torch.int64),
         positions=as_tensor(positions, torch.int64),
         out_cache_loc=as_tensor(slots, torch.int64),
-        page_table=table_t.to(device),
+        page_table=table_t.to(device, non_blocking=True),  # pageable source: a queued copy, no sync
         prefix_lens=as_tensor(prefix_lens, torch.int32),
         seq_lens=as_tensor(seq_lens, torch.int32),
         qo_indptr=as_tensor(qo_indptr, torch.int32),
         logits_indices=as_tensor(logits_indices, torch.int64),
+        max_extend_len=max_extend_len,
+        max_seq_len=max_seq_len,
         perturbation=perturbation,
     )

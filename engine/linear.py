@@ -29,6 +29,7 @@ class AdaptableLinear(torch.nn.Module):
         self.lora_b: torch.Tensor | None = None  # [out, r] fp32
         self.lora_scale = 0.0
         self.index_a = self.index_b = self.index_w = -1  # trainable-tensor indices, -1 = not trainable
+        self.kernels = "torch"  # "torch" | "triton": set for every linear by the engine's `kernels` switch
 
     @property
     def has_lora(self) -> bool:
@@ -50,28 +51,38 @@ class AdaptableLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, perturbation: Perturbation | None = None) -> torch.Tensor:
         perturbed = perturbation is not None and (self.index_a >= 0 or self.index_w >= 0)
-        if not perturbed:
-            w, b = self.weight, self.bias
-            if w.dtype != x.dtype:  # full-parameter mode keeps fp32 weights under bf16/fp16 activations
-                w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
-            y = F.linear(x, w, b)
-            if self.has_lora:
-                t = F.linear(x.float(), self.lora_a)
-                y = (y.float() + self.lora_scale * F.linear(t, self.lora_b)).to(x.dtype)
-            return y
-        from kernels import derive_seed, noisy_lora_linear  # deferred: triton loads only when training
+        if perturbed or (self.has_lora and self.kernels == "triton"):
+            # the fused kernel serves unperturbed LoRA forwards too (all rows σ = 0), so evaluation and
+            # generation run exactly the kernel that the MeZO branches run
+            return self._noisy(x, perturbation if perturbed else None)
+        w, b = self.weight, self.bias
+        if w.dtype != x.dtype:  # full-parameter mode keeps fp32 weights under bf16/fp16 activations
+            w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
+        y = F.linear(x, w, b)
+        if self.has_lora:
+            t = F.linear(x.float(), self.lora_a)
+            y = (y.float() + self.lora_scale * F.linear(t, self.lora_b)).to(x.dtype)
+        return y
 
-        step = perturbation.step_seed
+    def _noisy(self, x: torch.Tensor, perturbation: Perturbation | None) -> torch.Tensor:
+        from kernels import derive_seed, noisy_lora_linear  # deferred: triton loads only when needed
+
+        if perturbation is None:  # unperturbed: every row has σ = 0 (the noise terms vanish exactly)
+            signs = torch.zeros(x.numel() // x.shape[-1], dtype=torch.float32, device=x.device)
+            step, eps = 0, 0.0
+        else:
+            signs, step, eps = perturbation.token_signs, perturbation.step_seed, perturbation.eps
         return noisy_lora_linear(
             x,
             self.weight,
             self.lora_a,
             self.lora_b,
-            signs=perturbation.token_signs,
+            signs=signs,
             seed_a=derive_seed(step, self.index_a) if self.index_a >= 0 else 0,
             seed_b=derive_seed(step, self.index_b) if self.index_b >= 0 else 0,
-            eps=perturbation.eps,
+            eps=eps,
             scale=self.lora_scale,
             bias=self.bias,
-            weight_seed=derive_seed(step, self.index_w) if self.index_w >= 0 else None,
+            weight_seed=derive_seed(step, self.index_w) if self.index_w >= 0 and perturbation is not None else None,
+            impl=self.kernels,
         )

@@ -289,23 +289,35 @@ def _resolve(impl: str, q: Tensor) -> str:
 
 
 def extend_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tensor, qo_indptr: Tensor,
-                     prefix_lens: Tensor, sm_scale: float, impl: str = "auto") -> Tensor:
+                     prefix_lens: Tensor, sm_scale: float, impl: str = "auto", max_extend_len: int | None = None,
+                     max_seq_len: int | None = None) -> Tensor:
     """New tokens (ragged rows of q, split by qo_indptr) attend causally to their cached prefix and
-    to themselves; returns [T, H, D] in q's dtype."""
+    to themselves; returns [T, H, D] in q's dtype.
+
+    `max_extend_len` (most new tokens of one sequence) and `max_seq_len` (most prefix + new tokens)
+    are host ints the caller knows from building the batch; given, no implementation reads a device
+    tensor on the host (no GPU sync). They must be exact upper bounds, or rows are skipped.
+    """
     impl = _resolve(impl, q)
     if impl == "triton":
-        return extend_attention_triton(q, k_pool, v_pool, page_table, qo_indptr, prefix_lens, sm_scale)
+        return extend_attention_triton(q, k_pool, v_pool, page_table, qo_indptr, prefix_lens, sm_scale,
+                                       max_extend_len=max_extend_len)
     if impl == "flash_attn":
-        return extend_attention_flash(q, k_pool, v_pool, page_table, qo_indptr, prefix_lens, sm_scale)
-    return extend_attention_torch(q, k_pool, v_pool, page_table, qo_indptr, prefix_lens, sm_scale)
+        return extend_attention_flash(q, k_pool, v_pool, page_table, qo_indptr, prefix_lens, sm_scale,
+                                      max_extend_len=max_extend_len)
+    return extend_attention_torch(q, k_pool, v_pool, page_table, qo_indptr, prefix_lens, sm_scale,
+                                  max_extend_len=max_extend_len, max_seq_len=max_seq_len)
 
 
 def decode_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tensor, seq_lens: Tensor,
-                     sm_scale: float, impl: str = "auto", num_kv_splits: int | None = None) -> Tensor:
-    """One query per sequence (at position seq_lens[b]-1) over its whole paged KV; [B, H, D]."""
+                     sm_scale: float, impl: str = "auto", num_kv_splits: int | None = None,
+                     max_seq_len: int | None = None) -> Tensor:
+    """One query per sequence (at position seq_lens[b]-1) over its whole paged KV; [B, H, D].
+    `max_seq_len` (host int, >= every seq_lens[b]) avoids reading seq_lens on the host."""
     impl = _resolve(impl, q)
     if impl == "triton":
-        return decode_attention_triton(q, k_pool, v_pool, page_table, seq_lens, sm_scale, num_kv_splits)
+        return decode_attention_triton(q, k_pool, v_pool, page_table, seq_lens, sm_scale, num_kv_splits,
+                                       max_seq_len=max_seq_len)
     if impl == "flash_attn":
         return decode_attention_flash(q, k_pool, v_pool, page_table, seq_lens, sm_scale)
-    return decode_attention_torch(q, k_pool, v_pool, page_table, seq_lens, sm_scale)
+    return decode_attention_torch(q, k_pool, v_pool, page_table, seq_lens, sm_scale, max_seq_len=max_seq_len)

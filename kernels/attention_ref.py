@@ -66,38 +66,47 @@ def _check_heads(q: Tensor, k_pool: Tensor) -> None:
         raise ValueError(f"num_heads {q.shape[-2]} is not a multiple of num_kv_heads {k_pool.shape[2]}")
 
 
+def _token_rows(qo_indptr: Tensor, num_tokens: int, pad: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(sequence, padded row) of every flattened token: token t of sequence b sits at row
+    t - qo_indptr[b] (+ pad[b]) of b's padded queries. A gather, not a boolean mask: no host sync."""
+    t = torch.arange(num_tokens, device=qo_indptr.device)
+    seq = torch.searchsorted(qo_indptr[1:].long(), t, right=True)
+    row = t - qo_indptr.long()[seq]
+    return seq, row if pad is None else row + pad[seq]
+
+
 def extend_attention_torch(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tensor,
-                           qo_indptr: Tensor, prefix_lens: Tensor, sm_scale: float) -> Tensor:
-    """Reference extend attention: new tokens attend causally to cached prefix + themselves."""
+                           qo_indptr: Tensor, prefix_lens: Tensor, sm_scale: float,
+                           max_extend_len: int | None = None, max_seq_len: int | None = None) -> Tensor:
+    """Reference extend attention: new tokens attend causally to cached prefix + themselves.
+    `max_extend_len` / `max_seq_len`: host-side bounds (see kernels.attention.extend_attention);
+    without them they are read from the device tensors (a host sync)."""
     _check_heads(q, k_pool)
     num_tokens = q.shape[0]
-    out = torch.empty_like(q)
     if num_tokens == 0 or page_table.shape[0] == 0:
-        return out
+        return torch.empty_like(q)
     starts = qo_indptr[:-1].long()
     ext_lens = qo_indptr[1:].long() - starts
     prefix = prefix_lens.long()
     kv_lens = prefix + ext_lens
-    max_ext, max_kv = int(ext_lens.max()), int(kv_lens.max())
-    if max_ext == 0:
-        return out
+    max_ext = int(ext_lens.max()) if max_extend_len is None else max_extend_len
+    max_kv = int(kv_lens.max()) if max_seq_len is None else max_seq_len
     i = torch.arange(max_ext, device=q.device)
-    valid = i[None, :] < ext_lens[:, None]                            # [B, max_ext]
     rows = (starts[:, None] + i[None, :]).clamp(0, num_tokens - 1)    # padded query gather
     q_pos = prefix[:, None] + i[None, :]
     o = _paged_sdpa(q[rows], q_pos, kv_lens, max_kv, k_pool, v_pool, page_table, sm_scale)
-    out[rows[valid]] = o[valid]
-    return out
+    seq, row = _token_rows(qo_indptr, num_tokens)
+    return o[seq, row]
 
 
 def decode_attention_torch(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tensor,
-                           seq_lens: Tensor, sm_scale: float) -> Tensor:
+                           seq_lens: Tensor, sm_scale: float, max_seq_len: int | None = None) -> Tensor:
     """Reference decode attention: query b sits at position seq_lens[b]-1 and sees all its kv."""
     _check_heads(q, k_pool)
     if q.shape[0] == 0:
         return torch.empty_like(q)
     kv_lens = seq_lens.long()
-    max_kv = int(kv_lens.max())
+    max_kv = int(kv_lens.max()) if max_seq_len is None else max_seq_len
     o = _paged_sdpa(q[:, None], (kv_lens - 1)[:, None], kv_lens, max_kv, k_pool, v_pool,
                     page_table, sm_scale)
     return o[:, 0]
@@ -132,22 +141,21 @@ def decode_attention_flash(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table
 
 
 def extend_attention_flash(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tensor,
-                           qo_indptr: Tensor, prefix_lens: Tensor, sm_scale: float) -> Tensor:
+                           qo_indptr: Tensor, prefix_lens: Tensor, sm_scale: float,
+                           max_extend_len: int | None = None) -> Tensor:
     """Extend through `flash_attn_with_kvcache`. Its causal mask is bottom-right aligned, so queries
     are LEFT-padded to the longest extend: real row i of sequence b then sees kv <= prefix_b + i."""
     _flash_check(k_pool)
     from flash_attn import flash_attn_with_kvcache
-    out = torch.empty_like(q)
+    if q.shape[0] == 0:
+        return torch.empty_like(q)
     starts = qo_indptr[:-1].long()
     ext_lens = qo_indptr[1:].long() - starts
-    max_ext = int(ext_lens.max()) if q.shape[0] else 0
-    if max_ext == 0:
-        return out
+    max_ext = int(ext_lens.max()) if max_extend_len is None else max_extend_len
     i = torch.arange(max_ext, device=q.device)
     pad = max_ext - ext_lens
-    valid = i[None, :] >= pad[:, None]
     rows = (starts[:, None] + i[None, :] - pad[:, None]).clamp(0, q.shape[0] - 1)
     o = flash_attn_with_kvcache(q[rows], k_pool, v_pool, cache_seqlens=(prefix_lens.long() + ext_lens).int(),
                                 block_table=page_table.int(), softmax_scale=sm_scale, causal=True)
-    out[rows[valid]] = o[valid]
-    return out
+    seq, row = _token_rows(qo_indptr, q.shape[0], pad)
+    return o[seq, row]

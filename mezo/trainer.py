@@ -1,6 +1,7 @@
 """MeZO on the engine: both perturbed branches in one batched run, the update in one kernel pass."""
 from __future__ import annotations
 
+import math
 import random
 from typing import Any, Sequence
 
@@ -132,9 +133,11 @@ class MeZOTrainer:
         g = torch.stack(grads) / cfg.n_spsa  # n-SPSA averages the n estimates
         loss = torch.stack(losses).mean()
         lr = cfg.lr_at(self.step_count)
-        finite = bool(torch.isfinite(g).all() and torch.isfinite(loss))  # the step's one host sync
-        record = {"step": self.step_count, "seeds": seeds, "projected_grad": g.tolist(), "lr": lr,
-                  "loss": float(loss), "skipped": not finite,
+        # the step's one host sync: the logged loss and projected gradients come back together
+        loss_value, *g_values = torch.cat([loss.reshape(1), g]).tolist()
+        finite = all(math.isfinite(v) for v in (loss_value, *g_values))
+        record = {"step": self.step_count, "seeds": seeds, "projected_grad": g_values, "lr": lr,
+                  "loss": loss_value, "skipped": not finite,
                   "tokens_computed": self.engine.runner.tokens_computed - tokens_before}
         if finite:
             self.apply_update(seeds, g, lr)
@@ -154,7 +157,8 @@ class MeZOTrainer:
         """p ← p − lr·(Σ_k g_k z_k + wd·p) for every trainable tensor, z regenerated in the kernel."""
         for index, param in enumerate(self.params.values()):
             tensor_seeds = [derive_seed(s, index) for s in seeds]
-            zo_update_(param, tensor_seeds, grads.to(param.device, torch.float32), lr, self.config.weight_decay)
+            zo_update_(param, tensor_seeds, grads.to(param.device, torch.float32), lr, self.config.weight_decay,
+                       impl=self.engine.kernels)
         clear_noise_cache()  # this step's z is never used again (the next step has new seeds)
         self.engine.weights_changed()
 
