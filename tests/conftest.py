@@ -18,21 +18,39 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402
 
+# Where the Triton kernels run: compiled on a GPU, else in the interpreter on CPU.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Engine and MeZO tests run on every device present: CPU always, CUDA too when there is one...
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# ...and, where the dtype matters, fp32 everywhere plus bf16 on CUDA (tolerances: tests/device_utils.py).
+DEVICE_DTYPES = [("cpu", torch.float32)] + (
+    [("cuda", torch.float32), ("cuda", torch.bfloat16)] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture
-def device() -> str:
+def kernel_device() -> str:
+    """The device the Triton kernels run on here (kernel tests)."""
     return DEVICE
 
 
 @pytest.fixture(scope="session")
-def smollm2():
-    """(transformers model, tokenizer) of the built-in SmolLM2-135M, fp32, loaded once per run."""
-    from engine.loader import load_tokenizer, resolve_model
+def device(request) -> str:
+    """Every device present: "cpu", and "cuda" when a GPU is (parametrized by the hook below).
+    Session scope so that module-scoped fixtures (a shared engine) can take it. Kernel test modules
+    override this fixture with `kernel_device` (a Triton kernel on a CPU tensor needs the interpreter)."""
+    return request.param
 
-    source = resolve_model("smollm2-135m")
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=source.gguf_file, dtype=torch.float32)
-    return model.eval(), load_tokenizer(source)
+def pytest_generate_tests(metafunc) -> None:
+    """Tests taking this file's `device` run on every device of DEVICES; those that also take
+    `dtype` on every (device, dtype) pair of DEVICE_DTYPES."""
+    if "device" not in metafunc.fixturenames:
+        return
+    defs = metafunc._arg2fixturedefs.get("device")
+    if not defs or defs[-1].func.__module__ != __name__:  # a module's own `device` fixture wins
+        return
+    if "dtype" in metafunc.fixturenames:
+        metafunc.parametrize(("device", "dtype"), DEVICE_DTYPES, indirect=["device"], scope="session",
+                             ids=[f"{d}-{str(t).removeprefix('torch.')}" for d, t in DEVICE_DTYPES])
+    else:
+        metafunc.parametrize("device", DEVICES, indirect=True, scope="session")

@@ -17,12 +17,15 @@ def _base():
 
 
 def make_engine(**engine_kw):
-    """A fresh engine over the SAME weights as `tiny_text_engine()` (seed 0), fp32 on CPU."""
+    """A fresh engine over the SAME weights as `tiny_text_engine()` (seed 0), fp32, on CPU unless
+    `device` is given."""
     from engine import Engine
 
     hf, tok = _base()
     engine_kw.setdefault("max_cache_tokens", 16384)
-    return Engine.from_hf(hf, tok, dtype="float32", device="cpu", **engine_kw)
+    engine_kw.setdefault("dtype", "float32")
+    engine_kw.setdefault("device", "cpu")
+    return Engine.from_hf(hf, tok, **engine_kw)
 
 
 def base_hf():
@@ -39,7 +42,7 @@ def randomize_lora_b(engine, std: float = 0.05, seed: int = 1) -> None:
     g = torch.Generator().manual_seed(seed)
     values = {}
     for k, v in engine.trainable_parameters().items():
-        values[k] = torch.randn(v.shape, generator=g) * std if "lora_B" in k else v.clone()
+        values[k] = (torch.randn(v.shape, generator=g) * std).to(v.device) if "lora_B" in k else v.clone()
     engine.set_trainable(values)
 
 

@@ -16,6 +16,13 @@ from kernels.attention import (choose_num_kv_splits, decode_attention, decode_at
                                decode_attention_triton, extend_attention, extend_attention_torch,
                                extend_attention_triton, flash_attn_available)
 
+
+@pytest.fixture
+def device(kernel_device: str) -> str:
+    """Kernel tests run where the Triton kernels can: the GPU, else the interpreter on CPU."""
+    return kernel_device
+
+
 CUDA = torch.cuda.is_available()
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

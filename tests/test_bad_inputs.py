@@ -10,8 +10,8 @@ GOOD = [5, 6, 7, 8]
 
 
 @pytest.fixture(scope="module")
-def engine():
-    return Engine.from_hf(tiny_llama(seed=1, max_pos=64), dtype="float32", device="cpu", max_cache_tokens=1024)
+def engine(device):
+    return Engine.from_hf(tiny_llama(seed=1, max_pos=64), dtype="float32", device=device, max_cache_tokens=1024)
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from device_utils import logits_tol
 from tiny_models import random_prompts, tiny_llama
 
 from engine import Engine, SamplingParams
@@ -13,7 +14,8 @@ def hf_logits(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits[0].float()
 
 
-def check_ragged_with_cache(engine: Engine, hf, vocab: int, seed: int = 0, atol: float = 1e-4) -> None:
+def check_ragged_with_cache(engine: Engine, hf, vocab: int, seed: int = 0, atol: float = 1e-4,
+                            rtol: float = 1e-4) -> None:
     """First cache some prefixes, then run a ragged batch mixing cached and fresh sequences."""
     base = random_prompts(3, vocab, 9, 40, seed=seed)
     engine.prompt_logits(base[:2])  # populates the prefix cache with base[0], base[1]
@@ -27,25 +29,25 @@ def check_ragged_with_cache(engine: Engine, hf, vocab: int, seed: int = 0, atol:
     for ids, start, got in zip(batch, starts, out):
         want = hf_logits(hf, ids)[start:]
         assert got.shape == want.shape
-        torch.testing.assert_close(got, want, atol=atol, rtol=1e-4)
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("page_size", [1, 4, 16])
-def test_tiny_llama_logits_match_transformers(tie: bool, page_size: int) -> None:
+def test_tiny_llama_logits_match_transformers(tie: bool, page_size: int, device: str, dtype: torch.dtype) -> None:
     hf = tiny_llama(tie=tie, seed=page_size)
-    engine = Engine.from_hf(hf, page_size=page_size, max_cache_tokens=4096, dtype="float32", device="cpu")
-    check_ragged_with_cache(engine, hf, hf.config.vocab_size, seed=page_size)
+    engine = Engine.from_hf(hf, page_size=page_size, max_cache_tokens=4096, dtype=dtype, device=device)
+    check_ragged_with_cache(engine, hf, hf.config.vocab_size, seed=page_size, **logits_tol(dtype))
 
 
-def test_attention_bias_and_gqa_ratio_one() -> None:
+def test_attention_bias_and_gqa_ratio_one(device: str, dtype: torch.dtype) -> None:
     hf = tiny_llama(heads=4, kv_heads=4, attention_bias=True, seed=3)
     with torch.no_grad():
         for layer in hf.model.layers:
             layer.self_attn.q_proj.bias.normal_(0, 0.1)
             layer.self_attn.v_proj.bias.normal_(0, 0.1)
-    engine = Engine.from_hf(hf, page_size=4, max_cache_tokens=2048, dtype="float32", device="cpu")
-    check_ragged_with_cache(engine, hf, hf.config.vocab_size, seed=5)
+    engine = Engine.from_hf(hf, page_size=4, max_cache_tokens=2048, dtype=dtype, device=device)
+    check_ragged_with_cache(engine, hf, hf.config.vocab_size, seed=5, **logits_tol(dtype))
 
 
 @pytest.mark.slow
@@ -92,7 +94,7 @@ def test_smollm2_greedy_generate_matches_transformers(smollm2) -> None:
         assert out.token_ids == want, f"{prompt!r}: engine {out.token_ids} != transformers {want}"
 
 
-def test_qwen2_architecture_matches_transformers() -> None:
+def test_qwen2_architecture_matches_transformers(device: str, dtype: torch.dtype) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -105,21 +107,23 @@ def test_qwen2_architecture_matches_transformers() -> None:
             p.normal_(0, 0.08) if p.dim() == 2 else None
         for layer in hf.model.layers:
             layer.self_attn.k_proj.bias.normal_(0, 0.1)
-    engine = Engine.from_hf(hf, page_size=4, max_cache_tokens=2048, dtype="float32", device="cpu")
-    check_ragged_with_cache(engine, hf, 256, seed=21)
+    engine = Engine.from_hf(hf, page_size=4, max_cache_tokens=2048, dtype=dtype, device=device)
+    check_ragged_with_cache(engine, hf, 256, seed=21, **logits_tol(dtype))
 
 
 @pytest.mark.parametrize("page_size", [1, 16])
-def test_triton_attention_backend_matches_transformers(page_size: int) -> None:
-    """Issue 4, acceptance 2: the same check through the Triton paged kernels (interpreter on CPU)."""
+def test_triton_attention_backend_matches_transformers(page_size: int, kernel_device: str) -> None:
+    """Issue 4, acceptance 2: the same check through the Triton paged kernels (compiled on a GPU,
+    the interpreter on CPU), against transformers and against the torch attention."""
     hf = tiny_llama(tie=False, seed=40 + page_size)
-    engine = Engine.from_hf(hf, page_size=page_size, max_cache_tokens=2048, dtype="float32", device="cpu",
+    engine = Engine.from_hf(hf, page_size=page_size, max_cache_tokens=2048, dtype="float32", device=kernel_device,
                             attention_backend="triton")
     assert engine.backend.name == "triton"
     check_ragged_with_cache(engine, hf, hf.config.vocab_size, seed=page_size)
     out = engine.generate(random_prompts(3, 256, 4, 9, seed=2), SamplingParams(max_tokens=4, temperature=0.0,
                                                                                ignore_eos=True), use_tqdm=False)
-    ref = Engine.from_hf(hf, page_size=page_size, dtype="float32", device="cpu").generate(
+    ref = Engine.from_hf(hf, page_size=page_size, max_cache_tokens=2048, dtype="float32", device=kernel_device,
+                         attention_backend="torch").generate(
         random_prompts(3, 256, 4, 9, seed=2), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
         use_tqdm=False)
     assert [o.token_ids for o in out] == [o.token_ids for o in ref]  # decode kernel path too

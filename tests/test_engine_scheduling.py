@@ -11,13 +11,15 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def hf():
-    return tiny_llama(seed=7, max_pos=1024)
+def hf(device):
+    model = tiny_llama(seed=7, max_pos=1024)
+    model.engine_device = device  # every engine of a test runs on the device under test
+    return model
 
 
 def make_engine(hf, **kw) -> Engine:
     kw.setdefault("max_cache_tokens", 16384)
-    return Engine.from_hf(hf, dtype="float32", device="cpu", **kw)
+    return Engine.from_hf(hf, dtype="float32", device=hf.engine_device, **kw)
 
 
 def check_pool_clean(engine: Engine) -> None:

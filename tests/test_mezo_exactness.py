@@ -67,9 +67,9 @@ CASES = [
 
 @pytest.mark.parametrize("mode,objective,kind,few_shot", CASES,
                          ids=[f"{m}-{k}-{'fewshot' if f else 'noprefix'}" for m, _, k, f in CASES])
-def test_branch_losses_equal_explicit_perturbation(mode, objective, kind, few_shot):
+def test_branch_losses_equal_explicit_perturbation(mode, objective, kind, few_shot, device):
     eps = 1e-2  # large enough that θ ± εz moves the loss far more than the tolerance
-    engine = make_engine()
+    engine = make_engine(device=device)
     trainer = MeZOTrainer(engine, MeZOConfig(mode=mode, objective=objective, eps=eps, seed=3))
     if mode == "lora":
         randomize_lora_b(engine)
@@ -99,9 +99,9 @@ def test_branch_losses_equal_explicit_perturbation(mode, objective, kind, few_sh
     assert float(loss_minus) == pytest.approx(ref_minus, rel=REL, abs=0)
 
 
-def test_branch_losses_per_example_and_batch_independent():
+def test_branch_losses_per_example_and_batch_independent(device):
     """Each example's branch loss does not depend on which other examples share its batch."""
-    engine = make_engine()
+    engine = make_engine(device=device)
     trainer = MeZOTrainer(engine, MeZOConfig(eps=1e-2))
     randomize_lora_b(engine)
     examples = _examples("mixed", FEW_SHOT)[:3]

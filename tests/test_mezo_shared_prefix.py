@@ -23,10 +23,10 @@ def _shared_len(prompts: list[list[int]]) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _run_step(candidates: tuple[str, ...], enable_prefix_cache: bool):
+def _run_step(candidates: tuple[str, ...], enable_prefix_cache: bool, device: str):
     """One MeZO step on 16 examples; returns (record, (L+, L−), params after, encoded batch).
     Cached: the tests below only read the results."""
-    engine = make_engine(enable_prefix_cache=enable_prefix_cache)
+    engine = make_engine(enable_prefix_cache=enable_prefix_cache, device=device)
     trainer = MeZOTrainer(engine, MeZOConfig(eps=1e-2, lr=1e-2, batch_size=N_EXAMPLES, seed=5))
     randomize_lora_b(engine)
     encoded = trainer.encode(classification_examples(long_prefix(tokenizer()), list(candidates), n=N_EXAMPLES))
@@ -50,13 +50,13 @@ def _bound(encoded):
     return prefix, suffixes
 
 
-def test_shared_prefix_computed_once_per_branch_and_exact():
-    cached, losses, params, encoded = _run_step(SINGLE, enable_prefix_cache=True)
+def test_shared_prefix_computed_once_per_branch_and_exact(device):
+    cached, losses, params, encoded = _run_step(SINGLE, enable_prefix_cache=True, device=device)
     prefix, suffixes = _bound(encoded)
     assert len(encoded) == N_EXAMPLES and prefix >= 256
     assert cached["tokens_computed"] <= 2 * (prefix + suffixes)
 
-    uncached, ref_losses, ref_params, _ = _run_step(SINGLE, enable_prefix_cache=False)
+    uncached, ref_losses, ref_params, _ = _run_step(SINGLE, enable_prefix_cache=False, device=device)
     # without the cache every example recomputes the prefix in both branches: the bound bites
     assert uncached["tokens_computed"] >= 2 * N_EXAMPLES * prefix > 2 * (prefix + suffixes)
     assert losses[0] != losses[1]
@@ -67,15 +67,15 @@ def test_shared_prefix_computed_once_per_branch_and_exact():
         torch.testing.assert_close(params[k], ref_params[k], rtol=0, atol=1e-6)
 
 
-def test_multi_token_candidates_share_the_prompt_and_example_kv():
+def test_multi_token_candidates_share_the_prompt_and_example_kv(device):
     """Multi-token candidates: the 256-token prompt once per branch, each example's own suffix once,
     then only the candidates' tokens (the prompt request's last row scores every first token) — the
     strict bound holds, and the losses equal those with the cache disabled."""
-    cached, losses, params, encoded = _run_step(MULTI, enable_prefix_cache=True)
+    cached, losses, params, encoded = _run_step(MULTI, enable_prefix_cache=True, device=device)
     prefix, suffixes = _bound(encoded)
     assert all(len(c) > 1 for e in encoded for c in e.candidates)
     assert cached["tokens_computed"] <= 2 * (prefix + suffixes)
-    uncached, ref_losses, ref_params, _ = _run_step(MULTI, enable_prefix_cache=False)
+    uncached, ref_losses, ref_params, _ = _run_step(MULTI, enable_prefix_cache=False, device=device)
     assert uncached["tokens_computed"] > 2 * (prefix + suffixes)
     assert losses == pytest.approx(ref_losses, rel=1e-5, abs=0)
     for k in params:

@@ -7,6 +7,13 @@ import torch
 from kernels import noise
 from kernels.noise import derive_seed, randn, randn_triton
 
+
+@pytest.fixture
+def device(kernel_device: str) -> str:
+    """Kernel tests run where the Triton kernels can: the GPU, else the interpreter on CPU."""
+    return kernel_device
+
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 

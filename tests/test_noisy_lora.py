@@ -5,6 +5,13 @@ import torch
 from kernels import noisy_lora_linear, randn
 from kernels.lora import lora_noise
 
+
+@pytest.fixture
+def device(kernel_device: str) -> str:
+    """Kernel tests run where the Triton kernels can: the GPU, else the interpreter on CPU."""
+    return kernel_device
+
+
 CUDA = torch.cuda.is_available()
 SEED_A, SEED_B, SEED_W = 1234567, 2**31 - 1, 424242
 

@@ -6,6 +6,13 @@ import torch
 
 from kernels import derive_seed, randn, zo_update_
 
+
+@pytest.fixture
+def device(kernel_device: str) -> str:
+    """Kernel tests run where the Triton kernels can: the GPU, else the interpreter on CPU."""
+    return kernel_device
+
+
 CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
