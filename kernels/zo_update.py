@@ -95,6 +95,12 @@ def zo_update_(param: torch.Tensor, seeds: Sequence[int] | torch.Tensor, grads: 
         raise ValueError(f"{s.numel()} seeds but {g.numel()} projected gradients")
     if numel == 0 or (s.numel() == 0 and weight_decay == 0.0):
         return param
+    return _zo_update_triton(param, s, g, lr, weight_decay)
+
+
+def _zo_update_triton(param: torch.Tensor, s: torch.Tensor, g: torch.Tensor, lr: float,
+                      weight_decay: float) -> torch.Tensor:
+    numel = param.numel()
     work = param if param.is_contiguous() else param.contiguous()
     block = 1024
     _zo_update_kernel[(triton.cdiv(numel, block),)](work, s, g, s.numel(), numel, float(lr), float(weight_decay),
