@@ -54,3 +54,15 @@ def pytest_generate_tests(metafunc) -> None:
                              ids=[f"{d}-{str(t).removeprefix('torch.')}" for d, t in DEVICE_DTYPES])
     else:
         metafunc.parametrize("device", DEVICES, indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(transformers model, tokenizer) of the built-in SmolLM2-135M, fp32, loaded once per run."""
+    from engine.loader import load_tokenizer, resolve_model
+
+    source = resolve_model("smollm2-135m")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=source.gguf_file, dtype=torch.float32)
+    return model.eval(), load_tokenizer(source)

@@ -51,9 +51,8 @@ def _engine(kernels: str, kernel_device: str, **kw):
 
 
 def test_generate_score_and_logits_equal_the_torch_path(kernel_device, triton_calls) -> None:
-    prompts = ["The capital of France is", FEW_SHOT + "Headline: Band announces reunion tour\nTopic:",
-               "def quicksort(arr):"]
-    greedy = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    prompts = ["The capital of France is", FEW_SHOT + "Headline: Band announces reunion tour\nTopic:"]
+    greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     results = {}
     for kernels in ("torch", "triton"):
         eng = _engine(kernels, kernel_device)
@@ -75,7 +74,7 @@ def test_generate_score_and_logits_equal_the_torch_path(kernel_device, triton_ca
 def _examples(prefix: str) -> list[ClassificationExample]:
     """Single- and multi-token candidate sets in one batch."""
     return [ClassificationExample(f"{prefix}Headline: {h}\nTopic:", MULTI if i % 2 else SINGLE, i % 3)
-            for i, h in enumerate(HEADLINES[:3])]
+            for i, h in enumerate(HEADLINES[:2])]
 
 
 @functools.lru_cache(maxsize=None)
