@@ -29,6 +29,7 @@ from torch import Tensor
 
 from kernels.attention_ref import (decode_attention_flash, decode_attention_torch, extend_attention_flash,
                                    extend_attention_torch, flash_attn_available)
+from kernels.launch_config import decode_attention_config, extend_attention_config, target_of
 
 __all__ = [
     "extend_attention", "decode_attention", "extend_attention_torch", "decode_attention_torch",
@@ -211,26 +212,16 @@ def extend_attention_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_tabl
         return out
     if max_extend_len is None:
         max_extend_len = int((qo_indptr[1:] - qo_indptr[:-1]).max())
-    group_pad = triton.next_power_of_2(group)
-    block_d = triton.next_power_of_2(head_dim)
-    # ~128 (token, head) rows x 64 kv per tile for 16-bit inputs; fp32 tiles (tests) are halved
-    # to stay inside shared memory.
-    small = block_d > 128 or q.element_size() > 2
-    cfg = {"block_m": max(1, (64 if small else 128) // group_pad), "block_n": 32 if small else 64,
-           "num_warps": 8 if block_d >= 128 else 4, "num_stages": 2}
-    cfg.update(config or {})
-    # GPU tl.dot needs M, N, K >= 16: at least 16 rows and 16 kv per tile.
-    cfg["block_m"] = max(cfg["block_m"], 16 // min(group_pad, 16))
-    cfg["block_n"] = max(cfg["block_n"], 16)
-    grid = (bsz, triton.cdiv(max_extend_len, cfg["block_m"]), k_pool.shape[2])
+    cfg = extend_attention_config(group, head_dim, q.dtype, page_size, target_of(q.device), config)
+    grid = (bsz, triton.cdiv(max_extend_len, cfg.block_m), k_pool.shape[2])
     _extend_kernel[grid](
         q, k_pool, v_pool, out, page_table, qo_indptr, prefix_lens, sm_scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         v_pool.stride(0), v_pool.stride(1), v_pool.stride(2), page_table.stride(0),
-        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_M=cfg["block_m"],
-        BLOCK_N=cfg["block_n"], BLOCK_D=block_d, PAGE_SIZE=page_size,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        GROUP=group, GROUP_PAD=cfg.group_pad, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, PAGE_SIZE=page_size,
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
@@ -257,11 +248,7 @@ def decode_attention_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_tabl
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max())
         num_kv_splits = choose_num_kv_splits(max_seq_len, bsz, num_kv_heads)
-    block_d = triton.next_power_of_2(head_dim)
-    small = block_d > 128 or q.element_size() > 2
-    cfg = {"block_n": 32 if small else 64, "num_warps": 4, "num_stages": 2}
-    cfg.update(config or {})
-    cfg["block_n"] = max(cfg["block_n"], 16)
+    cfg = decode_attention_config(group, head_dim, q.dtype, page_size, num_kv_splits, target_of(q.device), config)
     mid_o = torch.empty(bsz, num_heads, num_kv_splits, head_dim, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(bsz, num_heads, num_kv_splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(bsz, num_kv_heads, num_kv_splits)](
@@ -269,14 +256,14 @@ def decode_attention_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_tabl
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         v_pool.stride(0), v_pool.stride(1), v_pool.stride(2), page_table.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_N=cfg["block_n"], BLOCK_D=block_d, PAGE_SIZE=page_size,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        GROUP=group, BLOCK_H=cfg.block_h, HEAD_DIM=head_dim,
+        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, PAGE_SIZE=page_size,
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _decode_merge_kernel[(bsz, num_heads)](
         mid_o, mid_lse, out, seq_lens, num_kv_splits,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_N=cfg["block_n"], BLOCK_D=block_d,
-        SPLITS_PAD=triton.next_power_of_2(num_kv_splits), num_warps=4)
+        out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+        SPLITS_PAD=cfg.splits_pad, num_warps=cfg.merge_warps)
     return out
 
 

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_config import target_of, zo_update_config
 from .noise_cache import cached_randn
 
 __all__ = ["zo_update_", "zo_update_ref_"]
@@ -96,9 +97,9 @@ def zo_update_(param: torch.Tensor, seeds: Sequence[int] | torch.Tensor, grads: 
     if numel == 0 or (s.numel() == 0 and weight_decay == 0.0):
         return param
     work = param if param.is_contiguous() else param.contiguous()
-    block = 1024
-    _zo_update_kernel[(triton.cdiv(numel, block),)](work, s, g, s.numel(), numel, float(lr), float(weight_decay),
-                                                    BLOCK=block, num_warps=4)
+    cfg = zo_update_config(numel, target_of(work.device))
+    _zo_update_kernel[cfg.grid(numel)](work, s, g, s.numel(), numel, float(lr), float(weight_decay),
+                                       BLOCK=cfg.block, num_warps=cfg.num_warps)
     if work is not param:
         param.copy_(work)
     return param
