@@ -31,7 +31,7 @@ from .launch_config import (cuda_target, decode_attention_config, extend_attenti
                             noisy_linear_config, randn_config, zo_update_config)
 
 __all__ = ["CompileSpec", "Resources", "compile_spec", "SHARED_LIMIT", "noisy_linear_specs", "extend_specs",
-           "decode_specs", "zo_update_specs", "randn_specs"]
+           "decode_specs", "zo_update_specs", "randn_specs", "specialization_key", "resources_row"]
 
 # Max dynamic shared memory per block (opt-in), bytes: sm_90 227 KiB, sm_80 163 KiB (CUDA guide, table 21).
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
@@ -122,11 +122,10 @@ def _fake_arg(kind: str, value: Any) -> Any:
     return int(value) if kind == "int" else float(value)
 
 
-def compile_spec(spec: CompileSpec) -> Resources:
-    """Compile `spec` for sm_<arch>; raises whatever Triton or ptxas raise on failure."""
-    import triton
+def _bind(spec: CompileSpec):
+    """(fn, target, options, signature, constexprs, attrs) exactly as Triton's JIT would build them."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
     module, name = spec.kernel.split(":")
@@ -140,6 +139,22 @@ def compile_spec(spec: CompileSpec) -> Resources:
     args = [_fake_arg(kind, value) for kind, value in spec.args]
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return fn, target, options, signature, constexprs, attrs
+
+
+def specialization_key(spec: CompileSpec) -> str:
+    """Two specs with equal keys compile to the same kernel (argument types, 16-divisibility, constants)."""
+    _, _, options, signature, constexprs, attrs = _bind(spec)
+    return repr((spec.kernel, spec.arch, sorted(signature.items()), sorted(constexprs.items()),
+                 sorted((k, repr(v)) for k, v in attrs.items()), options.num_warps, options.num_stages))
+
+
+def compile_spec(spec: CompileSpec) -> Resources:
+    """Compile `spec` for sm_<arch>; raises whatever Triton or ptxas raise on failure."""
+    import triton
+    from triton.compiler import ASTSource
+
+    fn, target, options, signature, constexprs, attrs = _bind(spec)
     start = time.perf_counter()
     compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
     compile_s = time.perf_counter() - start
@@ -187,7 +202,7 @@ def noisy_linear_specs(m: int, n: int, k: int, r: int, x_dtype: torch.dtype, w_d
          ("float", 1e-3), ("float", 2.0)),
         (("HAS_BIAS", has_bias), ("HAS_LORA", r > 0), ("HAS_WNOISE", full_weight_noise), ("LOW_PREC", cfg.low_prec),
          ("PREC", prec), ("GROUP_M", cfg.group_m), ("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n),
-         ("BLOCK_K", cfg.block_k), ("R_PAD", cfg.r_pad)),
+         ("BLOCK_K", cfg.block_k), ("R_CHUNK", cfg.r_chunk)),
         cfg.num_warps, cfg.num_stages, arch, label, benchmark))
     return specs
 
@@ -207,8 +222,9 @@ def extend_specs(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.
         "attention:_extend_kernel",
         (_ptr(dtype), _ptr(dtype), _ptr(dtype), _ptr(dtype), _ptr(i32), _ptr(i32), _ptr(i32), ("float", 0.18),
          ("int", num_heads * head_dim), ("int", head_dim), ("int", num_heads * head_dim), ("int", head_dim),
-         ("int", kp), ("int", ks), ("int", kh), ("int", kp), ("int", ks), ("int", kh), ("int", max_pages)),
-        (("GROUP", group), ("GROUP_PAD", cfg.group_pad), ("HEAD_DIM", head_dim), ("BLOCK_M", cfg.block_m),
+         ("int", kp), ("int", ks), ("int", kh), ("int", kp), ("int", ks), ("int", kh), ("int", max_pages),
+         ("int", group)),
+        (("GROUP_PAD", cfg.group_pad), ("HEAD_DIM", head_dim), ("BLOCK_M", cfg.block_m),
          ("BLOCK_N", cfg.block_n), ("BLOCK_D", cfg.block_d), ("PAGE_SIZE", page_size),
          ("DOT_PRECISION", _dot_precision(dtype))),
         cfg.num_warps, cfg.num_stages, arch, label, benchmark)]
@@ -229,8 +245,8 @@ def decode_specs(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.
         (_ptr(dtype), _ptr(dtype), _ptr(dtype), _ptr(i32), _ptr(i32), _ptr(f32), _ptr(f32), ("float", 0.18),
          ("int", num_kv_splits), ("int", num_heads * head_dim), ("int", head_dim),
          ("int", kp), ("int", ks), ("int", kh), ("int", kp), ("int", ks), ("int", kh), ("int", max_pages),
-         *(("int", s) for s in mo), *(("int", s) for s in ml)),
-        (("GROUP", group), ("BLOCK_H", cfg.block_h), ("HEAD_DIM", head_dim), ("BLOCK_N", cfg.block_n),
+         *(("int", s) for s in mo), *(("int", s) for s in ml), ("int", group)),
+        (("BLOCK_H", cfg.block_h), ("HEAD_DIM", head_dim), ("BLOCK_N", cfg.block_n),
          ("BLOCK_D", cfg.block_d), ("PAGE_SIZE", page_size), ("DOT_PRECISION", _dot_precision(dtype))),
         cfg.num_warps, cfg.num_stages, arch, label, benchmark)
     merge = CompileSpec(

@@ -11,6 +11,8 @@ tensors and torch otherwise.
 
 Kernel design (both kernels are GQA-aware: one program owns a kv head and ALL query heads that
 read it, so each K/V tile is loaded once per group instead of once per query head):
+(GROUP, the query heads per kv head, is a runtime argument: only its padded size shapes the tiles, so
+groups 3 and 4 share one compiled kernel.)
 * extend: grid (sequence, query block, kv head). The program's tile rows are (token, head-in-group)
   pairs flattened into BLOCK_M * GROUP_PAD rows, so a single tl.dot serves the whole group. It walks
   the kv axis in BLOCK_N tiles, resolving each kv position's page through the page table (which makes
@@ -65,11 +67,11 @@ def _attend_tile(q, K, V, pt_row, offs_n, n_ok, visible, kvh, offs_d, d_ok, m_i,
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["GROUP"])
 def _extend_kernel(Q, K, V, Out, PT, QO_INDPTR, PREFIX, sm_scale_log2,
                    stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_ptb,
-                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   GROUP, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     b = tl.program_id(0)
@@ -114,12 +116,13 @@ def _extend_kernel(Q, K, V, Out, PT, QO_INDPTR, PREFIX, sm_scale_log2,
     tl.store(Out + o_off[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=io_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_mob", "stride_moh", "stride_mos",
+                                     "stride_mlb", "stride_mlh", "GROUP"])
 def _decode_split_kernel(Q, K, V, PT, SEQ_LENS, MID_O, MID_LSE, sm_scale_log2, num_splits,
                          stride_qb, stride_qh, stride_kp, stride_ks, stride_kh,
                          stride_vp, stride_vs, stride_vh, stride_ptb,
                          stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
-                         GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         GROUP, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
                          DOT_PRECISION: tl.constexpr):
     b = tl.program_id(0)
@@ -157,7 +160,8 @@ def _decode_split_kernel(Q, K, V, PT, SEQ_LENS, MID_O, MID_LSE, sm_scale_log2, n
     tl.store(MID_LSE + b * stride_mlb + head * stride_mlh + split, m_i + tl.log2(l_i), mask=h_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_mob", "stride_moh", "stride_mos",
+                                     "stride_mlb", "stride_mlh"])
 def _decode_merge_kernel(MID_O, MID_LSE, Out, SEQ_LENS, num_splits,
                          stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
                          stride_ob, stride_oh,

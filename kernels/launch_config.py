@@ -6,7 +6,9 @@ tests/test_aot_compile.py), so the check compiles exactly what runs.
 
 Targets: the Triton interpreter (CPU; fewer, bigger tiles are much faster there) and CUDA by compute
 capability (90 = sm_90). The CUDA tiles are chosen so that no benchmark configuration spills
-registers on sm_90 (see bench/results/kernels_sm90_resources.md).
+registers on sm_90 (see bench/results/kernels_sm90_resources.md). The kernels mark row counts, ranks,
+seeds, split counts and GQA group sizes `do_not_specialize`: their values would only multiply the
+compiled variants (M == 1, 16-divisibility), not speed anything up.
 """
 from __future__ import annotations
 
@@ -109,19 +111,24 @@ def lora_down_config(m: int, k: int, r: int, x_dtype: torch.dtype, target: Launc
     r_pad = lora_r_pad(r)
     if not target.is_cuda:
         return LoraDownConfig(_pow2(m, 16, 128), 256, r_pad, 4, 3)
-    return LoraDownConfig(_pow2(m, 16, 64), 64, r_pad, 4, 3)
+    # Per program: the x, A and Z_A tiles (Philox state for every Z_A element), two [BLOCK_M, R_PAD]
+    # fp32 accumulators, and tf32x3 keeps hi/lo halves of each operand. On sm_90 BLOCK_K 64 spilled
+    # at r 16 (108 B) and r 64 (2.7 KB); a BLOCK_K x R_PAD noise tile of <= 1024 elements does not.
+    block_k = max(16, min(64, 512 // r_pad))
+    return LoraDownConfig(_pow2(m, 16, 64), block_k, r_pad, 8 if r_pad >= 128 else 4, 3)
 
 
 @dataclass(frozen=True)
 class NoisyLinearConfig:
     """_noisy_linear_kernel: [BLOCK_M, BLOCK_N] output tiles, K in BLOCK_K steps, GROUP_M row blocks
-    per L2 group. low_prec: x and W are both 16-bit (plain tensor-core dot); otherwise fp32 tf32x3."""
+    per L2 group, the LoRA epilogue R_CHUNK ranks at a time. low_prec: x and W are both 16-bit (plain
+    tensor-core dot); otherwise fp32 tf32x3."""
 
     block_m: int
     block_n: int
     block_k: int
     group_m: int
-    r_pad: int
+    r_chunk: int
     low_prec: bool
     num_warps: int
     num_stages: int
@@ -138,13 +145,13 @@ def noisy_linear_config(m: int, n: int, k: int, r: int, x_dtype: torch.dtype, w_
     _check_dtype("x_dtype", x_dtype)
     _check_dtype("w_dtype", w_dtype)
     low = x_dtype in _LOW_PRECISION and w_dtype == x_dtype
-    r_pad = lora_r_pad(max(r, 1))
     bm = _pow2(m, 16, 128)
-    if not target.is_cuda:  # interpreter: fewer, larger tiles are much faster
-        return NoisyLinearConfig(bm, 128, 128, 8, r_pad, low, 8 if bm * 128 >= 128 * 128 else 4, 3)
-    bn = 64 if (full_weight_noise or r_pad >= 64) else 128
-    bk = 64 if low else 32
-    return NoisyLinearConfig(bm, bn, bk, 8, r_pad, low, 8 if bm * bn >= 128 * 128 else 4, 3)
+    if not target.is_cuda:  # interpreter: fewer, larger tiles (and one epilogue trip) are much faster
+        return NoisyLinearConfig(bm, 128, 128, 8, lora_r_pad(max(r, 1)), low, 8 if bm >= 128 else 4, 3)
+    # sm_90 without spills (bench/results/kernels_sm90_resources.md): BLOCK_N 128 spilled in the LoRA
+    # epilogue, and fp32 tf32x3 dots (3 MMAs on hi/lo halves) need BLOCK_K 16 next to a noise tile.
+    bk = 64 if low else 16
+    return NoisyLinearConfig(bm, 64, bk, 8, 16, low, 8 if bm >= 128 else 4, 3)
 
 
 # ---- paged attention (kernels/attention.py) -------------------------------------------------------

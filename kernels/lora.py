@@ -6,9 +6,10 @@ Per row i with sign σ_i ∈ {+1, -1, 0}:
     y_i = x_i Wᵀ + bias + s · (t_i Bᵀ + σ_i ε t_i Z_Bᵀ)   [+ σ_i ε x_i Z_Wᵀ in full-weight mode]
 
 Kernel 1 reduces x against A and Z_A ([M, r] each, tiny). Kernel 2 is a tiled x Wᵀ whose epilogue adds
-the LoRA term; B and Z_B tiles are [r, BLOCK_N]. Every noise tile comes from ``tl.randn(seed, flat
-index)`` inside the kernel, once per program for all its rows, and the per-row sign is applied after
-the dot products, so rows of both branches (and unperturbed rows) share every tile.
+the LoRA term, R_CHUNK ranks at a time (B and Z_B tiles are [R_CHUNK, BLOCK_N]). Every noise tile comes
+from ``tl.randn(seed, flat index)`` inside the kernel, once per program for all its rows, and the
+per-row sign scales the rows (σ_i ε x_i or σ_i ε t_i, or the product after the dot), never the noise
+tile, so rows of both branches (and unperturbed rows) share every tile.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ __all__ = ["noisy_lora_linear", "noisy_lora_linear_ref", "lora_noise"]
 F32_DOT_PRECISION = "tf32x3"
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "R", "seed_a"])
 def _lora_down_kernel(x_ptr, a_ptr, t_ptr, tn_ptr, M, K, R, sxm, sxk, seed_a,
                       PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr):
     """T = x Aᵀ and T_noise = x Z_Aᵀ for BLOCK_M rows; Z_A tiles generated in registers."""
@@ -50,13 +51,13 @@ def _lora_down_kernel(x_ptr, a_ptr, t_ptr, tn_ptr, M, K, R, sxm, sxk, seed_a,
     tl.store(tn_ptr + idx, acc_n, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "R", "seed_b", "seed_w"])
 def _noisy_linear_kernel(x_ptr, w_ptr, bias_ptr, t_ptr, tn_ptr, b_ptr, sign_ptr, out_ptr,
                          M, N, K, R, sxm, sxk, swn, swk, som, son, seed_b, seed_w, eps, scale,
                          HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_WNOISE: tl.constexpr,
                          LOW_PREC: tl.constexpr, PREC: tl.constexpr, GROUP_M: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         R_PAD: tl.constexpr):
+                         R_CHUNK: tl.constexpr):
     # grouped tile order: GROUP_M row blocks sweep the N blocks together, so W tiles stay in L2
     pid = tl.program_id(0)
     n_pid_m = tl.cdiv(M, BLOCK_M)
@@ -98,15 +99,20 @@ def _noisy_linear_kernel(x_ptr, w_ptr, bias_ptr, t_ptr, tn_ptr, b_ptr, sign_ptr,
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA:
-        rr = tl.arange(0, R_PAD)
-        t_idx = rm[:, None] * R + rr[None, :]
-        t_mask = m_ok[:, None] & (rr[None, :] < R)
-        t = tl.load(t_ptr + t_idx, mask=t_mask, other=0.0) + se[:, None] * tl.load(tn_ptr + t_idx, mask=t_mask, other=0.0)
-        b_idx = rn[None, :] * R + rr[:, None]  # [R_PAD, BLOCK_N]: flat index of B[n, r]
-        b = tl.load(b_ptr + b_idx, mask=n_ok[None, :] & (rr[:, None] < R), other=0.0)
-        z_b = tl.randn(seed_b, b_idx)  # padded rows meet t == 0
-        lora = tl.dot(t, b, input_precision=PREC) + se[:, None] * tl.dot(t, z_b, input_precision=PREC)
-        acc += scale * lora
+        # scale * (t Bᵀ + σε t Z_Bᵀ), accumulated straight into acc, R_CHUNK ranks at a time: the B and
+        # Z_B tiles are [R_CHUNK, BLOCK_N], so a large rank costs loop trips, not registers (no spills).
+        for r0 in range(0, R, R_CHUNK):
+            rr = r0 + tl.arange(0, R_CHUNK)
+            t_idx = rm[:, None] * R + rr[None, :]
+            t_mask = m_ok[:, None] & (rr[None, :] < R)
+            t = tl.load(t_ptr + t_idx, mask=t_mask, other=0.0) + se[:, None] * tl.load(tn_ptr + t_idx, mask=t_mask,
+                                                                                        other=0.0)
+            t = t * scale
+            b_idx = rn[None, :] * R + rr[:, None]  # [R_CHUNK, BLOCK_N]: flat index of B[n, r]
+            b = tl.load(b_ptr + b_idx, mask=n_ok[None, :] & (rr[:, None] < R), other=0.0)
+            z_b = tl.randn(seed_b, b_idx)  # ranks past R meet t == 0
+            acc = tl.dot(t, b, acc, input_precision=PREC)
+            acc = tl.dot(t * se[:, None], z_b, acc, input_precision=PREC)
     tl.store(out_ptr + rm[:, None] * som + rn[None, :] * son, acc.to(out_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 
@@ -150,7 +156,7 @@ def _noisy_lora_linear_triton(x, weight, lora_a, lora_b, signs, seed_a, seed_b, 
         out.stride(1), int(seed_b), int(weight_seed) if wnoise else 0, float(eps), float(scale),
         HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_WNOISE=wnoise, LOW_PREC=cfg.low_prec,
         PREC=F32_DOT_PRECISION, GROUP_M=cfg.group_m, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, R_PAD=cfg.r_pad, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_K=cfg.block_k, R_CHUNK=cfg.r_chunk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.reshape(*lead, n)
 
 

@@ -188,7 +188,7 @@ def randn(seed: int, shape: int | Sequence[int], offset: int = 0, device: torch.
     return out.view(shape)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _randn_kernel(out_ptr, seed, offset, n, BLOCK: tl.constexpr):
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n

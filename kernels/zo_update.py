@@ -20,7 +20,7 @@ __all__ = ["zo_update_", "zo_update_ref_"]
 _TORCH_CHUNK = 1 << 20  # elements per chunk in the torch path (bounds the float32 temporaries)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_seeds"])
 def _zo_update_kernel(p_ptr, seed_ptr, grad_ptr, n_seeds, numel, lr, wd, BLOCK: tl.constexpr):
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # int32 counters: numel < 2^31
     mask = idx < numel
