@@ -277,5 +277,7 @@ def randn_specs(numel: int, seed: int, arch: int, label: str = "", benchmark: bo
 
 
 def resources_row(spec: CompileSpec, res: Resources) -> dict:
-    return {"kernel": spec.kernel.split(":")[1], "arch": spec.arch, "config": spec.describe(),
+    seeds = ",".join(f"{k}:{v}" for k, v in res.signature.items() if k.startswith("seed") and v != "constexpr")
+    config = spec.describe() + (f" {{{seeds}}}" if seeds else "")
+    return {"kernel": spec.kernel.split(":")[1], "arch": spec.arch, "config": config,
             "cases": spec.label, "benchmark": spec.benchmark, **{k: v for k, v in asdict(res).items()}}
