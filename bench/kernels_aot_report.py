@@ -1,15 +1,15 @@
 """Ahead-of-time compile every Triton kernel for sm_90 and sm_80 (no GPU needed) and report resources.
 
-    python bench/kernels_aot_report.py                 # full matrix, writes bench/results/kernels_sm90_resources.{md,json}
-    python bench/kernels_aot_report.py --quick         # two token-row buckets (MEZO_AOT_FULL=1 test)
-    python bench/kernels_aot_report.py --bench-only    # the benchmarks' configurations (the default CI test)
+    python bench/kernels_aot_report.py               # whole matrix -> bench/results/kernels_sm90_resources.{md,json}
+    python bench/kernels_aot_report.py --bench-only  # only the GPU benchmarks' configurations
     python bench/kernels_aot_report.py --out DIR --jobs 2
 
 Each kernel is compiled at every configuration its launcher chooses (kernels/launch_config.py) for the
 benchmark shapes (bench/bench_kernels.py, bench/bench_attention.py) and the SmolLM2-135M / LLaMA-1B /
 LLaMA-8B shapes: dtype fp32/bf16/fp16, LoRA r 8 and 64, full-weight noise on/off (fp32 or 16-bit
 weights), head_dim 64/128, GQA groups 1-8, page sizes 1/16/64, 64-bit seeds (32-bit ones too at the
-benchmark shapes). Specs that specialize identically are compiled once. The checks (`check_rows`) are
+benchmark shapes). Specs that specialize identically (Triton's own argument specialization, constexprs,
+warps/stages, target) are compiled once: ~5,800 launcher cases -> 150 distinct compiles. The checks (`check_rows`) are
 those tests/test_aot_compile.py asserts. Run without TRITON_INTERPRET (it is removed here).
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # the AOT check needs real JITFunctions, not interpreter wrappers
@@ -47,8 +48,7 @@ MODELS["8b"] = (4096, 14336, 32, 8)  # Llama-3-8B
 BENCH_MKN = (2 * 16 * 256, 4096, 4096)  # bench/bench_kernels.py
 BENCH_ATTN = dict(heads=32, kv_heads=8, head_dim=128, page_size=16, dtype=torch.bfloat16)  # bench_attention.py
 DECODE_BATCHES, DECODE_CONTEXTS, EXTEND_BATCHES = (1, 16, 64), (512, 2048, 8192), (1, 8, 32)
-ROWS_FULL = (1, 16, 32, 64, 4096)  # token rows of a noisy linear: every BLOCK_M bucket (+ M == 1)
-ROWS_QUICK = (16, 4096)
+ROWS = (1, 16, 32, 64, 65, 4096)  # token rows of a noisy linear: both BLOCK_M buckets and their edges
 # (LoRA rank, full-weight noise, weights in fp32): LoRA mode keeps the model's weight dtype;
 # full-parameter mode keeps fp32 weights under 16-bit activations (engine/linear.py) or 16-bit ones (bench).
 LINEAR_MODES = ((8, False, False), (64, False, False), (0, True, False), (0, True, True), (8, True, False),
@@ -74,10 +74,9 @@ def _bench_specs(arch: int) -> list[CompileSpec]:
     return out
 
 
-def all_specs(archs: tuple[int, ...] = ARCHS, quick: bool = False, bench_only: bool = False) -> list[CompileSpec]:
+def all_specs(archs: tuple[int, ...] = ARCHS, bench_only: bool = False) -> list[CompileSpec]:
     """Every (kernel, configuration) the check compiles, before de-duplication."""
     specs: list[CompileSpec] = []
-    rows = ROWS_QUICK if quick else ROWS_FULL
     for arch in archs:
         specs += _bench_specs(arch)
         for n_seeds in (1, 2):
@@ -88,7 +87,7 @@ def all_specs(archs: tuple[int, ...] = ARCHS, quick: bool = False, bench_only: b
             continue
         for name, (hidden, inter, heads, kv_heads) in MODELS.items():
             for dtype in DTYPES:
-                for m in rows:
+                for m in ROWS:
                     for n, k in ((hidden, hidden), (inter, hidden), (hidden, inter)):
                         for r, wnoise, w32 in LINEAR_MODES:
                             w_dtype = torch.float32 if w32 else dtype
@@ -101,7 +100,7 @@ def all_specs(archs: tuple[int, ...] = ARCHS, quick: bool = False, bench_only: b
                         specs += extend_specs(8 * group, 8, head_dim, dtype, page, arch, label="attention matrix")
                         specs += decode_specs(8 * group, 8, head_dim, dtype, page, 2, arch,
                                               label="attention matrix")
-                for splits in (1, 2, 4, 8, 16, 32, 64):  # every split count choose_num_kv_splits can return
+                for splits in range(1, 65):  # every split count choose_num_kv_splits can return
                     specs += decode_specs(32, 8, head_dim, dtype, 16, splits, arch, label="decode splits")[1:]
         for name, (hidden, inter, heads, kv_heads) in MODELS.items():
             d = hidden // heads
@@ -116,15 +115,31 @@ def all_specs(archs: tuple[int, ...] = ARCHS, quick: bool = False, bench_only: b
     return specs
 
 
-def dedupe(specs: list[CompileSpec]) -> list[tuple[CompileSpec, list[str], bool]]:
-    """[(spec, labels, benchmark)] with one spec per distinct specialization."""
-    groups: dict[str, tuple[CompileSpec, list[str], bool]] = {}
+@dataclass
+class Distinct:
+    """One distinct compile and every launcher case that maps to it."""
+
+    spec: CompileSpec
+    labels: list[str] = field(default_factory=list)
+    benchmark: bool = False
+    cases: int = 0
+    covers: dict[str, set] = field(default_factory=dict)  # launcher input -> values seen
+
+
+def dedupe(specs: list[CompileSpec]) -> list[Distinct]:
+    """One entry per distinct specialization, in first-seen order."""
+    groups: dict[str, Distinct] = {}
+    keys: dict[CompileSpec, str] = {}  # equal specs (labels aside) share a key: bind each once
     for spec in specs:
-        key = specialization_key(spec)
-        first, labels, bench = groups.get(key, (spec, [], False))
-        if spec.label not in labels:
-            labels.append(spec.label)
-        groups[key] = (first, labels, bench or spec.benchmark)
+        if spec not in keys:
+            keys[spec] = specialization_key(spec)
+        d = groups.setdefault(keys[spec], Distinct(spec))
+        if spec.label not in d.labels:
+            d.labels.append(spec.label)
+        d.benchmark |= spec.benchmark
+        d.cases += 1
+        for name, value in spec.case:
+            d.covers.setdefault(name, set()).add(value)
     return list(groups.values())
 
 
@@ -157,8 +172,7 @@ def expected_dot(row: dict) -> tuple[str | None, str]:
 
 def check_rows(rows: list[dict]) -> list[str]:
     """Problems: failed compiles, shared memory over the target's limit, missing tensor-core
-    instructions, spill stores at a benchmark configuration on sm_90 (the benchmarks' H100/H200;
-    sm_80 spills are listed in the report with their reason)."""
+    instructions, spill stores at a benchmark configuration (sm_90 or sm_80)."""
     problems = []
     for row in rows:
         name = f"{row['kernel']} sm_{row['arch']} [{row['config']}]"
@@ -170,63 +184,101 @@ def check_rows(rows: list[dict]) -> list[str]:
         want, _ = expected_dot(row)
         if want is not None and row[want] == 0:
             problems.append(f"{name}: no {want} instruction in the PTX")
-        if row["benchmark"] and row["arch"] == 90 and row["spill_stores"]:
+        if row["benchmark"] and row["spill_stores"]:
             problems.append(f"{name}: {row['spill_stores']} B spill stores at a benchmark configuration")
     return problems
 
 
-def run(archs: tuple[int, ...], quick: bool, jobs: int, bench_only: bool = False) -> tuple[list[dict], dict]:
+def run(archs: tuple[int, ...], jobs: int, bench_only: bool = False) -> tuple[list[dict], dict]:
     start = time.perf_counter()
-    unique = dedupe(all_specs(archs, quick, bench_only))
+    load_before = os.getloadavg()
+    requested = all_specs(archs, bench_only)
+    unique = dedupe(requested)
+    dedupe_s = time.perf_counter() - start
     ctx = multiprocessing.get_context("spawn")
+    # the slow (LoRA) compiles first, so that the pool does not end on one long compile
+    order = sorted(range(len(unique)), key=lambda i: "lora:" not in unique[i].spec.kernel)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        results = list(pool.map(_compile_one, [spec for spec, _, _ in unique], chunksize=1))
+        done = dict(zip(order, pool.map(_compile_one, [unique[i].spec for i in order], chunksize=1)))
     rows = []
-    for (spec, labels, bench), row in zip(unique, results):
-        row.update(cases=", ".join(labels), benchmark=bench, constexprs=dict(spec.constexprs),
-                   num_warps=spec.num_warps, num_stages=spec.num_stages)
+    for i, d in enumerate(unique):
+        spec, row = d.spec, done[i]
+        row.update(cases=", ".join(d.labels), benchmark=d.benchmark, constexprs=dict(spec.constexprs),
+                   num_warps=spec.num_warps, num_stages=spec.num_stages, launcher_cases=d.cases,
+                   covers={k: sorted(v, key=str) for k, v in d.covers.items()})
         if row["ok"]:
             row["expected_dot"], row["dot_note"] = expected_dot(row)
         rows.append(row)
     import triton
 
-    flags = " --bench-only" if bench_only else " --quick" if quick else ""
+    flags = " --bench-only" if bench_only else ""
     meta = {"command": "python bench/kernels_aot_report.py" + flags,
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "triton": triton.__version__,
-            "torch": torch.__version__, "archs": list(archs), "configurations": len(rows),
-            "wall_s": round(time.perf_counter() - start, 1), "jobs": jobs}
+            "torch": torch.__version__, "archs": list(archs), "launcher_cases": len(requested),
+            "configurations": len(rows), "wall_s": round(time.perf_counter() - start, 1),
+            "dedupe_s": round(dedupe_s, 1), "jobs": jobs, "cpus": os.cpu_count(),
+            "loadavg_1m": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+            "compile_s_sum": round(sum(r.get("compile_s", 0.0) for r in rows), 1)}
     return rows, meta
 
 
+def _summary(rows: list[dict], arch: int) -> list[str]:
+    lines = [f"### sm_{arch}: per kernel", "", "| kernel | configurations | launcher cases | max regs | max stack B "
+             "| spill stores B (max) | configs that spill | max shared KiB | wgmma | mma |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for kernel in sorted({r["kernel"] for r in rows if r["arch"] == arch}):
+        sel = [r for r in rows if r["arch"] == arch and r["kernel"] == kernel and r["ok"]]
+        failed = sum(1 for r in rows if r["arch"] == arch and r["kernel"] == kernel and not r["ok"])
+        if not sel:
+            lines.append(f"| {kernel} | {failed} FAILED | | | | | | | | |")
+            continue
+        lines.append(f"| {kernel} | {len(sel)}{f' (+{failed} FAILED)' if failed else ''} | "
+                     f"{sum(r['launcher_cases'] for r in sel)} | {max(r['registers'] for r in sel)} | "
+                     f"{max(r['stack_frame'] for r in sel)} | {max(r['spill_stores'] for r in sel)} | "
+                     f"{sum(1 for r in sel if r['spill_stores'])} | {max(r['shared'] for r in sel) / 1024:.1f} | "
+                     f"{sum(1 for r in sel if r['wgmma'])}/{len(sel)} | {sum(1 for r in sel if r['mma'])}/{len(sel)} |")
+    return lines + [""]
+
+
 def _md(rows: list[dict], meta: dict, problems: list[str]) -> str:
+    load = meta["loadavg_1m"]
     lines = ["# Triton kernels compiled ahead of time: resources per configuration", "",
-             f"`{meta['command']}` — {meta['date']}, Triton {meta['triton']}, torch {meta['torch']}, "
-             f"{meta['configurations']} distinct configurations for sm_{' / sm_'.join(map(str, meta['archs']))}, "
-             f"{meta['wall_s']} s with {meta['jobs']} processes (Triton's cache makes re-runs cheap).", "",
+             f"`{meta['command']}` — {meta['date']}, Triton {meta['triton']}, torch {meta['torch']}. "
+             f"{meta['launcher_cases']} launcher cases -> {meta['configurations']} distinct compiles for "
+             f"sm_{' / sm_'.join(map(str, meta['archs']))} in {meta['wall_s']} s wall with {meta['jobs']} processes "
+             f"on {meta['cpus']} CPUs (1-minute load average {load[0]} before, {load[1]} after; "
+             f"{meta['compile_s_sum']} s summed compile time). Tests: `tests/test_aot_compile.py` runs the same.", "",
+             "Matrix: the benchmarks' shapes (bench/bench_kernels.py, bench/bench_attention.py) and the "
+             "SmolLM2-135M / LLaMA-1B / LLaMA-8B shapes; token rows 1-4096; dtype fp32/bf16/fp16 (fp32 "
+             "weights under 16-bit activations too); LoRA r 8/64; full-weight noise on/off; head_dim 64/128; "
+             "GQA groups 1-8; page sizes 1/16/64; every split count the decode launcher chooses; 64-bit seeds "
+             "(32-bit too at the benchmark shapes). Cases that Triton would specialize identically are "
+             "compiled once (the row's `cases` / `covers` in the JSON name them).", "",
              "Registers, stack frame and spills from the wheel's `ptxas -v` (the flags Triton's own compile "
              "uses); shared memory from the compiled kernel's metadata (limit: sm_90 227 KiB, sm_80 163 KiB "
              "per block); wgmma / mma: tensor-core instructions in the PTX. **bench** marks the "
-             "configurations the GPU benchmarks run (these must not spill). Nothing here has run on a GPU.", "",
+             "configurations the GPU benchmarks run. Nothing here has run on a GPU.", "",
              "Why some dots are not wgmma on sm_90:", "",
              "- `_decode_split_kernel` (16-bit): its dots have BLOCK_H = 16 rows (the padded GQA group), "
              "below wgmma's 64-row minimum, so Triton emits mma.sync; decode is bandwidth-bound, not MMA-bound.",
-             "- noisy linear / LoRA down with BLOCK_M < 64 (fewer than 64 token rows) and extend tiles under "
-             "64 rows: mma.sync for the same reason.",
+             "- extend tiles under 64 rows (fp32 tiles are halved): mma.sync for the same reason.",
              "- fp32 attention: `input_precision=\"ieee\"` (exact fp32 FMA dots) on purpose, no tensor cores.",
-             "- fp32 LoRA / noise dots use tf32x3 (three tf32 MMAs), which is wgmma on sm_90 where rows >= 64.", ""]
-    sm80 = [r for r in rows if r["ok"] and r["arch"] != 90 and r["benchmark"] and r["spill_stores"]]
-    if sm80:
-        lines += ["Spills left at benchmark configurations on sm_80 (the benchmarks run on H100/H200; the tiles "
-                  "are tuned for sm_90, where these do not spill; on sm_80 the mma.sync accumulators and "
-                  "operand fragments of the 128x64 tile plus the LoRA epilogue's noise tile exceed 255 registers "
-                  "— BLOCK_K 32 still spilled 24 B; a per-arch tile is future work):", ""]
-        lines += [f"- {r['kernel']} [{r['config']}]: {r['spill_stores']} B stores / {r['spill_loads']} B loads"
-                  for r in sm80] + [""]
+             "- fp32 LoRA / noise dots use tf32x3 (three tf32 MMAs), which is wgmma on sm_90.", ""]
+    spills = [r for r in rows if r["ok"] and r["spill_stores"]]
+    if spills:
+        lines += ["Configurations that spill (benchmark ones fail the check):", ""]
+        lines += [f"- sm_{r['arch']} {r['kernel']} [{r['config']}]{' **bench**' if r['benchmark'] else ''}: "
+                  f"{r['spill_stores']} B stores / {r['spill_loads']} B loads" for r in spills] + [""]
+    else:
+        lines += ["No configuration spills registers, on sm_90 or sm_80.", ""]
     if problems:
         lines += ["## Problems", ""] + [f"- {p}" for p in problems] + [""]
     else:
         lines += ["All checks pass: every configuration compiles, fits shared memory, uses the expected "
-                  "tensor-core instructions, and no benchmark configuration spills on sm_90.", ""]
+                  "tensor-core instructions, and no benchmark configuration spills.", ""]
+    lines += ["## Summary", ""]
+    for arch in meta["archs"]:
+        lines += _summary(rows, arch)
     for arch in meta["archs"]:
         sel = [r for r in rows if r["arch"] == arch]
         lines += [f"## sm_{arch}", "", "| kernel | config | regs | stack B | spill st/ld B | shared KiB | wgmma | mma "
@@ -237,7 +289,7 @@ def _md(rows: list[dict], meta: dict, problems: list[str]) -> str:
                 continue
             lines.append(f"| {r['kernel']} | {r['config']} | {r['registers']} | {r['stack_frame']} | "
                          f"{r['spill_stores']}/{r['spill_loads']} | {r['shared'] / 1024:.1f} | {r['wgmma']} | "
-                         f"{r['mma']} | {'yes' if r['benchmark'] else ''} | {r['cases']} |")
+                         f"{r['mma']} | {'yes' if r['benchmark'] else ''} | {r['cases']} ({r['launcher_cases']}) |")
         lines.append("")
     return "\n".join(lines)
 
@@ -255,11 +307,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="fewer token-row buckets (the CI test's matrix)")
     ap.add_argument("--bench-only", action="store_true", help="only the GPU benchmarks' configurations")
     ap.add_argument("--arch", type=int, action="append", help="compute capability (default: 90 and 80)")
     args = ap.parse_args()
-    rows, meta = run(tuple(args.arch or ARCHS), args.quick, args.jobs, args.bench_only)
+    rows, meta = run(tuple(args.arch or ARCHS), args.jobs, args.bench_only)
     problems = write_report(rows, meta, args.out)
     print(f"{meta['configurations']} configurations in {meta['wall_s']} s -> {args.out}/kernels_sm90_resources.md")
     for p in problems:

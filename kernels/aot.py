@@ -14,6 +14,7 @@ process without ``TRITON_INTERPRET=1`` (the kernels are interpreter wrappers the
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .attention import _dot_precision, _is_pow2, _page_shift
 from .launch_config import (cuda_target, decode_attention_config, extend_attention_config, lora_down_config,
                             noisy_linear_config, randn_config, zo_update_config)
 
@@ -58,6 +60,7 @@ class CompileSpec:
     arch: int
     label: str = field(default="", compare=False)
     benchmark: bool = field(default=False, compare=False)  # a configuration a benchmark runs
+    case: tuple[tuple[str, Any], ...] = field(default=(), compare=False)  # the launcher's inputs (report only)
 
     def describe(self) -> str:
         const = ", ".join(f"{k}={v}" for k, v in self.constexprs)
@@ -122,31 +125,42 @@ def _fake_arg(kind: str, value: Any) -> Any:
     return int(value) if kind == "int" else float(value)
 
 
-def _bind(spec: CompileSpec):
-    """(fn, target, options, signature, constexprs, attrs) exactly as Triton's JIT would build them."""
+@functools.lru_cache(maxsize=None)
+def _binder(kernel: str, arch: int):
+    """(fn, target, backend, binder) for one kernel and arch; the binder is Triton's JIT argument binder."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
-    module, name = spec.kernel.split(":")
+    module, name = kernel.split(":")
     fn = getattr(importlib.import_module(f"kernels.{module}"), name)
     if not isinstance(fn, JITFunction):
-        raise RuntimeError(f"{spec.kernel} is {type(fn).__name__}, not a JITFunction: unset TRITON_INTERPRET")
-    target = GPUTarget("cuda", spec.arch, 32)
+        raise RuntimeError(f"{kernel} is {type(fn).__name__}, not a JITFunction: unset TRITON_INTERPRET")
+    target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    return fn, target, backend, create_function_from_signature(fn.signature, fn.params, backend)
+
+
+def _specialize(spec: CompileSpec):
+    fn, target, backend, binder = _binder(spec.kernel, spec.arch)
     kwargs = dict(spec.constexprs, num_warps=spec.num_warps, num_stages=spec.num_stages)
     args = [_fake_arg(kind, value) for kind, value in spec.args]
     bound, specialization, options = binder(*args, **kwargs)
+    return fn, target, backend, kwargs, bound, specialization, options
+
+
+def _bind(spec: CompileSpec):
+    """(fn, target, options, signature, constexprs, attrs) exactly as Triton's JIT would build them."""
+    fn, target, backend, kwargs, bound, specialization, options = _specialize(spec)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     return fn, target, options, signature, constexprs, attrs
 
 
 def specialization_key(spec: CompileSpec) -> str:
-    """Two specs with equal keys compile to the same kernel (argument types, 16-divisibility, constants)."""
-    _, _, options, signature, constexprs, attrs = _bind(spec)
-    return repr((spec.kernel, spec.arch, sorted(signature.items()), sorted(constexprs.items()),
-                 sorted((k, repr(v)) for k, v in attrs.items()), options.num_warps, options.num_stages))
+    """Two specs with equal keys compile to the same kernel: Triton's own specialization of every
+    argument (type, 16-divisibility, == 1), the constexprs, warps and stages, and the target."""
+    _, _, _, _, _, specialization, options = _specialize(spec)
+    return repr((spec.kernel, spec.arch, specialization, spec.constexprs, sorted(options.items())))
 
 
 def compile_spec(spec: CompileSpec) -> Resources:
@@ -173,6 +187,15 @@ def compile_spec(spec: CompileSpec) -> Resources:
     return Resources(signature=signature, compile_s=round(compile_s, 3), **stats)
 
 
+def _bits(seed: int) -> int:
+    return 32 if -(2**31) <= seed < 2**31 else 64
+
+
+def _attention_case(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, page_size: int) -> tuple:
+    return (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("group", num_heads // num_kv_heads),
+            ("head_dim", head_dim), ("dtype", _DTYPE_NAMES[dtype]), ("page_size", page_size))
+
+
 # ---- spec builders: one per launcher, each asking the launcher's config function --------------------
 
 def noisy_linear_specs(m: int, n: int, k: int, r: int, x_dtype: torch.dtype, w_dtype: torch.dtype,
@@ -181,6 +204,8 @@ def noisy_linear_specs(m: int, n: int, k: int, r: int, x_dtype: torch.dtype, w_d
     """The kernels `noisy_lora_linear(impl="triton")` launches for x [m, k], W [n, k], LoRA rank r
     (0: none): the LoRA down kernel (r > 0) and the noisy linear kernel."""
     target = cuda_target(arch)
+    case = (("m", m), ("n", n), ("k", k), ("r", r), ("x_dtype", _DTYPE_NAMES[x_dtype]),
+            ("w_dtype", _DTYPE_NAMES[w_dtype]), ("full_weight_noise", full_weight_noise), ("seed_bits", _bits(seed)))
     prec = "tf32x3"  # kernels.lora.F32_DOT_PRECISION
     specs = []
     rr = max(r, 1)
@@ -191,7 +216,7 @@ def noisy_linear_specs(m: int, n: int, k: int, r: int, x_dtype: torch.dtype, w_d
             (_ptr(x_dtype), _ptr(torch.float32), _ptr(torch.float32), _ptr(torch.float32),
              ("int", m), ("int", k), ("int", r), ("int", k), ("int", 1), ("int", seed)),
             (("PREC", prec), ("BLOCK_M", dc.block_m), ("BLOCK_K", dc.block_k), ("R_PAD", dc.r_pad)),
-            dc.num_warps, dc.num_stages, arch, label, benchmark))
+            dc.num_warps, dc.num_stages, arch, label, benchmark, case))
     cfg = noisy_linear_config(m, n, k, r, x_dtype, w_dtype, full_weight_noise, target)
     specs.append(CompileSpec(
         "lora:_noisy_linear_kernel",
@@ -203,12 +228,10 @@ def noisy_linear_specs(m: int, n: int, k: int, r: int, x_dtype: torch.dtype, w_d
         (("HAS_BIAS", has_bias), ("HAS_LORA", r > 0), ("HAS_WNOISE", full_weight_noise), ("LOW_PREC", cfg.low_prec),
          ("PREC", prec), ("GROUP_M", cfg.group_m), ("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n),
          ("BLOCK_K", cfg.block_k), ("R_CHUNK", cfg.r_chunk)),
-        cfg.num_warps, cfg.num_stages, arch, label, benchmark))
+        cfg.num_warps, cfg.num_stages, arch, label, benchmark, case))
     return specs
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # kernels.attention._dot_precision
 
 
 def extend_specs(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, page_size: int,
@@ -216,6 +239,7 @@ def extend_specs(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.
     """The kernel `extend_attention_triton` launches for q [T, H, D] and pools [P, page, Hkv, D]."""
     group = num_heads // num_kv_heads
     cfg = extend_attention_config(group, head_dim, dtype, page_size, cuda_target(arch))
+    case = _attention_case(num_heads, num_kv_heads, head_dim, dtype, page_size)
     kp, ks, kh = page_size * num_kv_heads * head_dim, num_kv_heads * head_dim, head_dim
     i32 = torch.int32
     return [CompileSpec(
@@ -223,11 +247,11 @@ def extend_specs(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.
         (_ptr(dtype), _ptr(dtype), _ptr(dtype), _ptr(dtype), _ptr(i32), _ptr(i32), _ptr(i32), ("float", 0.18),
          ("int", num_heads * head_dim), ("int", head_dim), ("int", num_heads * head_dim), ("int", head_dim),
          ("int", kp), ("int", ks), ("int", kh), ("int", kp), ("int", ks), ("int", kh), ("int", max_pages),
-         ("int", group)),
+         ("int", page_size), ("int", _page_shift(page_size)), ("int", group)),
         (("GROUP_PAD", cfg.group_pad), ("HEAD_DIM", head_dim), ("BLOCK_M", cfg.block_m),
-         ("BLOCK_N", cfg.block_n), ("BLOCK_D", cfg.block_d), ("PAGE_SIZE", page_size),
+         ("BLOCK_N", cfg.block_n), ("BLOCK_D", cfg.block_d), ("PAGE_POW2", _is_pow2(page_size)),
          ("DOT_PRECISION", _dot_precision(dtype))),
-        cfg.num_warps, cfg.num_stages, arch, label, benchmark)]
+        cfg.num_warps, cfg.num_stages, arch, label, benchmark, case)]
 
 
 def decode_specs(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, page_size: int,
@@ -236,6 +260,7 @@ def decode_specs(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.
     """The two kernels `decode_attention_triton` launches (split, merge) for q [B, H, D]."""
     group = num_heads // num_kv_heads
     cfg = decode_attention_config(group, head_dim, dtype, page_size, num_kv_splits, cuda_target(arch))
+    case = _attention_case(num_heads, num_kv_heads, head_dim, dtype, page_size) + (("num_kv_splits", num_kv_splits),)
     kp, ks, kh = page_size * num_kv_heads * head_dim, num_kv_heads * head_dim, head_dim
     f32, i32 = torch.float32, torch.int32
     mo = (num_heads * num_kv_splits * head_dim, num_kv_splits * head_dim, head_dim)  # mid_o strides
@@ -245,16 +270,17 @@ def decode_specs(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.
         (_ptr(dtype), _ptr(dtype), _ptr(dtype), _ptr(i32), _ptr(i32), _ptr(f32), _ptr(f32), ("float", 0.18),
          ("int", num_kv_splits), ("int", num_heads * head_dim), ("int", head_dim),
          ("int", kp), ("int", ks), ("int", kh), ("int", kp), ("int", ks), ("int", kh), ("int", max_pages),
-         *(("int", s) for s in mo), *(("int", s) for s in ml), ("int", group)),
+         ("int", page_size), ("int", _page_shift(page_size)), *(("int", s) for s in mo), *(("int", s) for s in ml),
+         ("int", group)),
         (("BLOCK_H", cfg.block_h), ("HEAD_DIM", head_dim), ("BLOCK_N", cfg.block_n),
-         ("BLOCK_D", cfg.block_d), ("PAGE_SIZE", page_size), ("DOT_PRECISION", _dot_precision(dtype))),
-        cfg.num_warps, cfg.num_stages, arch, label, benchmark)
+         ("BLOCK_D", cfg.block_d), ("PAGE_POW2", _is_pow2(page_size)), ("DOT_PRECISION", _dot_precision(dtype))),
+        cfg.num_warps, cfg.num_stages, arch, label, benchmark, case)
     merge = CompileSpec(
         "attention:_decode_merge_kernel",
         (_ptr(f32), _ptr(f32), _ptr(dtype), _ptr(i32), ("int", num_kv_splits),
          *(("int", s) for s in mo), *(("int", s) for s in ml), ("int", num_heads * head_dim), ("int", head_dim)),
         (("HEAD_DIM", head_dim), ("BLOCK_N", cfg.block_n), ("BLOCK_D", cfg.block_d), ("SPLITS_PAD", cfg.splits_pad)),
-        cfg.merge_warps, 3, arch, label, benchmark)
+        cfg.merge_warps, 3, arch, label, benchmark, case)
     return [split, merge]
 
 
@@ -265,7 +291,7 @@ def zo_update_specs(numel: int, n_seeds: int, arch: int, label: str = "", benchm
         "zo_update:_zo_update_kernel",
         (_ptr(torch.float32), _ptr(torch.int64), _ptr(torch.float32), ("int", n_seeds), ("int", numel),
          ("float", 1e-6), ("float", 0.0)),
-        (("BLOCK", cfg.block),), cfg.num_warps, 3, arch, label, benchmark)]
+        (("BLOCK", cfg.block),), cfg.num_warps, 3, arch, label, benchmark, (("numel", numel), ("n_seeds", n_seeds)))]
 
 
 def randn_specs(numel: int, seed: int, arch: int, label: str = "", benchmark: bool = False) -> list[CompileSpec]:
@@ -273,7 +299,8 @@ def randn_specs(numel: int, seed: int, arch: int, label: str = "", benchmark: bo
     cfg = randn_config(numel, cuda_target(arch))
     return [CompileSpec(
         "noise:_randn_kernel", (_ptr(torch.float32), ("int", seed), ("int", 0), ("int", numel)),
-        (("BLOCK", cfg.block),), cfg.num_warps, 3, arch, label, benchmark)]
+        (("BLOCK", cfg.block),), cfg.num_warps, 3, arch, label, benchmark,
+        (("numel", numel), ("seed_bits", _bits(seed))))]
 
 
 def resources_row(spec: CompileSpec, res: Resources) -> dict:

@@ -45,12 +45,17 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _attend_tile(q, K, V, pt_row, offs_n, n_ok, visible, kvh, offs_d, d_ok, m_i, l_i, acc, sm_scale_log2,
                  stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-                 PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 page_size, page_shift, PAGE_POW2: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One online-softmax step over the KV tile at positions `offs_n`, read through the page table.
     `visible` masks the scores (causality in extend, the sequence's end in decode). Returns the new
     (running max, running sum, accumulator); all in fp32, base-2 exponentials."""
-    page = tl.load(pt_row + offs_n // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
-    slot = offs_n % PAGE_SIZE
+    if PAGE_POW2:  # shift and mask: as cheap as a constexpr page size, one kernel for every power of two
+        page_idx = offs_n >> page_shift
+        slot = offs_n & (page_size - 1)
+    else:
+        page_idx = offs_n // page_size
+        slot = offs_n % page_size
+    page = tl.load(pt_row + page_idx, mask=n_ok, other=0).to(tl.int64)
     kv_mask = n_ok[:, None] & d_ok[None, :]
     k_off = page * stride_kp + slot * stride_ks + kvh * stride_kh
     k = tl.load(K + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -67,13 +72,14 @@ def _attend_tile(q, K, V, pt_row, offs_n, n_ok, visible, kvh, offs_d, d_ok, m_i,
     return m_new, l_i, acc
 
 
-@triton.jit(do_not_specialize=["GROUP"])
+@triton.jit(do_not_specialize=["GROUP", "page_size", "page_shift"])
 def _extend_kernel(Q, K, V, Out, PT, QO_INDPTR, PREFIX, sm_scale_log2,
                    stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_ptb,
+                   page_size, page_shift,
                    GROUP, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   PAGE_POW2: tl.constexpr, DOT_PRECISION: tl.constexpr):
     b = tl.program_id(0)
     m_start = tl.program_id(1) * BLOCK_M
     kvh = tl.program_id(2)
@@ -109,7 +115,7 @@ def _extend_kernel(Q, K, V, Out, PT, QO_INDPTR, PREFIX, sm_scale_log2,
         visible = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])  # causal over prefix + new tokens
         m_i, l_i, acc = _attend_tile(q, K, V, pt_row, offs_n, n_ok, visible, kvh, offs_d, d_ok, m_i, l_i, acc,
                                      sm_scale_log2, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs,
-                                     stride_vh, PAGE_SIZE, DOT_PRECISION)
+                                     stride_vh, page_size, page_shift, PAGE_POW2, DOT_PRECISION)
 
     out = acc / l_i[:, None]
     o_off = (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh
@@ -117,13 +123,14 @@ def _extend_kernel(Q, K, V, Out, PT, QO_INDPTR, PREFIX, sm_scale_log2,
 
 
 @triton.jit(do_not_specialize=["num_splits", "stride_mob", "stride_moh", "stride_mos",
-                                     "stride_mlb", "stride_mlh", "GROUP"])
+                                     "stride_mlb", "stride_mlh", "GROUP", "page_size",
+                                     "page_shift"])
 def _decode_split_kernel(Q, K, V, PT, SEQ_LENS, MID_O, MID_LSE, sm_scale_log2, num_splits,
                          stride_qb, stride_qh, stride_kp, stride_ks, stride_kh,
-                         stride_vp, stride_vs, stride_vh, stride_ptb,
+                         stride_vp, stride_vs, stride_vh, stride_ptb, page_size, page_shift,
                          stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
                          GROUP, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_POW2: tl.constexpr,
                          DOT_PRECISION: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -153,7 +160,7 @@ def _decode_split_kernel(Q, K, V, PT, SEQ_LENS, MID_O, MID_LSE, sm_scale_log2, n
         n_ok = offs_n < end
         m_i, l_i, acc = _attend_tile(q, K, V, pt_row, offs_n, n_ok, n_ok[None, :], kvh, offs_d, d_ok, m_i, l_i,
                                      acc, sm_scale_log2, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs,
-                                     stride_vh, PAGE_SIZE, DOT_PRECISION)
+                                     stride_vh, page_size, page_shift, PAGE_POW2, DOT_PRECISION)
 
     mo = MID_O + b * stride_mob + head[:, None] * stride_moh + split * stride_mos + offs_d[None, :]
     tl.store(mo, acc / l_i[:, None], mask=hd_mask)
@@ -199,6 +206,15 @@ def _check_pools(q: Tensor, k_pool: Tensor, v_pool: Tensor) -> tuple[int, int, i
     return num_heads // num_kv_heads, k_pool.shape[1], head_dim
 
 
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _page_shift(page_size: int) -> int:
+    """log2(page_size) for a power of two (the kernels then shift and mask), else 0 (unused)."""
+    return page_size.bit_length() - 1 if _is_pow2(page_size) else 0
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs use exact IEEE dots (tf32 would break the fp32 tolerances); 16-bit ones ignore it."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -223,8 +239,9 @@ def extend_attention_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_tabl
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         v_pool.stride(0), v_pool.stride(1), v_pool.stride(2), page_table.stride(0),
+        page_size, _page_shift(page_size),
         GROUP=group, GROUP_PAD=cfg.group_pad, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, PAGE_SIZE=page_size,
+        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, PAGE_POW2=_is_pow2(page_size),
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
@@ -259,9 +276,10 @@ def decode_attention_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_tabl
         q, k_pool, v_pool, page_table, seq_lens, mid_o, mid_lse, sm_scale * _LOG2E, num_kv_splits,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         v_pool.stride(0), v_pool.stride(1), v_pool.stride(2), page_table.stride(0),
+        page_size, _page_shift(page_size),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         GROUP=group, BLOCK_H=cfg.block_h, HEAD_DIM=head_dim,
-        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, PAGE_SIZE=page_size,
+        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, PAGE_POW2=_is_pow2(page_size),
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _decode_merge_kernel[(bsz, num_heads)](
         mid_o, mid_lse, out, seq_lens, num_kv_splits,

@@ -5,10 +5,13 @@ The launchers call it, and so does the ahead-of-time compile check (kernels/aot.
 tests/test_aot_compile.py), so the check compiles exactly what runs.
 
 Targets: the Triton interpreter (CPU; fewer, bigger tiles are much faster there) and CUDA by compute
-capability (90 = sm_90). The CUDA tiles are chosen so that no benchmark configuration spills
-registers on sm_90 (see bench/results/kernels_sm90_resources.md). The kernels mark row counts, ranks,
-seeds, split counts and GQA group sizes `do_not_specialize`: their values would only multiply the
-compiled variants (M == 1, 16-divisibility), not speed anything up.
+capability (90 = sm_90, 80 = sm_80). The CUDA tiles are chosen so that no configuration of the AOT
+matrix spills registers on sm_90 or sm_80 (see bench/results/kernels_sm90_resources.md), and from few
+variants, so that the whole matrix compiles in CI: two row buckets for the noisy linear, one for the
+LoRA down kernel, one decode merge width. The kernels mark row counts, ranks, seeds, split counts, GQA
+group sizes and page sizes `do_not_specialize`: their values would only multiply the compiled variants
+(M == 1, 16-divisibility), not speed anything up (power-of-two page sizes use a runtime shift and mask,
+as cheap as a constexpr page size in the SASS).
 """
 from __future__ import annotations
 
@@ -115,7 +118,9 @@ def lora_down_config(m: int, k: int, r: int, x_dtype: torch.dtype, target: Launc
     # fp32 accumulators, and tf32x3 keeps hi/lo halves of each operand. On sm_90 BLOCK_K 64 spilled
     # at r 16 (108 B) and r 64 (2.7 KB); a BLOCK_K x R_PAD noise tile of <= 1024 elements does not.
     block_k = max(16, min(64, 512 // r_pad))
-    return LoraDownConfig(_pow2(m, 16, 64), block_k, r_pad, 8 if r_pad >= 128 else 4, 3)
+    # BLOCK_M fixed at 64 (one Hopper warpgroup MMA): smaller row tiles would only add compiled
+    # variants; x is tiny next to the noise tile, so padding rows costs nothing measurable.
+    return LoraDownConfig(64, block_k, r_pad, 8 if r_pad >= 128 else 4, 3)
 
 
 @dataclass(frozen=True)
@@ -148,10 +153,18 @@ def noisy_linear_config(m: int, n: int, k: int, r: int, x_dtype: torch.dtype, w_
     bm = _pow2(m, 16, 128)
     if not target.is_cuda:  # interpreter: fewer, larger tiles (and one epilogue trip) are much faster
         return NoisyLinearConfig(bm, 128, 128, 8, lora_r_pad(max(r, 1)), low, 8 if bm >= 128 else 4, 3)
-    # sm_90 without spills (bench/results/kernels_sm90_resources.md): BLOCK_N 128 spilled in the LoRA
-    # epilogue, and fp32 tf32x3 dots (3 MMAs on hi/lo halves) need BLOCK_K 16 next to a noise tile.
+    # No spills on sm_90 or sm_80 at any mode (bench/results/kernels_sm90_resources.md). Two row
+    # buckets: 64 (<= 64 token rows: decode and short prompts, where reading W bounds the time and 64
+    # rows is the smallest Hopper warpgroup MMA) and 128; smaller row tiles would only multiply the
+    # compiled variants. fp32 tf32x3 dots (3 MMAs on hi/lo halves) need BLOCK_K 16 next to a noise tile.
+    bm = 64 if m <= 64 else 128
     bk = 64 if low else 16
-    return NoisyLinearConfig(bm, 64, bk, 8, 16, low, 8 if bm >= 128 else 4, 3)
+    if target.arch >= 90:
+        # BLOCK_N 128 spilled in the LoRA epilogue; 4 warps on 64 rows spilled 36 B with LoRA + W noise
+        return NoisyLinearConfig(bm, 64, bk, 8, 16, low, 8, 3)
+    # sm_80 (mma.sync fragments live in registers): BLOCK_N 64 spilled 40 B in the LoRA epilogue
+    # (BLOCK_K 32: 24 B, 64x64 on 4 warps: 56 B); BLOCK_N 32 does not.
+    return NoisyLinearConfig(bm, 32, bk, 8, 16, low, 8 if bm >= 128 else 4, 3)
 
 
 # ---- paged attention (kernels/attention.py) -------------------------------------------------------
@@ -225,8 +238,13 @@ def decode_attention_config(group: int, head_dim: int, dtype: torch.dtype, page_
         raise ValueError(f"unknown decode config keys {sorted(unknown)}")
     cfg.update(override or {})
     cfg["block_n"] = max(cfg["block_n"], 16)
+    # CUDA: one merge variant for every split count choose_num_kv_splits returns (<= 64); the merge
+    # reads only the used splits, and padded lanes are masked register work in a tiny kernel.
+    splits_pad = next_pow2(num_kv_splits)
+    if target.is_cuda:
+        splits_pad = max(64, splits_pad)
     return DecodeConfig(block_h=max(16, next_pow2(group)), block_d=block_d,
-                        splits_pad=next_pow2(num_kv_splits), merge_warps=4, **cfg)
+                        splits_pad=splits_pad, merge_warps=4, **cfg)
 
 
 # ---- element-wise noise kernels (kernels/zo_update.py, kernels/noise.py) --------------------------

@@ -58,6 +58,18 @@ def test_attention_cuda_tiles_match_reference(monkeypatch):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_decode_cuda_tiles_match_reference(monkeypatch):
+    """The CUDA merge pads splits to 64 (most lanes masked) and pages of 12 use division, not shifts."""
+    from test_attention_kernels import make_decode
+
+    monkeypatch.setattr(attention, "target_of", lambda device: cuda_target(90))
+    for page_size, splits in ((16, 3), (12, 2)):
+        q, k_pool, v_pool, pt, sl, _, _ = make_decode([70, 5], page_size, 2, 2, 64, torch.float32, "cpu")
+        got = attention.decode_attention_triton(q, k_pool, v_pool, pt, sl, 0.125, num_kv_splits=splits)
+        ref = attention.decode_attention_torch(q, k_pool, v_pool, pt, sl, 0.125)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_interpreter_and_cuda_configs_differ_where_intended():
     args = (4096, 4096, 4096, 64, torch.bfloat16, torch.bfloat16, False)
     cpu, gpu = noisy_linear_config(*args, INTERPRETER), noisy_linear_config(*args, cuda_target(90))
@@ -68,7 +80,15 @@ def test_interpreter_and_cuda_configs_differ_where_intended():
     assert lora_down_config(4096, 4096, 64, torch.bfloat16, cuda_target(90)).block_k == 16
     assert lora_down_config(4096, 4096, 8, torch.bfloat16, cuda_target(90)).block_k == 32
     assert extend_attention_config(4, 128, torch.bfloat16, 16, cuda_target(90)).block_m == 32
-    assert decode_attention_config(4, 128, torch.bfloat16, 16, 5, cuda_target(90)).splits_pad == 8
+    # CUDA: one merge variant for every split count the launcher chooses; the interpreter pads tightly
+    assert {decode_attention_config(4, 128, torch.bfloat16, 16, s, cuda_target(90)).splits_pad
+            for s in range(1, 65)} == {64}
+    assert decode_attention_config(4, 128, torch.bfloat16, 16, 5, INTERPRETER).splits_pad == 8
+    # two row buckets on CUDA; sm_80 gets BLOCK_N 32 (no spills there)
+    assert {noisy_linear_config(m, 4096, 4096, 8, torch.bfloat16, torch.bfloat16, False, cuda_target(90)).block_m
+            for m in (1, 16, 33, 64, 65, 4096)} == {64, 128}
+    assert noisy_linear_config(*args, cuda_target(80)).block_n == 32
+    assert lora_down_config(1, 4096, 8, torch.bfloat16, cuda_target(90)).block_m == 64
 
 
 def test_bad_inputs_raise_clear_errors():
