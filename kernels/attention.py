@@ -11,6 +11,8 @@ tensors and torch otherwise.
 
 Kernel design (both kernels are GQA-aware: one program owns a kv head and ALL query heads that
 read it, so each K/V tile is loaded once per group instead of once per query head):
+(GROUP, the query heads per kv head, is a runtime argument: only its padded size shapes the tiles, so
+groups 3 and 4 share one compiled kernel.)
 * extend: grid (sequence, query block, kv head). The program's tile rows are (token, head-in-group)
   pairs flattened into BLOCK_M * GROUP_PAD rows, so a single tl.dot serves the whole group. It walks
   the kv axis in BLOCK_N tiles, resolving each kv position's page through the page table (which makes
@@ -29,6 +31,7 @@ from torch import Tensor
 
 from kernels.attention_ref import (decode_attention_flash, decode_attention_torch, extend_attention_flash,
                                    extend_attention_torch, flash_attn_available)
+from kernels.launch_config import decode_attention_config, extend_attention_config, target_of
 
 __all__ = [
     "extend_attention", "decode_attention", "extend_attention_torch", "decode_attention_torch",
@@ -42,12 +45,17 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _attend_tile(q, K, V, pt_row, offs_n, n_ok, visible, kvh, offs_d, d_ok, m_i, l_i, acc, sm_scale_log2,
                  stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-                 PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 page_size, page_shift, PAGE_POW2: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One online-softmax step over the KV tile at positions `offs_n`, read through the page table.
     `visible` masks the scores (causality in extend, the sequence's end in decode). Returns the new
     (running max, running sum, accumulator); all in fp32, base-2 exponentials."""
-    page = tl.load(pt_row + offs_n // PAGE_SIZE, mask=n_ok, other=0).to(tl.int64)
-    slot = offs_n % PAGE_SIZE
+    if PAGE_POW2:  # shift and mask: as cheap as a constexpr page size, one kernel for every power of two
+        page_idx = offs_n >> page_shift
+        slot = offs_n & (page_size - 1)
+    else:
+        page_idx = offs_n // page_size
+        slot = offs_n % page_size
+    page = tl.load(pt_row + page_idx, mask=n_ok, other=0).to(tl.int64)
     kv_mask = n_ok[:, None] & d_ok[None, :]
     k_off = page * stride_kp + slot * stride_ks + kvh * stride_kh
     k = tl.load(K + k_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -64,13 +72,14 @@ def _attend_tile(q, K, V, pt_row, offs_n, n_ok, visible, kvh, offs_d, d_ok, m_i,
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["GROUP", "page_size", "page_shift"])
 def _extend_kernel(Q, K, V, Out, PT, QO_INDPTR, PREFIX, sm_scale_log2,
                    stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_ptb,
-                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   page_size, page_shift,
+                   GROUP, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   PAGE_POW2: tl.constexpr, DOT_PRECISION: tl.constexpr):
     b = tl.program_id(0)
     m_start = tl.program_id(1) * BLOCK_M
     kvh = tl.program_id(2)
@@ -106,20 +115,22 @@ def _extend_kernel(Q, K, V, Out, PT, QO_INDPTR, PREFIX, sm_scale_log2,
         visible = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])  # causal over prefix + new tokens
         m_i, l_i, acc = _attend_tile(q, K, V, pt_row, offs_n, n_ok, visible, kvh, offs_d, d_ok, m_i, l_i, acc,
                                      sm_scale_log2, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs,
-                                     stride_vh, PAGE_SIZE, DOT_PRECISION)
+                                     stride_vh, page_size, page_shift, PAGE_POW2, DOT_PRECISION)
 
     out = acc / l_i[:, None]
     o_off = (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh
     tl.store(Out + o_off[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=io_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_mob", "stride_moh", "stride_mos",
+                                     "stride_mlb", "stride_mlh", "GROUP", "page_size",
+                                     "page_shift"])
 def _decode_split_kernel(Q, K, V, PT, SEQ_LENS, MID_O, MID_LSE, sm_scale_log2, num_splits,
                          stride_qb, stride_qh, stride_kp, stride_ks, stride_kh,
-                         stride_vp, stride_vs, stride_vh, stride_ptb,
+                         stride_vp, stride_vs, stride_vh, stride_ptb, page_size, page_shift,
                          stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
-                         GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                         GROUP, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_POW2: tl.constexpr,
                          DOT_PRECISION: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -149,14 +160,15 @@ def _decode_split_kernel(Q, K, V, PT, SEQ_LENS, MID_O, MID_LSE, sm_scale_log2, n
         n_ok = offs_n < end
         m_i, l_i, acc = _attend_tile(q, K, V, pt_row, offs_n, n_ok, n_ok[None, :], kvh, offs_d, d_ok, m_i, l_i,
                                      acc, sm_scale_log2, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs,
-                                     stride_vh, PAGE_SIZE, DOT_PRECISION)
+                                     stride_vh, page_size, page_shift, PAGE_POW2, DOT_PRECISION)
 
     mo = MID_O + b * stride_mob + head[:, None] * stride_moh + split * stride_mos + offs_d[None, :]
     tl.store(mo, acc / l_i[:, None], mask=hd_mask)
     tl.store(MID_LSE + b * stride_mlb + head * stride_mlh + split, m_i + tl.log2(l_i), mask=h_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_mob", "stride_moh", "stride_mos",
+                                     "stride_mlb", "stride_mlh"])
 def _decode_merge_kernel(MID_O, MID_LSE, Out, SEQ_LENS, num_splits,
                          stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
                          stride_ob, stride_oh,
@@ -194,6 +206,15 @@ def _check_pools(q: Tensor, k_pool: Tensor, v_pool: Tensor) -> tuple[int, int, i
     return num_heads // num_kv_heads, k_pool.shape[1], head_dim
 
 
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _page_shift(page_size: int) -> int:
+    """log2(page_size) for a power of two (the kernels then shift and mask), else 0 (unused)."""
+    return page_size.bit_length() - 1 if _is_pow2(page_size) else 0
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs use exact IEEE dots (tf32 would break the fp32 tolerances); 16-bit ones ignore it."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -211,26 +232,17 @@ def extend_attention_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_tabl
         return out
     if max_extend_len is None:
         max_extend_len = int((qo_indptr[1:] - qo_indptr[:-1]).max())
-    group_pad = triton.next_power_of_2(group)
-    block_d = triton.next_power_of_2(head_dim)
-    # ~128 (token, head) rows x 64 kv per tile for 16-bit inputs; fp32 tiles (tests) are halved
-    # to stay inside shared memory.
-    small = block_d > 128 or q.element_size() > 2
-    cfg = {"block_m": max(1, (64 if small else 128) // group_pad), "block_n": 32 if small else 64,
-           "num_warps": 8 if block_d >= 128 else 4, "num_stages": 2}
-    cfg.update(config or {})
-    # GPU tl.dot needs M, N, K >= 16: at least 16 rows and 16 kv per tile.
-    cfg["block_m"] = max(cfg["block_m"], 16 // min(group_pad, 16))
-    cfg["block_n"] = max(cfg["block_n"], 16)
-    grid = (bsz, triton.cdiv(max_extend_len, cfg["block_m"]), k_pool.shape[2])
+    cfg = extend_attention_config(group, head_dim, q.dtype, page_size, target_of(q.device), config)
+    grid = (bsz, triton.cdiv(max_extend_len, cfg.block_m), k_pool.shape[2])
     _extend_kernel[grid](
         q, k_pool, v_pool, out, page_table, qo_indptr, prefix_lens, sm_scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         v_pool.stride(0), v_pool.stride(1), v_pool.stride(2), page_table.stride(0),
-        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_M=cfg["block_m"],
-        BLOCK_N=cfg["block_n"], BLOCK_D=block_d, PAGE_SIZE=page_size,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        page_size, _page_shift(page_size),
+        GROUP=group, GROUP_PAD=cfg.group_pad, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, PAGE_POW2=_is_pow2(page_size),
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
@@ -257,26 +269,23 @@ def decode_attention_triton(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_tabl
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max())
         num_kv_splits = choose_num_kv_splits(max_seq_len, bsz, num_kv_heads)
-    block_d = triton.next_power_of_2(head_dim)
-    small = block_d > 128 or q.element_size() > 2
-    cfg = {"block_n": 32 if small else 64, "num_warps": 4, "num_stages": 2}
-    cfg.update(config or {})
-    cfg["block_n"] = max(cfg["block_n"], 16)
+    cfg = decode_attention_config(group, head_dim, q.dtype, page_size, num_kv_splits, target_of(q.device), config)
     mid_o = torch.empty(bsz, num_heads, num_kv_splits, head_dim, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(bsz, num_heads, num_kv_splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(bsz, num_kv_heads, num_kv_splits)](
         q, k_pool, v_pool, page_table, seq_lens, mid_o, mid_lse, sm_scale * _LOG2E, num_kv_splits,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         v_pool.stride(0), v_pool.stride(1), v_pool.stride(2), page_table.stride(0),
+        page_size, _page_shift(page_size),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_N=cfg["block_n"], BLOCK_D=block_d, PAGE_SIZE=page_size,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        GROUP=group, BLOCK_H=cfg.block_h, HEAD_DIM=head_dim,
+        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, PAGE_POW2=_is_pow2(page_size),
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _decode_merge_kernel[(bsz, num_heads)](
         mid_o, mid_lse, out, seq_lens, num_kv_splits,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_N=cfg["block_n"], BLOCK_D=block_d,
-        SPLITS_PAD=triton.next_power_of_2(num_kv_splits), num_warps=4)
+        out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+        SPLITS_PAD=cfg.splits_pad, num_warps=cfg.merge_warps)
     return out
 
 

@@ -6,9 +6,10 @@ Per row i with sign σ_i ∈ {+1, -1, 0}:
     y_i = x_i Wᵀ + bias + s · (t_i Bᵀ + σ_i ε t_i Z_Bᵀ)   [+ σ_i ε x_i Z_Wᵀ in full-weight mode]
 
 Kernel 1 reduces x against A and Z_A ([M, r] each, tiny). Kernel 2 is a tiled x Wᵀ whose epilogue adds
-the LoRA term; B and Z_B tiles are [r, BLOCK_N]. Every noise tile comes from ``tl.randn(seed, flat
-index)`` inside the kernel, once per program for all its rows, and the per-row sign is applied after
-the dot products, so rows of both branches (and unperturbed rows) share every tile.
+the LoRA term, R_CHUNK ranks at a time (B and Z_B tiles are [R_CHUNK, BLOCK_N]). Every noise tile comes
+from ``tl.randn(seed, flat index)`` inside the kernel, once per program for all its rows, and the
+per-row sign scales the rows (σ_i ε x_i or σ_i ε t_i, or the product after the dot), never the noise
+tile, so rows of both branches (and unperturbed rows) share every tile.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_config import lora_down_config, noisy_linear_config, target_of
 from .lora_ref import lora_noise, noisy_lora_linear_ref
 
 __all__ = ["noisy_lora_linear", "noisy_lora_linear_ref", "lora_noise"]
@@ -24,10 +26,9 @@ __all__ = ["noisy_lora_linear", "noisy_lora_linear_ref", "lora_noise"]
 # round t = xAᵀ ± εxZ_Aᵀ to 10 mantissa bits and wash out the ε-sized perturbation. The interpreter
 # ignores this and multiplies in float32.
 F32_DOT_PRECISION = "tf32x3"
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "R", "seed_a"])
 def _lora_down_kernel(x_ptr, a_ptr, t_ptr, tn_ptr, M, K, R, sxm, sxk, seed_a,
                       PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr):
     """T = x Aᵀ and T_noise = x Z_Aᵀ for BLOCK_M rows; Z_A tiles generated in registers."""
@@ -50,13 +51,13 @@ def _lora_down_kernel(x_ptr, a_ptr, t_ptr, tn_ptr, M, K, R, sxm, sxk, seed_a,
     tl.store(tn_ptr + idx, acc_n, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "R", "seed_b", "seed_w"])
 def _noisy_linear_kernel(x_ptr, w_ptr, bias_ptr, t_ptr, tn_ptr, b_ptr, sign_ptr, out_ptr,
                          M, N, K, R, sxm, sxk, swn, swk, som, son, seed_b, seed_w, eps, scale,
                          HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_WNOISE: tl.constexpr,
                          LOW_PREC: tl.constexpr, PREC: tl.constexpr, GROUP_M: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         R_PAD: tl.constexpr):
+                         R_CHUNK: tl.constexpr):
     # grouped tile order: GROUP_M row blocks sweep the N blocks together, so W tiles stay in L2
     pid = tl.program_id(0)
     n_pid_m = tl.cdiv(M, BLOCK_M)
@@ -98,21 +99,22 @@ def _noisy_linear_kernel(x_ptr, w_ptr, bias_ptr, t_ptr, tn_ptr, b_ptr, sign_ptr,
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA:
-        rr = tl.arange(0, R_PAD)
-        t_idx = rm[:, None] * R + rr[None, :]
-        t_mask = m_ok[:, None] & (rr[None, :] < R)
-        t = tl.load(t_ptr + t_idx, mask=t_mask, other=0.0) + se[:, None] * tl.load(tn_ptr + t_idx, mask=t_mask, other=0.0)
-        b_idx = rn[None, :] * R + rr[:, None]  # [R_PAD, BLOCK_N]: flat index of B[n, r]
-        b = tl.load(b_ptr + b_idx, mask=n_ok[None, :] & (rr[:, None] < R), other=0.0)
-        z_b = tl.randn(seed_b, b_idx)  # padded rows meet t == 0
-        lora = tl.dot(t, b, input_precision=PREC) + se[:, None] * tl.dot(t, z_b, input_precision=PREC)
-        acc += scale * lora
+        # scale * (t Bᵀ + σε t Z_Bᵀ), accumulated straight into acc, R_CHUNK ranks at a time: the B and
+        # Z_B tiles are [R_CHUNK, BLOCK_N], so a large rank costs loop trips, not registers (no spills).
+        for r0 in range(0, R, R_CHUNK):
+            rr = r0 + tl.arange(0, R_CHUNK)
+            t_idx = rm[:, None] * R + rr[None, :]
+            t_mask = m_ok[:, None] & (rr[None, :] < R)
+            t = tl.load(t_ptr + t_idx, mask=t_mask, other=0.0) + se[:, None] * tl.load(tn_ptr + t_idx, mask=t_mask,
+                                                                                        other=0.0)
+            t = t * scale
+            b_idx = rn[None, :] * R + rr[:, None]  # [R_CHUNK, BLOCK_N]: flat index of B[n, r]
+            b = tl.load(b_ptr + b_idx, mask=n_ok[None, :] & (rr[:, None] < R), other=0.0)
+            z_b = tl.randn(seed_b, b_idx)  # ranks past R meet t == 0
+            acc = tl.dot(t, b, acc, input_precision=PREC)
+            acc = tl.dot(t * se[:, None], z_b, acc, input_precision=PREC)
     tl.store(out_ptr + rm[:, None] * som + rn[None, :] * son, acc.to(out_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
-
-
-def _pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
 
 
 def _noisy_lora_linear_triton(x, weight, lora_a, lora_b, signs, seed_a, seed_b, eps, scale, bias, weight_seed):
@@ -129,12 +131,10 @@ def _noisy_lora_linear_triton(x, weight, lora_a, lora_b, signs, seed_a, seed_b, 
         raise ValueError(f"signs has {signs.numel()} entries for {m} rows")
     if signs.dtype == torch.bool:
         signs = signs.to(torch.int8)
-    on_gpu = x.is_cuda
+    target = target_of(x.device)
     has_lora = lora_a is not None
-    low = x.dtype in _LOW_PRECISION and weight.dtype == x.dtype
     wnoise = weight_seed is not None
-    r = lora_a.shape[0] if has_lora else 1
-    r_pad = _pow2(r, 16, 1 << 30)
+    r = lora_a.shape[0] if has_lora else 0
     t = tn = b = out  # placeholders, never read when HAS_LORA is off
     if has_lora:
         if lora_b is None or lora_a.shape[1] != k or tuple(lora_b.shape) != (n, r):
@@ -144,25 +144,19 @@ def _noisy_lora_linear_triton(x, weight, lora_a, lora_b, signs, seed_a, seed_b, 
         b = lora_b.to(torch.float32).contiguous()
         t = torch.empty((m, r), dtype=torch.float32, device=x.device)
         tn = torch.empty_like(t)
-        bm1 = _pow2(m, 16, 64 if on_gpu else 128)
-        bk1 = 64 if on_gpu else 256
-        _lora_down_kernel[(triton.cdiv(m, bm1),)](
+        dc = lora_down_config(m, k, r, x.dtype, target)
+        _lora_down_kernel[dc.grid(m)](
             x2, a, t, tn, m, k, r, x2.stride(0), x2.stride(1), int(seed_a),
-            PREC=F32_DOT_PRECISION, BLOCK_M=bm1, BLOCK_K=bk1, R_PAD=r_pad, num_warps=4)
-    if on_gpu:
-        bm = _pow2(m, 16, 128)
-        bn = 64 if (wnoise or r_pad >= 64) else 128
-        bk = 64 if low else 32
-    else:  # interpreter: fewer, larger tiles are much faster
-        bm, bn, bk = _pow2(m, 16, 128), 128, 128
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _noisy_linear_kernel[grid](
+            PREC=F32_DOT_PRECISION, BLOCK_M=dc.block_m, BLOCK_K=dc.block_k, R_PAD=dc.r_pad,
+            num_warps=dc.num_warps, num_stages=dc.num_stages)
+    cfg = noisy_linear_config(m, n, k, r, x.dtype, weight.dtype, wnoise, target)
+    _noisy_linear_kernel[cfg.grid(m, n)](
         x2, weight, bias if bias is not None else out, t, tn, b, signs, out,
-        m, n, k, r, x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-        int(seed_b), int(weight_seed) if wnoise else 0, float(eps), float(scale),
-        HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_WNOISE=wnoise, LOW_PREC=low,
-        PREC=F32_DOT_PRECISION, GROUP_M=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, R_PAD=r_pad,
-        num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3)
+        m, n, k, max(r, 1), x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
+        out.stride(1), int(seed_b), int(weight_seed) if wnoise else 0, float(eps), float(scale),
+        HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_WNOISE=wnoise, LOW_PREC=cfg.low_prec,
+        PREC=F32_DOT_PRECISION, GROUP_M=cfg.group_m, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, R_CHUNK=cfg.r_chunk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.reshape(*lead, n)
 
 

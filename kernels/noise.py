@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_config import randn_config, target_of
+
 __all__ = ["randn", "randn_triton", "derive_seed"]
 
 _M32 = 0xFFFFFFFF
@@ -186,7 +188,7 @@ def randn(seed: int, shape: int | Sequence[int], offset: int = 0, device: torch.
     return out.view(shape)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _randn_kernel(out_ptr, seed, offset, n, BLOCK: tl.constexpr):
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
@@ -200,8 +202,8 @@ def randn_triton(seed: int, shape: int | Sequence[int], offset: int = 0, device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     out = torch.empty(n, dtype=torch.float32, device=device)
     if n:
-        block = 1024
-        _randn_kernel[(triton.cdiv(n, block),)](out, seed, offset, n, BLOCK=block)
+        cfg = randn_config(n, target_of(out.device))
+        _randn_kernel[cfg.grid(n)](out, seed, offset, n, BLOCK=cfg.block, num_warps=cfg.num_warps)
     return out.view(shape)
 
 

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_config import target_of, zo_update_config
 from .noise_cache import cached_randn
 
 __all__ = ["zo_update_", "zo_update_ref_"]
@@ -19,7 +20,7 @@ __all__ = ["zo_update_", "zo_update_ref_"]
 _TORCH_CHUNK = 1 << 20  # elements per chunk in the torch path (bounds the float32 temporaries)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_seeds"])
 def _zo_update_kernel(p_ptr, seed_ptr, grad_ptr, n_seeds, numel, lr, wd, BLOCK: tl.constexpr):
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # int32 counters: numel < 2^31
     mask = idx < numel
@@ -102,9 +103,9 @@ def _zo_update_triton(param: torch.Tensor, s: torch.Tensor, g: torch.Tensor, lr:
                       weight_decay: float) -> torch.Tensor:
     numel = param.numel()
     work = param if param.is_contiguous() else param.contiguous()
-    block = 1024
-    _zo_update_kernel[(triton.cdiv(numel, block),)](work, s, g, s.numel(), numel, float(lr), float(weight_decay),
-                                                    BLOCK=block, num_warps=4)
+    cfg = zo_update_config(numel, target_of(work.device))
+    _zo_update_kernel[cfg.grid(numel)](work, s, g, s.numel(), numel, float(lr), float(weight_decay),
+                                       BLOCK=cfg.block, num_warps=cfg.num_warps)
     if work is not param:
         param.copy_(work)
     return param

@@ -91,6 +91,7 @@ EXTEND_CASES = [
     (64, 3, 2, 64, [130, 1], [6, 33], {"block_n": 16}),              # a tile is part of a page
     (64, 1, 1, 16, [70, 0], [3, 30], {"block_m": 16, "block_n": 64}),  # a tile spans 4 pages
     (128, 1, 2, 16, [0, 200], [150, 70], None),                       # default tiles, 2 query blocks
+    (64, 2, 1, 12, [0, 30], [5, 14], {"block_n": 16}),                # page size not a power of two
 ]
 EXTEND_IDS = [f"d{c[0]}-g{c[1]}-ps{c[3]}" for c in EXTEND_CASES]
 
@@ -129,6 +130,7 @@ DECODE_CASES = [
     (64, 3, 2, 64, [129, 300], None, {"block_n": 64}),
     (64, 8, 2, 1, [31, 48, 3], 1, None),                   # no split, tile spans 64 pages
     (128, 4, 2, 16, [2000, 700], None, None),              # default: 8 splits of 256
+    (64, 2, 1, 12, [40, 7], 2, {"block_n": 16}),           # page size not a power of two
 ]
 DECODE_IDS = [f"d{c[0]}-g{c[1]}-ps{c[3]}-s{c[5]}" for c in DECODE_CASES]
 

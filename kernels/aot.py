@@ -1,0 +1,310 @@
+"""Ahead-of-time compilation of the Triton kernels for a CUDA target, on a machine without a GPU.
+
+A `CompileSpec` is one kernel at one launch configuration: its arguments exactly as the launcher passes
+them (pointers by dtype, integers by a representative value) and the launcher's constexprs, warps and
+stages, taken from the pure config functions in kernels/launch_config.py. `compile_spec` compiles it
+with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, specializing the
+arguments with Triton's own JIT binder (so i32/i64 types, 16-divisibility and ``== 1`` constants are
+what a real launch would get), then runs the wheel's ``ptxas -v`` on the PTX for registers, stack
+frame and spills.
+
+Relies on Triton internals of 3.9 (``create_function_from_signature``, ``JITFunction._pack_args``);
+only this check uses them — the kernels themselves use nothing newer than Triton 3.6. Must run in a
+process without ``TRITON_INTERPRET=1`` (the kernels are interpreter wrappers there).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import json
+import os
+import re
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .attention import _dot_precision, _is_pow2, _page_shift
+from .launch_config import (cuda_target, decode_attention_config, extend_attention_config, lora_down_config,
+                            noisy_linear_config, randn_config, zo_update_config)
+
+__all__ = ["CompileSpec", "Resources", "compile_spec", "SHARED_LIMIT", "noisy_linear_specs", "extend_specs",
+           "decode_specs", "zo_update_specs", "randn_specs", "specialization_key", "resources_row"]
+
+# Max dynamic shared memory per block (opt-in), bytes: sm_90 227 KiB, sm_80 163 KiB (CUDA guide, table 21).
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                torch.int32: "int32", torch.int64: "int64", torch.int8: "int8"}
+
+
+def _ptr(dtype: torch.dtype) -> tuple[str, str]:
+    return ("ptr", _DTYPE_NAMES[dtype])
+
+
+
+@dataclass(frozen=True)
+class CompileSpec:
+    """One kernel at one launch configuration. args: ("ptr", dtype name) | ("int", value) |
+    ("float", value) in the kernel's positional order; label: which case asked for it (report only)."""
+
+    kernel: str                               # "module:function" under kernels/
+    args: tuple[tuple[str, Any], ...]
+    constexprs: tuple[tuple[str, Any], ...]
+    num_warps: int
+    num_stages: int
+    arch: int
+    label: str = field(default="", compare=False)
+    benchmark: bool = field(default=False, compare=False)  # a configuration a benchmark runs
+    case: tuple[tuple[str, Any], ...] = field(default=(), compare=False)  # the launcher's inputs (report only)
+
+    def describe(self) -> str:
+        const = ", ".join(f"{k}={v}" for k, v in self.constexprs)
+        types = ",".join(f"{'*' + v if k == 'ptr' else k}" for k, v in self.args if k in ("ptr",))
+        return f"{const}, warps={self.num_warps}, stages={self.num_stages} [{types}]"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What ptxas and Triton report for one compiled spec (bytes unless named otherwise)."""
+
+    registers: int
+    stack_frame: int
+    spill_stores: int
+    spill_loads: int
+    shared: int
+    wgmma: int            # wgmma.mma_async instructions in the PTX (Hopper tensor cores)
+    mma: int              # mma.sync instructions (Ampere-style tensor cores)
+    signature: dict
+    compile_s: float
+
+
+_PTXAS_RE = {
+    "registers": re.compile(r"Used (\d+) registers"),
+    "stack_frame": re.compile(r"(\d+) bytes stack frame"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+}
+
+
+def _ptxas_stats(ptx: str, arch: int) -> dict[str, int]:
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        # the flags Triton's make_cubin uses, so the numbers are those of the cubin that would run
+        cmd = [get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+               f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", os.path.join(tmp, "k.o")]
+        log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
+    stats = {}
+    for key, rx in _PTXAS_RE.items():
+        found = rx.findall(log)
+        if not found:
+            raise RuntimeError(f"ptxas -v output has no {key!r}:\n{log}")
+        stats[key] = max(int(v) for v in found)
+    return stats
+
+
+def _cache_dir() -> str:
+    from triton import knobs
+
+    path = os.path.join(knobs.cache.dir, "mezo_aot")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _fake_arg(kind: str, value: Any) -> Any:
+    if kind == "ptr":  # only the dtype and the (16-byte aligned) address matter to specialization
+        return torch.empty(1, dtype=getattr(torch, value))
+    return int(value) if kind == "int" else float(value)
+
+
+@functools.lru_cache(maxsize=None)
+def _binder(kernel: str, arch: int):
+    """(fn, target, backend, binder) for one kernel and arch; the binder is Triton's JIT argument binder."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    module, name = kernel.split(":")
+    fn = getattr(importlib.import_module(f"kernels.{module}"), name)
+    if not isinstance(fn, JITFunction):
+        raise RuntimeError(f"{kernel} is {type(fn).__name__}, not a JITFunction: unset TRITON_INTERPRET")
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    return fn, target, backend, create_function_from_signature(fn.signature, fn.params, backend)
+
+
+def _specialize(spec: CompileSpec):
+    fn, target, backend, binder = _binder(spec.kernel, spec.arch)
+    kwargs = dict(spec.constexprs, num_warps=spec.num_warps, num_stages=spec.num_stages)
+    args = [_fake_arg(kind, value) for kind, value in spec.args]
+    bound, specialization, options = binder(*args, **kwargs)
+    return fn, target, backend, kwargs, bound, specialization, options
+
+
+def _bind(spec: CompileSpec):
+    """(fn, target, options, signature, constexprs, attrs) exactly as Triton's JIT would build them."""
+    fn, target, backend, kwargs, bound, specialization, options = _specialize(spec)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return fn, target, options, signature, constexprs, attrs
+
+
+def specialization_key(spec: CompileSpec) -> str:
+    """Two specs with equal keys compile to the same kernel: Triton's own specialization of every
+    argument (type, 16-divisibility, == 1), the constexprs, warps and stages, and the target."""
+    _, _, _, _, _, specialization, options = _specialize(spec)
+    return repr((spec.kernel, spec.arch, specialization, spec.constexprs, sorted(options.items())))
+
+
+def compile_spec(spec: CompileSpec) -> Resources:
+    """Compile `spec` for sm_<arch>; raises whatever Triton or ptxas raise on failure."""
+    import triton
+    from triton.compiler import ASTSource
+
+    fn, target, options, signature, constexprs, attrs = _bind(spec)
+    start = time.perf_counter()
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    compile_s = time.perf_counter() - start
+    key = hashlib.sha256(f"{compiled.hash}-{spec.arch}".encode()).hexdigest()
+    cached = os.path.join(_cache_dir(), f"{key}.json")
+    if os.path.exists(cached):
+        with open(cached) as f:
+            stats = json.load(f)
+    else:
+        ptx = compiled.asm["ptx"]
+        stats = _ptxas_stats(ptx, spec.arch)
+        stats.update(shared=int(compiled.metadata.shared), wgmma=ptx.count("wgmma.mma_async"),
+                     mma=len(re.findall(r"\bmma\.sync\b", ptx)))
+        with open(cached, "w") as f:
+            json.dump(stats, f)
+    return Resources(signature=signature, compile_s=round(compile_s, 3), **stats)
+
+
+def _bits(seed: int) -> int:
+    return 32 if -(2**31) <= seed < 2**31 else 64
+
+
+def _attention_case(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, page_size: int) -> tuple:
+    return (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("group", num_heads // num_kv_heads),
+            ("head_dim", head_dim), ("dtype", _DTYPE_NAMES[dtype]), ("page_size", page_size))
+
+
+# ---- spec builders: one per launcher, each asking the launcher's config function --------------------
+
+def noisy_linear_specs(m: int, n: int, k: int, r: int, x_dtype: torch.dtype, w_dtype: torch.dtype,
+                       full_weight_noise: bool, arch: int, seed: int, has_bias: bool = False,
+                       label: str = "", benchmark: bool = False) -> list[CompileSpec]:
+    """The kernels `noisy_lora_linear(impl="triton")` launches for x [m, k], W [n, k], LoRA rank r
+    (0: none): the LoRA down kernel (r > 0) and the noisy linear kernel."""
+    target = cuda_target(arch)
+    case = (("m", m), ("n", n), ("k", k), ("r", r), ("x_dtype", _DTYPE_NAMES[x_dtype]),
+            ("w_dtype", _DTYPE_NAMES[w_dtype]), ("full_weight_noise", full_weight_noise), ("seed_bits", _bits(seed)))
+    prec = "tf32x3"  # kernels.lora.F32_DOT_PRECISION
+    specs = []
+    rr = max(r, 1)
+    if r > 0:
+        dc = lora_down_config(m, k, r, x_dtype, target)
+        specs.append(CompileSpec(
+            "lora:_lora_down_kernel",
+            (_ptr(x_dtype), _ptr(torch.float32), _ptr(torch.float32), _ptr(torch.float32),
+             ("int", m), ("int", k), ("int", r), ("int", k), ("int", 1), ("int", seed)),
+            (("PREC", prec), ("BLOCK_M", dc.block_m), ("BLOCK_K", dc.block_k), ("R_PAD", dc.r_pad)),
+            dc.num_warps, dc.num_stages, arch, label, benchmark, case))
+    cfg = noisy_linear_config(m, n, k, r, x_dtype, w_dtype, full_weight_noise, target)
+    specs.append(CompileSpec(
+        "lora:_noisy_linear_kernel",
+        (_ptr(x_dtype), _ptr(w_dtype), _ptr(w_dtype if has_bias else x_dtype), _ptr(torch.float32),
+         _ptr(torch.float32), _ptr(torch.float32), _ptr(torch.float32), _ptr(x_dtype),
+         ("int", m), ("int", n), ("int", k), ("int", rr), ("int", k), ("int", 1), ("int", k), ("int", 1),
+         ("int", n), ("int", 1), ("int", seed), ("int", seed if full_weight_noise else 0),
+         ("float", 1e-3), ("float", 2.0)),
+        (("HAS_BIAS", has_bias), ("HAS_LORA", r > 0), ("HAS_WNOISE", full_weight_noise), ("LOW_PREC", cfg.low_prec),
+         ("PREC", prec), ("GROUP_M", cfg.group_m), ("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n),
+         ("BLOCK_K", cfg.block_k), ("R_CHUNK", cfg.r_chunk)),
+        cfg.num_warps, cfg.num_stages, arch, label, benchmark, case))
+    return specs
+
+
+
+
+def extend_specs(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, page_size: int,
+                 arch: int, max_pages: int = 256, label: str = "", benchmark: bool = False) -> list[CompileSpec]:
+    """The kernel `extend_attention_triton` launches for q [T, H, D] and pools [P, page, Hkv, D]."""
+    group = num_heads // num_kv_heads
+    cfg = extend_attention_config(group, head_dim, dtype, page_size, cuda_target(arch))
+    case = _attention_case(num_heads, num_kv_heads, head_dim, dtype, page_size)
+    kp, ks, kh = page_size * num_kv_heads * head_dim, num_kv_heads * head_dim, head_dim
+    i32 = torch.int32
+    return [CompileSpec(
+        "attention:_extend_kernel",
+        (_ptr(dtype), _ptr(dtype), _ptr(dtype), _ptr(dtype), _ptr(i32), _ptr(i32), _ptr(i32), ("float", 0.18),
+         ("int", num_heads * head_dim), ("int", head_dim), ("int", num_heads * head_dim), ("int", head_dim),
+         ("int", kp), ("int", ks), ("int", kh), ("int", kp), ("int", ks), ("int", kh), ("int", max_pages),
+         ("int", page_size), ("int", _page_shift(page_size)), ("int", group)),
+        (("GROUP_PAD", cfg.group_pad), ("HEAD_DIM", head_dim), ("BLOCK_M", cfg.block_m),
+         ("BLOCK_N", cfg.block_n), ("BLOCK_D", cfg.block_d), ("PAGE_POW2", _is_pow2(page_size)),
+         ("DOT_PRECISION", _dot_precision(dtype))),
+        cfg.num_warps, cfg.num_stages, arch, label, benchmark, case)]
+
+
+def decode_specs(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, page_size: int,
+                 num_kv_splits: int, arch: int, batch: int = 16, max_pages: int = 256, label: str = "",
+                 benchmark: bool = False) -> list[CompileSpec]:
+    """The two kernels `decode_attention_triton` launches (split, merge) for q [B, H, D]."""
+    group = num_heads // num_kv_heads
+    cfg = decode_attention_config(group, head_dim, dtype, page_size, num_kv_splits, cuda_target(arch))
+    case = _attention_case(num_heads, num_kv_heads, head_dim, dtype, page_size) + (("num_kv_splits", num_kv_splits),)
+    kp, ks, kh = page_size * num_kv_heads * head_dim, num_kv_heads * head_dim, head_dim
+    f32, i32 = torch.float32, torch.int32
+    mo = (num_heads * num_kv_splits * head_dim, num_kv_splits * head_dim, head_dim)  # mid_o strides
+    ml = (num_heads * num_kv_splits, num_kv_splits)                                    # mid_lse strides
+    split = CompileSpec(
+        "attention:_decode_split_kernel",
+        (_ptr(dtype), _ptr(dtype), _ptr(dtype), _ptr(i32), _ptr(i32), _ptr(f32), _ptr(f32), ("float", 0.18),
+         ("int", num_kv_splits), ("int", num_heads * head_dim), ("int", head_dim),
+         ("int", kp), ("int", ks), ("int", kh), ("int", kp), ("int", ks), ("int", kh), ("int", max_pages),
+         ("int", page_size), ("int", _page_shift(page_size)), *(("int", s) for s in mo), *(("int", s) for s in ml),
+         ("int", group)),
+        (("BLOCK_H", cfg.block_h), ("HEAD_DIM", head_dim), ("BLOCK_N", cfg.block_n),
+         ("BLOCK_D", cfg.block_d), ("PAGE_POW2", _is_pow2(page_size)), ("DOT_PRECISION", _dot_precision(dtype))),
+        cfg.num_warps, cfg.num_stages, arch, label, benchmark, case)
+    merge = CompileSpec(
+        "attention:_decode_merge_kernel",
+        (_ptr(f32), _ptr(f32), _ptr(dtype), _ptr(i32), ("int", num_kv_splits),
+         *(("int", s) for s in mo), *(("int", s) for s in ml), ("int", num_heads * head_dim), ("int", head_dim)),
+        (("HEAD_DIM", head_dim), ("BLOCK_N", cfg.block_n), ("BLOCK_D", cfg.block_d), ("SPLITS_PAD", cfg.splits_pad)),
+        cfg.merge_warps, 3, arch, label, benchmark, case)
+    return [split, merge]
+
+
+def zo_update_specs(numel: int, n_seeds: int, arch: int, label: str = "", benchmark: bool = False) -> list[CompileSpec]:
+    """The kernel `zo_update_` launches for a float32 parameter of `numel` elements."""
+    cfg = zo_update_config(numel, cuda_target(arch))
+    return [CompileSpec(
+        "zo_update:_zo_update_kernel",
+        (_ptr(torch.float32), _ptr(torch.int64), _ptr(torch.float32), ("int", n_seeds), ("int", numel),
+         ("float", 1e-6), ("float", 0.0)),
+        (("BLOCK", cfg.block),), cfg.num_warps, 3, arch, label, benchmark, (("numel", numel), ("n_seeds", n_seeds)))]
+
+
+def randn_specs(numel: int, seed: int, arch: int, label: str = "", benchmark: bool = False) -> list[CompileSpec]:
+    """The kernel `randn_triton` launches for `numel` normals."""
+    cfg = randn_config(numel, cuda_target(arch))
+    return [CompileSpec(
+        "noise:_randn_kernel", (_ptr(torch.float32), ("int", seed), ("int", 0), ("int", numel)),
+        (("BLOCK", cfg.block),), cfg.num_warps, 3, arch, label, benchmark,
+        (("numel", numel), ("seed_bits", _bits(seed))))]
+
+
+def resources_row(spec: CompileSpec, res: Resources) -> dict:
+    seeds = ",".join(f"{k}:{v}" for k, v in res.signature.items() if k.startswith("seed") and v != "constexpr")
+    config = spec.describe() + (f" {{{seeds}}}" if seeds else "")
+    return {"kernel": spec.kernel.split(":")[1], "arch": spec.arch, "config": config,
+            "cases": spec.label, "benchmark": spec.benchmark, **{k: v for k, v in asdict(res).items()}}
