@@ -34,6 +34,7 @@ class ModelSpec:
             raise ValueError(
                 f"model_type={model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        _refuse_unsupported(config, model_type)
         num_heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
         eos = config.eos_token_id
@@ -57,3 +58,49 @@ class ModelSpec:
             eos_token_ids=eos_ids,
             bos_token_id=getattr(config, "bos_token_id", None),
         )
+
+
+def sliding_window_layers(config: Any, model_type: str) -> tuple[int | None, list[int]]:
+    """(window, indices of the layers that use it) as transformers reads the config; (None, []) if none.
+
+    Mistral: `sliding_window` on every layer (None disables it). Qwen2: only with `use_sliding_window`,
+    on layers i >= `max_window_layers`. Newer configs list it per layer in `layer_types`.
+    """
+    if model_type not in ("mistral", "qwen2"):  # transformers' LLaMA has no sliding window
+        return None, []
+    window = getattr(config, "sliding_window", None)
+    if model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+        window = None
+    if window is None:
+        return None, []
+    n = config.num_hidden_layers
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return int(window), [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
+    if model_type == "qwen2":
+        return int(window), list(range(int(getattr(config, "max_window_layers", 0) or 0), n))
+    return int(window), list(range(n))
+
+
+def _refuse_unsupported(config: Any, model_type: str) -> None:
+    """Config fields that change the model's function and that the engine does not implement: a
+    clear error naming the field, never a silently different model."""
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"hidden_act={act!r} is not supported (the engine's MLP is SwiGLU with 'silu')")
+    layer_types = getattr(config, "layer_types", None) or []
+    other = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
+    if other:
+        raise ValueError(f"layer_types has {other!r}: only 'full_attention' layers are supported")
+    window, layers = sliding_window_layers(config, model_type)
+    max_pos = int(getattr(config, "max_position_embeddings", 2048))
+    # a window of W keys covers distances < W; no sequence is longer than max_position_embeddings,
+    # so W >= max_position_embeddings is plain causal attention and fine
+    if layers and window < max_pos:
+        field = "sliding_window" if model_type != "qwen2" else "use_sliding_window/sliding_window"
+        raise ValueError(
+            f"{field}: sliding_window={window} on {len(layers)} of {config.num_hidden_layers} layers (first: "
+            f"{layers[0]}) is smaller than max_position_embeddings={max_pos}; sliding-window attention is not "
+            f"implemented, so this model would attend differently from transformers. Supported: "
+            f"sliding_window=None, or >= max_position_embeddings"
+            + (", or use_sliding_window=False" if model_type == "qwen2" else ""))
