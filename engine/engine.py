@@ -63,7 +63,12 @@ def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtyp
 
 
 class Engine(AdapterMixin):
-    """A paged-KV LLaMA engine. `model` is a built-in name, an HF directory or a .gguf path."""
+    """A paged-KV LLaMA engine. `model` is a built-in name, an HF directory or a .gguf path.
+
+    `max_model_len` (vLLM's name) caps prompt + generated tokens below the model's
+    max_position_embeddings; a sliding-window model (Mistral, Qwen2 with use_sliding_window) runs
+    only when the window covers that whole context (ValueError naming `sliding_window` otherwise).
+    """
 
     def __init__(
         self,
@@ -76,6 +81,7 @@ class Engine(AdapterMixin):
         enable_prefix_cache: bool = True,
         max_prefill_tokens: int = 8192,
         max_running: int = 256,
+        max_model_len: int | None = None,
         *,
         _hf_model: Any = None,
         _tokenizer: Any = None,
@@ -95,7 +101,7 @@ class Engine(AdapterMixin):
             state = load_state_dict(source, self.dtype)
             self.model_name = source.name
         self.hf_config = hf_config
-        self.spec = ModelSpec.from_hf(hf_config)
+        self.spec = ModelSpec.from_hf(hf_config, max_model_len)
         self.model = CausalLM(self.spec, hf_config, self.dtype, self.device)
         self._load_weights(state)
         self.page_size = page_size

@@ -28,13 +28,22 @@ class ModelSpec:
     bos_token_id: int | None
 
     @classmethod
-    def from_hf(cls, config: Any) -> "ModelSpec":
+    def from_hf(cls, config: Any, max_model_len: int | None = None) -> "ModelSpec":
+        """Read a transformers config. `max_model_len` (vLLM's name) caps the context below the model's
+        max_position_embeddings; ValueError names a field the engine does not implement."""
         model_type = getattr(config, "model_type", "llama")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"model_type={model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        _refuse_unsupported(config, model_type)
+        context = int(getattr(config, "max_position_embeddings", 2048))
+        if max_model_len is not None:
+            if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 2:
+                raise ValueError(f"max_model_len must be an int >= 2, got {max_model_len!r}")
+            if max_model_len > context:
+                raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={context}")
+            context = max_model_len
+        _refuse_unsupported(config, model_type, context)
         num_heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
         eos = config.eos_token_id
@@ -50,7 +59,7 @@ class ModelSpec:
             num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
             head_dim=head_dim,
             rms_norm_eps=float(config.rms_norm_eps),
-            max_position_embeddings=int(getattr(config, "max_position_embeddings", 2048)),
+            max_position_embeddings=context,  # the longest sequence the engine runs (max_model_len if set)
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             attention_bias=attention_bias,
             o_proj_bias=attention_bias and model_type != "qwen2",
@@ -82,7 +91,7 @@ def sliding_window_layers(config: Any, model_type: str) -> tuple[int | None, lis
     return int(window), list(range(n))
 
 
-def _refuse_unsupported(config: Any, model_type: str) -> None:
+def _refuse_unsupported(config: Any, model_type: str, context: int) -> None:
     """Config fields that change the model's function and that the engine does not implement: a
     clear error naming the field, never a silently different model."""
     act = getattr(config, "hidden_act", "silu")
@@ -93,14 +102,13 @@ def _refuse_unsupported(config: Any, model_type: str) -> None:
     if other:
         raise ValueError(f"layer_types has {other!r}: only 'full_attention' layers are supported")
     window, layers = sliding_window_layers(config, model_type)
-    max_pos = int(getattr(config, "max_position_embeddings", 2048))
-    # a window of W keys covers distances < W; no sequence is longer than max_position_embeddings,
-    # so W >= max_position_embeddings is plain causal attention and fine
-    if layers and window < max_pos:
+    # a window of W keys covers distances < W; no sequence is longer than `context` tokens, so
+    # W >= context is plain causal attention and exact
+    if layers and window < context:
         field = "sliding_window" if model_type != "qwen2" else "use_sliding_window/sliding_window"
         raise ValueError(
             f"{field}: sliding_window={window} on {len(layers)} of {config.num_hidden_layers} layers (first: "
-            f"{layers[0]}) is smaller than max_position_embeddings={max_pos}; sliding-window attention is not "
-            f"implemented, so this model would attend differently from transformers. Supported: "
-            f"sliding_window=None, or >= max_position_embeddings"
-            + (", or use_sliding_window=False" if model_type == "qwen2" else ""))
+            f"{layers[0]}) is smaller than the context ({context} tokens: max_position_embeddings or "
+            f"max_model_len); sliding-window attention is not implemented, so this model would attend "
+            f"differently from transformers. Pass max_model_len={window} (or less) to run it exactly with a "
+            f"context no longer than the window")

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine_equivalence import check_ragged_with_cache
+from test_engine_equivalence import check_ragged_with_cache, hf_logits
+from tiny_models import random_prompts
 
 from engine import Engine
 
@@ -35,7 +36,7 @@ def _engine(hf) -> Engine:
 
 
 def test_mistral_sliding_window_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"sliding_window=8 on 3 of 3 layers .* max_position_embeddings=512"):
+    with pytest.raises(ValueError, match=r"sliding_window=8 on 3 of 3 layers .* context \(512 tokens.*max_model_len=8"):
         _engine(_mistral(sliding_window=8))
     with pytest.raises(ValueError, match="sliding_window=511"):  # one short of the longest sequence
         _engine(_mistral(sliding_window=511))
@@ -55,6 +56,30 @@ def test_qwen2_sliding_window_is_refused() -> None:
 def test_no_op_windows_run_and_match_transformers(kind: str, kw: dict) -> None:
     hf = _mistral(**kw) if kind == "mistral" else _qwen2(**kw)
     check_ragged_with_cache(_engine(hf), hf, 256, seed=4)
+
+
+def test_max_model_len_within_the_window_runs_exactly() -> None:
+    """Mistral with sliding_window=16 runs when the context is capped at 16 tokens (the window is then
+    a no-op): logits equal transformers', cached prefixes included, and generation stops at the cap."""
+    hf = _mistral(sliding_window=16)
+    engine = Engine.from_hf(hf, page_size=4, max_cache_tokens=512, dtype="float32", device="cpu", max_model_len=16)
+    base = random_prompts(2, 256, 9, 9, seed=1)
+    engine.prompt_logits(base)
+    batch = [base[0] + [7, 8, 9, 10, 11, 12], base[1] + [5]]
+    out = engine.prompt_logits(batch, starts=[9, 0])
+    assert engine.last_requests[0].cached_tokens >= 8
+    for ids, start, got in zip(batch, [9, 0], out):
+        torch.testing.assert_close(got, hf_logits(hf, ids)[start:], atol=1e-4, rtol=1e-4)
+    from engine import SamplingParams
+
+    gen = engine.generate([base[0]], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))[0]
+    assert gen.finish_reason == "length" and len(gen.token_ids) == 16 - 9
+    with pytest.raises(ValueError, match="has 16 tokens; the model's context is 16"):
+        engine.generate([list(range(3, 19))], SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match="max_model_len=17 exceeds"):
+        Engine.from_hf(_mistral(sliding_window=None, max_position_embeddings=16), max_model_len=17)
+    with pytest.raises(ValueError, match="max_model_len must be an int >= 2"):
+        Engine.from_hf(hf, max_model_len=True)
 
 
 def test_other_unimplemented_config_fields_are_refused() -> None:
