@@ -201,7 +201,12 @@ class Engine(AdapterMixin):
 
         A bad request fails alone: the others still run. With errors="raise" (default) the first
         error is raised afterwards, carrying all results in `err.completions`; with
-        errors="return" failed requests come back with finish_reason "error".
+        errors="return" failed requests come back with finish_reason "error". If the call itself
+        raises (KeyboardInterrupt, out of memory, ...), all its requests are aborted first: nothing
+        stays queued, running, or holding KV pages, and the exception propagates unchanged.
+        Stop strings follow vLLM (engine/stops.py): the text ends before the stop string unless
+        `include_stop_str_in_output`; a stop string that is a special token (e.g. "<|im_end|>")
+        matches that token.
         """
         if isinstance(prompts, (str, bytes)):
             prompts = [prompts]
