@@ -170,3 +170,31 @@ def test_interrupted_update_refuses_to_train_on(hf, monkeypatch) -> None:
         trainer.step(_batch())
     assert len(engine.generate(PROMPTS, GREEDY)) == 6  # inference still runs (on the half-updated weights)
     assert_clean(engine)
+
+
+def test_failed_adapter_load_leaves_the_current_adapter(hf, tmp_path) -> None:
+    """A file whose second module does not fit the model: the load raises, and the engine keeps the
+    adapter it had (tensors, spec and outputs), not a half-attached one its namespace does not describe."""
+    from safetensors.torch import load_file, save_file
+
+    engine = _engine(hf)
+    engine.add_lora(r=4, alpha=8, seed=2)
+    g = torch.Generator().manual_seed(0)
+    engine.set_trainable({k: torch.randn(v.shape, generator=g) * 0.1 for k, v in engine.trainable_parameters().items()})
+    before = {k: v.clone() for k, v in engine.trainable_parameters().items()}
+    spec, want = engine.lora_spec, [o.token_ids for o in engine.generate(PROMPTS, GREEDY)]
+    engine.save_adapter(tmp_path / "bad")
+    weights = tmp_path / "bad" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    keys = sorted(k for k in tensors if "lora_A" in k)
+    for k in keys[:1]:
+        tensors[k] = torch.zeros(4, 7)  # in_features 7: fits no linear of this model
+    tensors = {k: (v * 2 if k not in keys[:1] else v) for k, v in tensors.items()}
+    save_file(tensors, str(weights))
+    with pytest.raises(ValueError, match="do not fit"):
+        engine.load_adapter(tmp_path / "bad")
+    after = engine.trainable_parameters()
+    assert engine.lora_spec == spec and after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert [o.token_ids for o in engine.generate(PROMPTS, GREEDY)] == want
+    assert_clean(engine)
