@@ -6,7 +6,8 @@ from typing import Any, Sequence
 import torch
 
 from .adapter_io import PathLike, load_peft_adapter, save_peft_adapter
-from .adapters import LoraSpec, attach_lora, detach_all, enable_full, load_lora_tensors, trainable_tensors
+from .adapters import (LoraSpec, attach_lora, detach_all, enable_full, load_lora_tensors, restore_on_error,
+                       trainable_tensors)
 
 
 class AdapterMixin:
@@ -19,7 +20,8 @@ class AdapterMixin:
                  layers: Sequence[int] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
         """Attach a fresh LoRA adapter (PEFT init: B = 0) and return its trainable tensors."""
         spec = LoraSpec(r, float(alpha), tuple(target_modules), tuple(layers) if layers is not None else None)
-        attach_lora(self.model, spec, seed)
+        with restore_on_error(self.model):
+            attach_lora(self.model, spec, seed)
         self.lora_spec, self.full_finetuning = spec, False
         self.weights_changed()
         return self.trainable_parameters()
@@ -74,7 +76,8 @@ class AdapterMixin:
         alpha = float(config.get("lora_alpha", r))
         if config.get("use_rslora") or config.get("use_dora"):
             raise ValueError(f"{path}: rsLoRA/DoRA adapters are not supported")
-        spec = load_lora_tensors(self.model, tensors, alpha / r)
+        with restore_on_error(self.model):  # a bad file leaves the current adapter as it was
+            spec = load_lora_tensors(self.model, tensors, alpha / r)
         self.lora_spec = LoraSpec(r, alpha, spec.target_modules, spec.layers)
         self.full_finetuning = False
         self.weights_changed()

@@ -6,6 +6,8 @@ seeded by `derive_seed(step_seed, index)`, so the order here is part of the nois
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +65,21 @@ def attach_lora(model: CausalLM, spec: LoraSpec, seed: int = 0) -> None:
         a.uniform_(-bound, bound, generator=gen)
         mod.set_lora(a, torch.zeros(mod.out_features, spec.r), spec.scale)
     assign_indices(model)
+
+
+@contextmanager
+def restore_on_error(model: CausalLM) -> Iterator[None]:
+    """If the body raises, put every linear's adapter state back as it was (attaching replaces
+    tensors, it never writes into them, so keeping references is enough): a failed load never
+    leaves a half-attached adapter that the engine's namespace and spec do not describe."""
+    saved = {name: (m.lora_a, m.lora_b, m.lora_scale, m.index_a, m.index_b, m.index_w)
+             for name, m in model.linears().items()}
+    try:
+        yield
+    except BaseException:
+        for name, m in model.linears().items():
+            m.lora_a, m.lora_b, m.lora_scale, m.index_a, m.index_b, m.index_w = saved[name]
+        raise
 
 
 def detach_all(model: CausalLM) -> None:

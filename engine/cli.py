@@ -19,12 +19,12 @@ def _generate(args: argparse.Namespace) -> int:
         print("error: give at least one prompt (positional or --prompts-file)", file=sys.stderr)
         return 2
     engine = Engine(args.model, dtype=args.dtype, device=args.device, page_size=args.page_size)
-    if args.chat:
-        prompts = [engine.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)
+    # chat: the template's own token ids (its BOS included), never the rendered text re-encoded
+    inputs = [engine.chat_ids([{"role": "user", "content": p}]) for p in prompts] if args.chat else prompts
     start = time.perf_counter()
-    outs = engine.generate(prompts, params, use_tqdm=len(prompts) > 1)
+    outs = engine.generate(inputs, params, use_tqdm=len(prompts) > 1)
     elapsed = time.perf_counter() - start
     n_out = sum(len(o.token_ids) for o in outs)
     for prompt, out in zip(prompts, outs):

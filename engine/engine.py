@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import secrets
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -23,6 +25,7 @@ from .runner import ModelRunner
 from .sampler import sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
+from .stops import special_tokens, update_text
 from .validation import attach_completions, validate_prompt
 
 DEFAULT_CPU_CACHE_TOKENS = 32768
@@ -39,6 +42,7 @@ class Completion:
     cached_tokens: int
     finish_reason: str | None  # "stop" | "length" | "error"
     error: str | None = None
+    stop_reason: str | int | None = None  # the stop string / stop token id that ended it, as in vLLM
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -90,6 +94,10 @@ class Engine(AdapterMixin):
     runs the Triton interpreter and needs TRITON_INTERPRET=1 set before triton is imported
     (ValueError otherwise). attention_backend="auto" follows `kernels` (see AttentionBackend);
     an explicit attention_backend overrides it for attention only.
+
+    `max_model_len` (vLLM's name) caps prompt + generated tokens below the model's
+    max_position_embeddings; a sliding-window model (Mistral, Qwen2 with use_sliding_window) runs
+    only when the window covers that whole context (ValueError naming `sliding_window` otherwise).
     """
 
     def __init__(
@@ -104,6 +112,7 @@ class Engine(AdapterMixin):
         max_prefill_tokens: int = 8192,
         max_running: int = 256,
         kernels: str = "auto",
+        max_model_len: int | None = None,
         *,
         _hf_model: Any = None,
         _tokenizer: Any = None,
@@ -125,7 +134,7 @@ class Engine(AdapterMixin):
             state = load_state_dict(source, self.dtype)
             self.model_name = source.name
         self.hf_config = hf_config
-        self.spec = ModelSpec.from_hf(hf_config)
+        self.spec = ModelSpec.from_hf(hf_config, max_model_len)
         self.model = CausalLM(self.spec, hf_config, self.dtype, self.device)
         self._load_weights(state)
         for linear in self.model.linears().values():
@@ -141,6 +150,7 @@ class Engine(AdapterMixin):
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(int(self.tokenizer.eos_token_id))
         self.eos_token_ids = frozenset(eos)
+        self.special_tokens = special_tokens(self.tokenizer)  # {content: id}, for stop strings
         self.namespace: Any = 0  # bumped whenever the weights change, so stale KV is never reused
         self._rids = itertools.count()
 
@@ -168,17 +178,41 @@ class Engine(AdapterMixin):
             raise ValueError("this engine has no tokenizer: pass token ids instead of strings")
         return list(self.tokenizer.encode(text))
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         if self.tokenizer is None:
             return ""
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def _chat_tokenizer(self) -> Any:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this engine's tokenizer has no chat_template: chat needs one")
+        return self.tokenizer
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
-        """Render a conversation with the model's chat template, ready for generation."""
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        """Render a conversation with the model's chat template, ready for generation.
 
-    def chat(self, conversations: list[list[dict[str, str]]], params: SamplingParams | None = None, **kw: Any):
-        return self.generate([self.apply_chat_template(c) for c in conversations], params, **kw)
+        The text already holds the template's special tokens (BOS included): to generate from it,
+        use `chat` / `chat_ids`, or encode it without adding special tokens; `generate(text)` would
+        add the tokenizer's BOS a second time, as transformers' `encode` does.
+        """
+        return self._chat_tokenizer().apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Prompt token ids of a conversation: exactly `tokenizer.apply_chat_template(messages,
+        tokenize=True, add_generation_prompt=True)` (the template's own BOS, never a second one)."""
+        ids = self._chat_tokenizer().apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+
+    def chat(self, conversations: list[list[dict[str, str]]] | list[dict[str, str]],
+             params: SamplingParams | Sequence[SamplingParams] | None = None, **kw: Any) -> list[Completion]:
+        """`generate` on chat conversations (one conversation, a list of messages, is accepted too)."""
+        if not isinstance(conversations, (list, tuple)) or not conversations:
+            raise ValueError(f"conversations must be a non-empty list of conversations, got {conversations!r}")
+        if isinstance(conversations[0], dict):  # a single conversation, as vLLM's LLM.chat accepts
+            conversations = [conversations]  # type: ignore[list-item]
+        return self.generate([self.chat_ids(list(c)) for c in conversations], params, **kw)
 
     # -- generation ------------------------------------------------------------------------
     def generate(
@@ -192,7 +226,12 @@ class Engine(AdapterMixin):
 
         A bad request fails alone: the others still run. With errors="raise" (default) the first
         error is raised afterwards, carrying all results in `err.completions`; with
-        errors="return" failed requests come back with finish_reason "error".
+        errors="return" failed requests come back with finish_reason "error". If the call itself
+        raises (KeyboardInterrupt, out of memory, ...), all its requests are aborted first: nothing
+        stays queued, running, or holding KV pages, and the exception propagates unchanged.
+        Stop strings follow vLLM (engine/stops.py): the text ends before the stop string unless
+        `include_stop_str_in_output`; a stop string that is a special token (e.g. "<|im_end|>")
+        matches that token.
         """
         if isinstance(prompts, (str, bytes)):
             prompts = [prompts]
@@ -204,23 +243,24 @@ class Engine(AdapterMixin):
         results: list[Completion | None] = [None] * len(prompts)
         first_error: Exception | None = None
         requests: dict[int, tuple[int, Request]] = {}
-        for i, (prompt, p) in enumerate(zip(prompts, params_list)):
-            try:
-                if not isinstance(p, SamplingParams):
-                    raise TypeError(f"params must be SamplingParams, got {type(p).__name__}")
-                p.validate()
-                ids = validate_prompt(prompt, self)
-                req = self._make_request(ids, p)
-                self.scheduler.add(req)
-                requests[req.rid] = (i, req)
-            except (TypeError, ValueError) as err:
-                err.args = (f"request {i}: {err}",)
-                first_error = first_error or err
-                results[i] = Completion("", [], 0, 0, "error", str(err))
-        self._run_to_completion(len(requests), use_tqdm)
+        with self._abort_on_error():
+            for i, (prompt, p) in enumerate(zip(prompts, params_list)):
+                try:
+                    if not isinstance(p, SamplingParams):
+                        raise TypeError(f"params must be SamplingParams, got {type(p).__name__}")
+                    p.validate()
+                    ids = validate_prompt(prompt, self)
+                    req = self._make_request(ids, p)
+                    self.scheduler.add(req)
+                    requests[req.rid] = (i, req)
+                except (TypeError, ValueError) as err:
+                    err.args = (f"request {i}: {err}",)
+                    first_error = first_error or err
+                    results[i] = Completion("", [], 0, 0, "error", str(err))
+            self._run_to_completion(len(requests), use_tqdm)
         for i, req in requests.values():
             results[i] = Completion(req.text, list(req.output_ids), len(req.prompt_ids), req.cached_tokens,
-                                    req.finish_reason)
+                                    req.finish_reason, stop_reason=req.stop_reason)
         if first_error is not None and errors == "raise":
             raise attach_completions(first_error, results)
         return results  # type: ignore[return-value]
@@ -229,8 +269,32 @@ class Engine(AdapterMixin):
         gen = None
         if not p.greedy:
             gen = torch.Generator(device="cpu")
-            gen.manual_seed(p.seed if p.seed is not None else torch.seed())
+            # no seed: a fresh one from the OS, never from (or into) torch's / numpy's / random's global state
+            gen.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
         return Request(next(self._rids), ids, p, self.namespace, score_from=score_from, generator=gen)
+
+    @contextmanager
+    def _abort_on_error(self):
+        """Any exception (KeyboardInterrupt and OOM included) aborts every queued or running request,
+        so nothing of a failed call holds pages or cache locks, or runs in the next call; the
+        exception itself propagates unchanged."""
+        try:
+            yield
+        except BaseException as err:
+            try:
+                self.abort_all()
+            except Exception as cleanup:  # never hide the original error behind a cleanup failure
+                err.add_note(f"engine cleanup after this error failed too: {cleanup!r}")
+            raise
+
+    def abort_all(self) -> int:
+        """Drop every waiting and running request (finish_reason "abort"); returns how many.
+
+        Their pages and prefix-cache locks are given back; KV they published to the cache stays (it
+        was fully computed). For callers that drive `step()` themselves; the engine's own calls do
+        it when they raise.
+        """
+        return self.scheduler.abort_all()
 
     def _run_to_completion(self, total: int, use_tqdm: bool | None) -> None:
         show = use_tqdm if use_tqdm is not None else total > 1
@@ -254,14 +318,7 @@ class Engine(AdapterMixin):
         for req, rows in zip(scheduled.requests, logits):
             req.num_computed = req.seq_len
             if req.is_scoring:
-                # a queued copy (a blocking one would wait for the forward to finish)
-                targets = torch.tensor(req.all_ids[req.score_from:]).to(rows.device, non_blocking=True)
-                if req.keep_logits:
-                    req.logits = rows  # the caller reads them (on the device: no host sync here)
-                    rows = rows[: len(targets)]
-                # [n] fp32 on the device; only the targets' log-probs are kept, not [n, vocab] rows
-                req.token_logprobs = torch.log_softmax(rows, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-                req.finish_reason = "stop"
+                self._score_rows(req, rows)
             else:
                 if scheduled.mode == "extend":
                     self.scheduler.cache_computed(req)
@@ -278,19 +335,28 @@ class Engine(AdapterMixin):
                 finished += 1
         return finished
 
+    def _score_rows(self, req: Request, rows: torch.Tensor) -> None:
+        """A scoring request's log-probs from its logits rows; it is then finished."""
+        # a queued copy (a blocking one would wait for the forward to finish)
+        targets = torch.tensor(req.all_ids[req.score_from:]).to(rows.device, non_blocking=True)
+        if req.keep_logits:
+            req.logits = rows  # the caller reads them (on the device: no host sync here)
+            rows = rows[: len(targets)]
+        # [n] fp32 on the device; only the targets' log-probs are kept, not [n, vocab] rows
+        req.token_logprobs = torch.log_softmax(rows, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+        req.finish_reason = "stop"
+
     def _append_token(self, req: Request, token: int) -> None:
-        """Record a sampled token and decide whether the request is done (token ids keep EOS)."""
+        """Record a sampled token and decide whether the request is done (token ids keep EOS and
+        the tokens of a stop string; the text follows vLLM's rules, engine/stops.py)."""
         req.output_ids.append(token)
         p = req.params
-        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        if token in p.stop_token_ids:
+            req.finish_reason, req.stop_reason = "stop", token
+        elif token in self.eos_token_ids and not p.ignore_eos:
             req.finish_reason = "stop"
         if self.tokenizer is not None:
-            req.text = self.decode(req.output_ids)
-            for s in p.stop:
-                cut = req.text.find(s)
-                if cut >= 0:
-                    req.text = req.text[:cut]
-                    req.finish_reason = "stop"
+            update_text(req, self.tokenizer, self.special_tokens)
         if req.finish_reason is None and (
             len(req.output_ids) >= p.max_tokens or req.seq_len >= self.spec.max_position_embeddings
         ):
@@ -322,9 +388,10 @@ class Engine(AdapterMixin):
                         for j, c in enumerate(cands)]
             groups.append((cand_ids, candidate_requests(ids, cand_ids, make)))
         reqs = [r for _, group in groups for r in group]
-        for req in reqs:
-            self.scheduler.add(req)
-        self._run_to_completion(len(reqs), use_tqdm=None)
+        with self._abort_on_error():
+            for req in reqs:
+                self.scheduler.add(req)
+            self._run_to_completion(len(reqs), use_tqdm=None)
         return [[float(lp.sum()) for lp in candidate_token_logprobs(cand_ids, group)] for cand_ids, group in groups]
 
     def prompt_logits(self, prompts: Sequence[Sequence[int]], starts: Sequence[int] | None = None) -> list[torch.Tensor]:
@@ -335,26 +402,28 @@ class Engine(AdapterMixin):
         """
         starts = list(starts) if starts is not None else [0] * len(prompts)
         reqs = []
-        for i, (prompt, start) in enumerate(zip(prompts, starts)):
-            ids = validate_prompt(prompt, self, field=f"prompts[{i}]")
-            if not 0 <= start < len(ids):
-                raise ValueError(f"starts[{i}]={start} must be in [0, {len(ids)})")
-            req = self._make_request(ids, SamplingParams(max_tokens=1, temperature=0.0), score_from=start + 1)
-            req.keep_logits = True
-            self.scheduler.add(req)
-            reqs.append(req)
-        self._run_to_completion(len(reqs), use_tqdm=False)
+        with self._abort_on_error():
+            for i, (prompt, start) in enumerate(zip(prompts, starts)):
+                ids = validate_prompt(prompt, self, field=f"prompts[{i}]")
+                if not 0 <= start < len(ids):
+                    raise ValueError(f"starts[{i}]={start} must be in [0, {len(ids)})")
+                req = self._make_request(ids, SamplingParams(max_tokens=1, temperature=0.0), score_from=start + 1)
+                req.keep_logits = True
+                self.scheduler.add(req)
+                reqs.append(req)
+            self._run_to_completion(len(reqs), use_tqdm=False)
         self.last_requests = reqs
         return [r.logits.cpu() for r in reqs]
 
     def run_requests(self, requests: Sequence[Request], perturbation: tuple[int, float] | None = None) -> None:
         """Run prepared requests to completion, optionally under a MeZO perturbation (step_seed, eps)
         applied with each request's `sign`. Used by the MeZO trainer."""
-        for req in requests:
-            self.scheduler.add(req)
-        self.runner.perturbation = perturbation
         try:
-            self._run_to_completion(len(requests), use_tqdm=False)
+            with self._abort_on_error():
+                for req in requests:
+                    self.scheduler.add(req)
+                self.runner.perturbation = perturbation
+                self._run_to_completion(len(requests), use_tqdm=False)
         finally:
             self.runner.perturbation = None
 

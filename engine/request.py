@@ -32,7 +32,9 @@ class Request:
     admitted_once: bool = False
     lock_node: Any = None
     generator: torch.Generator | None = None
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" (its call raised before it finished)
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's field)
+    stop_rules: Any = None  # engine.stops.StopRules, built on the first decoded token
     token_logprobs: torch.Tensor | None = None  # scoring: log-prob of each token from score_from on
     logits: torch.Tensor | None = None
     text: str = ""

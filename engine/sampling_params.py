@@ -16,6 +16,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # vLLM's detokenization options: the returned text skips special tokens; a stop string is cut off
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
     def validate(self) -> None:
         """Raise TypeError/ValueError naming the field and the value."""
@@ -43,6 +46,10 @@ class SamplingParams:
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t)
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} "
+                                f"({getattr(self, name)!r})")
 
     @property
     def greedy(self) -> bool:

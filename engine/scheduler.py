@@ -5,7 +5,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .kv_pool import KVPool
-from .radix_cache import RadixCache, common_prefix_len
+from .radix_cache import RadixCache, RadixNode, common_prefix_len
 from .request import Request
 
 
@@ -79,20 +79,26 @@ class Scheduler:
         batch = ScheduledBatch("extend", [])
         budget = self.max_prefill_tokens
         deferred: list[Request] = []
-        while self.waiting and len(self.running) + len(batch.requests) < self.max_running:
-            req = self.waiting.popleft()
-            if self._shares_uncached_prefix(req, batch):
-                deferred.append(req)  # compute the shared part once; it is a cache hit next step
-                continue
-            start = self._try_allocate(req, budget if batch.requests else None)
-            if start is None:
-                self.waiting.appendleft(req)
-                break
-            batch.requests.append(req)
-            batch.starts.append(start)
-            budget -= req.seq_len - start
-        self.waiting.extendleft(reversed(deferred))
-        self.running.extend(batch.requests)
+        req: Request | None = None
+        try:
+            while self.waiting and len(self.running) + len(batch.requests) < self.max_running:
+                req = self.waiting.popleft()
+                if self._shares_uncached_prefix(req, batch):
+                    deferred.append(req)  # compute the shared part once; it is a cache hit next step
+                    req = None
+                    continue
+                start = self._try_allocate(req, budget if batch.requests else None)
+                if start is None:
+                    break
+                batch.requests.append(req)
+                batch.starts.append(start)
+                req = None
+                budget -= batch.requests[-1].seq_len - start
+        finally:  # also on an exception: every request stays either waiting or running (abort_all finds it)
+            if req is not None:
+                self.waiting.appendleft(req)  # not admitted (no pages, or it raised: _try_allocate undid itself)
+            self.waiting.extendleft(reversed(deferred))
+            self.running.extend(batch.requests)
         return batch
 
     def _shares_uncached_prefix(self, req: Request, batch: ScheduledBatch) -> bool:
@@ -135,22 +141,37 @@ class Scheduler:
         need = _ceil_div(req.seq_len, self.page_size) - len(match.pages)
         # With the partially matched page: its node is locked until the copy is done. That node may be
         # big, and pinning it can starve the allocation; then try again without the partial match.
-        for lock_node, partial in ((match.partial_node, match.partial_tokens), (match.node, 0)):
-            if lock_node is None:
-                continue
-            start = match.num_tokens + partial
-            if budget is not None and req.seq_len - start > budget:
+        locked: RadixNode | None = None
+        fresh: list[int] | None = None
+        shared = False
+        try:  # all or nothing: an exception (OOM in the copy, an interrupt) leaves no lock or page behind
+            for lock_node, partial in ((match.partial_node, match.partial_tokens), (match.node, 0)):
+                if lock_node is None:
+                    continue
+                start = match.num_tokens + partial
+                if budget is not None and req.seq_len - start > budget:
+                    return None
+                self.cache.lock(lock_node)
+                locked = lock_node
+                fresh = self._alloc(need)
+                if fresh is not None:
+                    break
+                self.cache.unlock(lock_node)
+                locked = None
+            else:
                 return None
-            self.cache.lock(lock_node)
-            fresh = self._alloc(need)
-            if fresh is not None:
-                break
-            self.cache.unlock(lock_node)
-        else:
-            return None
-        self.pool.incref(match.pages)
-        if partial:
-            self.pool.copy_slots(match.partial_page, fresh[0], partial)
+            self.pool.incref(match.pages)
+            shared = True
+            if partial:
+                self.pool.copy_slots(match.partial_page, fresh[0], partial)
+        except BaseException:
+            if shared:
+                self.pool.decref(match.pages)
+            if fresh:
+                self.pool.decref(fresh)
+            if locked is not None:
+                self.cache.unlock(locked)
+            raise
         req.pages = list(match.pages) + fresh
         req.lock_node = lock_node
         req.num_computed = start
@@ -208,6 +229,23 @@ class Scheduler:
         self.pool.decref(req.pages)
         req.pages = []
         req.num_computed = 0
+
+    def abort_all(self) -> int:
+        """Drop every waiting and running request without publishing anything more to the cache
+        (finish_reason "abort" where unset); returns how many. Pages and locks go back."""
+        reqs = list(self.running) + list(self.waiting)
+        self.running.clear()
+        self.waiting.clear()
+        for req in reqs:
+            if req.lock_node is not None:
+                self.cache.unlock(req.lock_node)
+                req.lock_node = None
+            self.pool.decref(req.pages)
+            req.pages = []
+            req.num_computed = 0
+            if req.finish_reason is None:
+                req.finish_reason = "abort"
+        return len(reqs)
 
     def preempt(self, req: Request) -> None:
         self.running.remove(req)

@@ -71,6 +71,8 @@ def example_loss(ex: EncodedExample, reqs: list[Request]) -> torch.Tensor:
 
 def generation_request(engine: Engine, ex: EncodedExample, sign: float, namespace: Hashable,
                        max_new_tokens: int) -> Request:
+    """Greedy generation up to the first newline. Score its `text`: what `Engine.generate` returns
+    (stop string cut off, special tokens skipped), not the raw decoded ids, which run past the stop."""
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, stop=["\n"])
     return engine.new_request(ex.prompt, params, sign=sign, namespace=namespace)
 
@@ -96,8 +98,7 @@ def summarize(objective: str, examples: list[EncodedExample], reqs: list[list[Re
               engine: Engine) -> dict[str, Any]:
     """Metrics of an unperturbed evaluation pass."""
     if objective in ("accuracy", "f1"):
-        scores = [generation_metric(objective, engine.decode(r[0].output_ids), ex.target_text)
-                  for ex, r in zip(examples, reqs)]
+        scores = [generation_metric(objective, r[0].text, ex.target_text) for ex, r in zip(examples, reqs)]
         return {objective: sum(scores) / len(scores), "n": len(scores)}
     losses = torch.stack([example_loss(ex, r) for ex, r in zip(examples, reqs)])
     out: dict[str, Any] = {"loss": float(losses.mean()), "n": len(examples)}

@@ -53,6 +53,7 @@ class MeZOTrainer:
         self.step_count = 0
         self.nonfinite_steps = 0
         self._consecutive_nonfinite = 0
+        self._torn_update: str | None = None  # set when an update raised part-way (weights half-updated)
 
     # -- noise ------------------------------------------------------------------------------
     def noise_memo_budget(self) -> int:
@@ -99,9 +100,15 @@ class MeZOTrainer:
                 reqs = [scoring_requests(self.engine, ex, sign, namespace) for ex in encoded]
             per_branch[sign] = reqs
             all_reqs.extend(r for group in reqs for r in group)
-        self.engine.run_requests(all_reqs, perturbation=(seed, eps))
-        losses = [self._batch_loss(encoded, per_branch[s]) for s in (1.0, -1.0)]
-        self.engine.cache.reset()  # KV under perturbed weights is never reused
+        try:
+            # run_requests aborts its requests and resets the perturbation itself if it raises
+            self.engine.run_requests(all_reqs, perturbation=(seed, eps))
+            losses = [self._batch_loss(encoded, per_branch[s]) for s in (1.0, -1.0)]
+        except BaseException:
+            clear_noise_cache()  # nothing of the failed step (its z) outlives it
+            raise
+        finally:
+            self.engine.cache.reset()  # KV under perturbed weights is never reused, failed step or not
         return losses[0], losses[1]
 
     def _encoded(self, examples) -> list[EncodedExample]:
@@ -112,8 +119,7 @@ class MeZOTrainer:
     def _batch_loss(self, encoded: list[EncodedExample], reqs: list[list]) -> torch.Tensor:
         objective = self.config.objective
         if objective in ("accuracy", "f1"):
-            scores = [generation_metric(objective, self.engine.decode(r[0].output_ids), ex.target_text)
-                      for ex, r in zip(encoded, reqs)]
+            scores = [generation_metric(objective, r[0].text, ex.target_text) for ex, r in zip(encoded, reqs)]
             return torch.tensor(-sum(scores) / len(scores), dtype=torch.float32)
         return torch.stack([example_loss(ex, r) for ex, r in zip(encoded, reqs)]).float().mean()
 
@@ -121,6 +127,8 @@ class MeZOTrainer:
     def step(self, examples: Sequence[Example] | list[EncodedExample]) -> dict[str, Any]:
         """One n-SPSA MeZO step on a batch; returns the step's log record."""
         cfg = self.config
+        if self._torn_update is not None:
+            raise RuntimeError(self._torn_update)
         encoded = self._encoded(examples)
         tokens_before = self.engine.runner.tokens_computed
         seeds, grads, losses = [], [], []
@@ -154,13 +162,27 @@ class MeZOTrainer:
         return record
 
     def apply_update(self, seeds: Sequence[int], grads: torch.Tensor, lr: float) -> None:
-        """p ← p − lr·(Σ_k g_k z_k + wd·p) for every trainable tensor, z regenerated in the kernel."""
-        for index, param in enumerate(self.params.values()):
-            tensor_seeds = [derive_seed(s, index) for s in seeds]
-            zo_update_(param, tensor_seeds, grads.to(param.device, torch.float32), lr, self.config.weight_decay,
-                       impl=self.engine.kernels)
-        clear_noise_cache()  # this step's z is never used again (the next step has new seeds)
-        self.engine.weights_changed()
+        """p ← p − lr·(Σ_k g_k z_k + wd·p) for every trainable tensor, z regenerated in the kernel.
+
+        If it raises part-way (an interrupt, OOM), the tensors before the failing one are updated and
+        the rest are not: the trainer then refuses further steps (RuntimeError) instead of training
+        on from weights no trajectory describes; reload the last checkpoint to go on.
+        """
+        done = 0
+        try:
+            for index, param in enumerate(self.params.values()):
+                tensor_seeds = [derive_seed(s, index) for s in seeds]
+                zo_update_(param, tensor_seeds, grads.to(param.device, torch.float32), lr, self.config.weight_decay,
+                           impl=self.engine.kernels)
+                done += 1
+        except BaseException:
+            self._torn_update = (f"the update of step {self.step_count} was interrupted after {done} of "
+                                 f"{len(self.params)} tensors: the weights are half-updated; reload the last "
+                                 f"checkpoint (finetune resumes from it) instead of training on")
+            raise
+        finally:
+            clear_noise_cache()  # this step's z is never used again (the next step has new seeds)
+            self.engine.weights_changed()  # even a partial update changed the weights: no stale KV
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, examples: Sequence[Example] | list[EncodedExample]) -> dict[str, Any]:
