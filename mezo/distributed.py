@@ -197,24 +197,33 @@ class DistributedMeZOTrainer(MeZOTrainer):
             raise ValueError(f"a batch of {batch} examples cannot be sharded over {self.ctx.world_size} ranks")
         lo, hi = shard_range(batch, self.ctx.rank, self.ctx.world_size)
         shard = encoded[lo:hi]
-        # slots: [k, branch, example] losses, then the example count and the non-finite flag
-        buf = torch.zeros(n * 2 * batch + 2, dtype=torch.float64, device=self.ctx.comm_device)
-        slots = buf[:-2].view(n, 2, batch)
+        # slots: [k, branch, example] losses, then tokens computed, the example count, the non-finite flag
+        buf = torch.zeros(n * 2 * batch + 3, dtype=torch.float64, device=self.ctx.comm_device)
+        slots = buf[:-3].view(n, 2, batch)
+        tokens_before = self.engine.runner.tokens_computed
         for k, seed in enumerate(seeds):
             per_branch = self.run_branches(shard, seed)
             for b, sign in enumerate((1.0, -1.0)):
                 slots[k, b, lo:hi] = self.example_losses(shard, per_branch[sign]).to(buf.device, torch.float64)
             self.engine.cache.reset()  # KV under perturbed weights is never reused
         local = slots[:, :, lo:hi]
+        buf[-3] = self.engine.runner.tokens_computed - tokens_before
         buf[-2] = hi - lo
         buf[-1] = (~torch.isfinite(local)).any().to(torch.float64)
         dist.all_reduce(buf)
+        self._global_tokens = buf[-3]  # read in `step`, after the step's host sync
         # the shards tile the batch by construction; a wrong count would be a bug here, not user input
         count_ok = buf[-2] == batch
         nan = torch.tensor(float("nan"), dtype=torch.float32, device=buf.device)
         losses = torch.where((buf[-1] == 0) & count_ok, slots.float().mean(dim=-1), nan)
         device = self.engine.device
         return losses[:, 0].to(device), losses[:, 1].to(device)
+
+    def step(self, examples: Sequence[Any] | list[EncodedExample]) -> dict[str, Any]:
+        """One data-parallel MeZO step on the GLOBAL batch; the record's tokens_computed counts every rank."""
+        record = super().step(examples)
+        record["tokens_computed"] = int(self._global_tokens)
+        return record
 
     def example_losses(self, encoded: list[EncodedExample], reqs: list[list]) -> torch.Tensor:
         """Per-example losses, fp32 [len(encoded)], whose mean is `MeZOTrainer._batch_loss`."""

@@ -124,6 +124,12 @@ def test_two_ranks_match_one_process(tmp_path, monkeypatch):
             assert g.loss == pytest.approx(w.loss, rel=1e-6, abs=1e-6)
     _assert_close(load_file(tmp_path / "lora2" / "adapter" / "adapter_model.safetensors"),
                   load_file(tmp_path / "lora1" / "adapter" / "adapter_model.safetensors"))
+    def tokens(out: Path) -> list[int]:
+        recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["tokens_computed"] for r in recs if r["kind"] == "train"]
+
+    # tokens_computed counts every rank's shard (a shard cannot share a prompt prefix with another rank's)
+    assert all(t2 >= t1 > 0 for t2, t1 in zip(tokens(tmp_path / "lora2"), tokens(tmp_path / "lora1"), strict=True))
     got_evals = [rep["lora2"]["initial_eval"]] + rep["lora2"]["evals"]
     want_evals = [ref_lora.initial_eval] + ref_lora.evals
     for g, w in zip(got_evals, want_evals, strict=True):
