@@ -81,6 +81,24 @@ def test_shard_range_tiles_the_batch():
             assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
 
 
+def test_backend_and_device_choice(monkeypatch):
+    from mezo import distributed as d
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match="backend 'mpi'"):
+        d.init_from_env("cpu", "mpi")
+    with pytest.raises(ValueError, match="'nccl' needs a CUDA device"):
+        d.init_from_env("cpu", "nccl")
+    assert d.local_device("cpu") == "cpu"
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a fake GPU host: LOCAL_RANK picks the GPU
+    assert d.local_device("auto") == d.local_device("cuda") == "cuda:3"
+    assert d.local_device("cuda:0") == "cuda:0"  # an explicit device is kept
+    assert d.current_context() is None and d.agree(None, lambda: 7, "x") == 7  # no group: no collectives
+    with d.process_group_from_env("cpu") as (ctx, device):  # not under torchrun: nothing joined
+        assert ctx is None and device == "cpu"
+
+
 def test_two_ranks_match_one_process(tmp_path, monkeypatch):
     data = _write_jsonl(tmp_path / "train.jsonl", ALL_HEADLINES[:10])
     eval_path = _write_jsonl(tmp_path / "eval.jsonl", ALL_HEADLINES[10:13], offset=2)  # 3 over 2 ranks
