@@ -189,3 +189,30 @@ def test_two_ranks_match_one_process(tmp_path, monkeypatch):
         assert r["toolarge"]["events"] == []  # raised before any collective: no rank waits
         assert "RankFailedError: loading the model failed on rank(s) [1] of 2" in r["loadfail"]["error"]
     assert "FileNotFoundError: no model at /nonexistent" in reports[1]["loadfail"]["error"]
+
+
+def test_one_rank_group_nspsa_matches_plain_trainer():
+    """n-SPSA slots ([k, branch, example]) in a 1-rank gloo group in this process: the same g and update."""
+    import torch.distributed as dist
+
+    from mezo import MeZOConfig
+    from mezo.distributed import DistributedMeZOTrainer, make_trainer
+    from mezo_helpers import classification_examples
+
+    examples = classification_examples("", CANDIDATES, n=3)
+    config = MeZOConfig(lr=1e-2, eps=1e-2, batch_size=3, n_spsa=2, seed=5, steps=2)
+    plain = make_trainer(make_engine(), config)
+    want = [plain.step(examples) for _ in range(2)]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        trainer = make_trainer(make_engine(), config)
+        assert isinstance(trainer, DistributedMeZOTrainer)
+        got = [trainer.step(examples) for _ in range(2)]
+        assert trainer.evaluate(examples) == pytest.approx(plain.evaluate(examples), abs=1e-6)
+        assert trainer.check_consistency() != 0
+    finally:
+        dist.destroy_process_group()
+    for g, w in zip(got, want):
+        assert g["seeds"] == w["seeds"] and len(g["projected_grad"]) == 2
+        assert g["projected_grad"] == w["projected_grad"] and g["loss"] == w["loss"]
+    _assert_close(dict(trainer.params), dict(plain.params), atol=0)
