@@ -215,7 +215,10 @@ class DistributedMeZOTrainer(MeZOTrainer):
         # the shards tile the batch by construction; a wrong count would be a bug here, not user input
         count_ok = buf[-2] == batch
         nan = torch.tensor(float("nan"), dtype=torch.float32, device=buf.device)
-        losses = torch.where((buf[-1] == 0) & count_ok, slots.float().mean(dim=-1), nan)
+        # the batch mean as `MeZOTrainer._batch_loss` takes it: fp32 mean of fp32 losses; float64 for scores
+        mean = (slots.sum(dim=-1) / batch).float() if self.config.objective in ("accuracy", "f1") \
+            else slots.float().mean(dim=-1)
+        losses = torch.where((buf[-1] == 0) & count_ok, mean, nan)
         device = self.engine.device
         return losses[:, 0].to(device), losses[:, 1].to(device)
 
@@ -226,11 +229,12 @@ class DistributedMeZOTrainer(MeZOTrainer):
         return record
 
     def example_losses(self, encoded: list[EncodedExample], reqs: list[list]) -> torch.Tensor:
-        """Per-example losses, fp32 [len(encoded)], whose mean is `MeZOTrainer._batch_loss`."""
+        """Per-example losses [len(encoded)] whose mean is `MeZOTrainer._batch_loss`: fp32, or float64
+        (−accuracy/−F1 per example) for the generation objectives, which average in float64."""
         objective = self.config.objective
         if objective in ("accuracy", "f1"):
             return torch.tensor([-generation_metric(objective, self.engine.decode(r[0].output_ids), ex.target_text)
-                                 for ex, r in zip(encoded, reqs)], dtype=torch.float32)
+                                 for ex, r in zip(encoded, reqs)], dtype=torch.float64)
         return torch.stack([example_loss(ex, r) for ex, r in zip(encoded, reqs)]).float()
 
     # -- evaluation ---------------------------------------------------------------------------------

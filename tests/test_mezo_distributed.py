@@ -191,16 +191,26 @@ def test_two_ranks_match_one_process(tmp_path, monkeypatch):
     assert "FileNotFoundError: no model at /nonexistent" in reports[1]["loadfail"]["error"]
 
 
-def test_one_rank_group_nspsa_matches_plain_trainer():
-    """n-SPSA slots ([k, branch, example]) in a 1-rank gloo group in this process: the same g and update."""
+@pytest.mark.parametrize("objective", ["classification", "f1"])
+def test_one_rank_group_matches_plain_trainer(objective):
+    """The slots ([k, branch, example], n-SPSA 2) in a 1-rank gloo group in this process: the same g,
+    update and evaluation as the plain trainer; F1 (generation) averages its scores as one process does."""
     import torch.distributed as dist
 
-    from mezo import MeZOConfig
+    from mezo import LMExample, MeZOConfig
     from mezo.distributed import DistributedMeZOTrainer, make_trainer
     from mezo_helpers import classification_examples
 
-    examples = classification_examples("", CANDIDATES, n=3)
-    config = MeZOConfig(lr=1e-2, eps=1e-2, batch_size=3, n_spsa=2, seed=5, steps=2)
+    if objective == "f1":  # targets = the model's own greedy text, so that perturbed F1s are not all 0
+        from engine import SamplingParams
+
+        prompts = [f"Headline: {h}\nTopic:" for h in ALL_HEADLINES[:3]]
+        outs = make_engine().generate(prompts, SamplingParams(max_tokens=3, temperature=0.0, stop=["\n"]))
+        examples = [LMExample(p, o.text) for p, o in zip(prompts, outs)]
+    else:
+        examples = classification_examples("", CANDIDATES, n=3)
+    config = MeZOConfig(lr=1e-2, eps=1e-2, batch_size=3, n_spsa=2, seed=5, steps=2, objective=objective,
+                        max_new_tokens=3)
     plain = make_trainer(make_engine(), config)
     want = [plain.step(examples) for _ in range(2)]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
