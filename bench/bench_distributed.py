@@ -78,6 +78,19 @@ def worker(args: argparse.Namespace) -> None:
     del hf
     trainer = make_trainer(engine, MeZOConfig.preset("opt-lora", steps=10_000))
     batch = trainer.encode(examples)
+    waits: list[float] = []
+    if ctx is not None:  # time the step's all_reduce: a rank's wait there is its peers' extra work + the transfer
+        import torch.distributed as dist
+
+        all_reduce = dist.all_reduce
+
+        def timed_all_reduce(*a, **kw):
+            t = time.perf_counter()
+            out = all_reduce(*a, **kw)
+            waits.append(time.perf_counter() - t)
+            return out
+
+        dist.all_reduce = timed_all_reduce
     for _ in range(args.warmup):
         trainer.step(batch)
     if ctx is not None:
@@ -85,6 +98,7 @@ def worker(args: argparse.Namespace) -> None:
 
         dist.barrier()
     times, tokens = [], []
+    waits.clear()
     for _ in range(args.steps):
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
@@ -94,6 +108,9 @@ def worker(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         tokens.append(record["tokens_computed"])
+    rank = 0 if ctx is None else ctx.rank
+    Path(f"{args.worker}.rank{rank}").write_text(json.dumps({"rank": rank, "step_seconds": times,
+                                                             "all_reduce_seconds": waits}))
     if ctx is None or ctx.is_writer:
         Path(args.worker).write_text(json.dumps({
             "world_size": 1 if ctx is None else ctx.world_size, "backend": None if ctx is None else ctx.backend,
@@ -129,6 +146,13 @@ def run_contestant(args: argparse.Namespace, world: int, argv: list[str]) -> dic
             raise RuntimeError(f"{world}-rank contestant failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                                f"{proc.stderr[-3000:]}")
         out = json.loads(result.read_text())
+        per_rank = [json.loads(Path(f"{result}.rank{r}").read_text()) for r in range(world)]
+        # a rank's own compute per step = its step time minus its wait in the all_reduce
+        out["compute_s_per_rank"] = [round(statistics.median(
+            [t - w for t, w in zip(p["step_seconds"], p["all_reduce_seconds"] or [0.0] * len(p["step_seconds"]))]), 3)
+            for p in per_rank]
+        out["all_reduce_wait_s_per_rank"] = [round(statistics.median(p["all_reduce_seconds"]), 4)
+                                             if p["all_reduce_seconds"] else 0.0 for p in per_rank]
         out["process_seconds"] = round(time.perf_counter() - t0, 1)
         return out
 
@@ -178,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.note:
         lines += [f"Note: {args.note}", ""]
     lines += md_table([(r["world_size"], r["backend"] or "-", r["steps_per_s"], f"{r['scaling']:.2f}x",
-                        r["tokens_computed_per_step"]) for r in rows],
-                      ["ranks", "backend", "steps/s", "scaling", "tokens computed/step (all ranks)"])
+                        r["tokens_computed_per_step"], " / ".join(f"{c:.3f}" for c in r["compute_s_per_rank"]),
+                        " / ".join(f"{w:.3f}" for w in r["all_reduce_wait_s_per_rank"])) for r in rows],
+                      ["ranks", "backend", "steps/s", "scaling", "tokens computed/step (all ranks)",
+                       "median compute s/step per rank", "median all_reduce wait s per rank"])
     if "target" in payload:
         t = payload["target"]
         lines += ["", f"Target: 2-rank scaling >= {t['target']}x: {t['value']:.2f}x, {'met' if t['met'] else 'NOT met'}"]
