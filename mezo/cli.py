@@ -32,6 +32,8 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/mezo", help="output directory (adapter, metrics, plot, checkpoints)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--dist-backend", default=None, choices=["gloo", "nccl"],
+                   help="under torchrun: the torch.distributed backend (default: nccl on CUDA, gloo on CPU)")
 
 
 def build_config(args: argparse.Namespace):
@@ -52,16 +54,20 @@ def run_finetune(args: argparse.Namespace) -> int:
     from engine import Engine
 
     from .config import MeZOConfig
+    from .distributed import agree, process_group_from_env
 
     if args.list_presets:
         for name in MeZOConfig.presets():
             print(name, json.dumps(MeZOConfig.preset(name).to_dict()))
         return 0
     config = build_config(args)
-    engine = Engine(args.model, dtype=args.dtype, device=args.device)
     eval_source = args.eval if args.eval is not None else (args.task if not Path(args.task).is_file() else None)
-    result = engine.finetune(args.task, eval_source, config, out_dir=args.out, progress=not args.no_progress)
-    print_summary(result, config, engine)
+    # under torchrun: join the process group, load the model on every rank (a rank that cannot is named)
+    with process_group_from_env(args.device, args.dist_backend) as (ctx, device):
+        engine = agree(ctx, lambda: Engine(args.model, dtype=args.dtype, device=device), "loading the model")
+        result = engine.finetune(args.task, eval_source, config, out_dir=args.out, progress=not args.no_progress)
+        if ctx is None or ctx.is_writer:
+            print_summary(result, config, engine)
     return 0
 
 

@@ -18,6 +18,7 @@ from kernels import derive_seed
 from .checkpoint import TrainingCheckpoint, TrajectoryLog, TrajectoryRecord, latest_checkpoint
 from .config import MeZOConfig
 from .data import load_examples
+from .distributed import DistributedMeZOTrainer, make_trainer, resume_on_writer
 from .trainer import MeZOTrainer, sample_batch
 
 KEEP_CHECKPOINTS = 2
@@ -69,25 +70,34 @@ def finetune(engine: Engine, train: Any, eval: Any = None, config: MeZOConfig | 
 
     With `out_dir` (or `config.checkpoint_dir`), checkpoints are written every
     `checkpoint_every` steps and a rerun of the same call resumes from the latest one.
+    Inside a torch.distributed process group the run is data-parallel (mezo/distributed.py): every
+    rank makes this call with the same arguments, and rank 0 alone writes files and shows progress.
     """
     config = config or MeZOConfig()
     train_ex = load_examples(train, config.objective, split="train")
     eval_ex = load_examples(eval, config.objective, split="test", limit=config.eval_size) if eval is not None else []
     if not train_ex:
         raise ValueError("train has no examples")
-    trainer = MeZOTrainer(engine, config)
+    trainer = make_trainer(engine, config)
+    distributed = isinstance(trainer, DistributedMeZOTrainer)
+    writer = not distributed or trainer.ctx.is_writer
+    progress = progress and writer
     enc_train = trainer.encode(train_ex)  # every length check happens before the first step
     enc_eval = trainer.encode(eval_ex) if eval_ex else []
     out = Path(out_dir) if out_dir is not None else None
     ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else (out / "checkpoints" if out else None)
     result = TrainResult(out_dir=str(out) if out else None)
     trajectory = metrics_path = None
-    if out is not None:
+    if out is not None and writer:
         out.mkdir(parents=True, exist_ok=True)
         trajectory = TrajectoryLog(out / "trajectory.jsonl")
         metrics_path = out / "metrics.jsonl"
     if ckpt_dir is not None:
-        _resume_or_start(engine, trainer, config, ckpt_dir, trajectory, metrics_path, result)
+        resume = lambda: _resume_or_start(engine, trainer, config, ckpt_dir, trajectory, metrics_path, result)  # noqa: E731
+        if distributed:
+            resume_on_writer(trainer, resume, result)
+        else:
+            resume()
     if enc_eval and result.initial_eval is None:
         result.initial_eval = trainer.evaluate(enc_eval)
         _log_eval(result, metrics_path, trainer.step_count, result.initial_eval, progress)
@@ -116,7 +126,7 @@ def finetune(engine: Engine, train: Any, eval: Any = None, config: MeZOConfig | 
             if enc_eval and config.eval_every and done % config.eval_every == 0 and done < config.steps:
                 _log_eval(result, metrics_path, done, trainer.evaluate(enc_eval), progress)
             if ckpt_dir is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
-                _save_checkpoint(trainer, config, ckpt_dir, trajectory, result)
+                _save_checkpoint(trainer, config, ckpt_dir, trajectory, result, writer)
                 last_saved = done
     finally:
         bar.close()
@@ -127,8 +137,8 @@ def finetune(engine: Engine, train: Any, eval: Any = None, config: MeZOConfig | 
         result.final_eval = trainer.evaluate(enc_eval)
         _log_eval(result, metrics_path, trainer.step_count, result.final_eval, progress)
     if ckpt_dir is not None and last_saved != trainer.step_count:
-        _save_checkpoint(trainer, config, ckpt_dir, trajectory, result)
-    if out is not None:
+        _save_checkpoint(trainer, config, ckpt_dir, trajectory, result, writer)
+    if out is not None and writer:
         if engine.lora_spec is not None:
             engine.save_adapter(out / "adapter")
         from .plot import plot_training
@@ -149,7 +159,11 @@ def _log_eval(result: TrainResult, metrics_path: Path | None, step: int, metrics
 
 
 def _save_checkpoint(trainer: MeZOTrainer, config: MeZOConfig, ckpt_dir: Path, trajectory: TrajectoryLog | None,
-                     result: TrainResult) -> None:
+                     result: TrainResult, writer: bool = True) -> None:
+    if isinstance(trainer, DistributedMeZOTrainer):
+        trainer.check_consistency()  # every rank, before anything is written
+    if not writer:
+        return
     tensors = {k: v.detach().cpu().clone() for k, v in trainer.params.items()}
     extra = {"initial_eval": result.initial_eval, "nonfinite_steps": trainer.nonfinite_steps}
     n_traj = len(trajectory.read()) if trajectory is not None else trainer.step_count

@@ -87,8 +87,22 @@ class MeZOTrainer:
     def branch_losses(self, examples: Sequence[Example] | list[EncodedExample], seed: int,
                       eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch-mean losses at θ+εz and θ−εz (0-d fp32 tensors), from one run of both branches."""
-        eps = self.config.eps if eps is None else eps
         encoded = self._encoded(examples)
+        try:
+            # run_requests aborts its requests and resets the perturbation itself if it raises
+            per_branch = self.run_branches(encoded, seed, eps)
+            losses = [self._batch_loss(encoded, per_branch[s]) for s in (1.0, -1.0)]
+        except BaseException:
+            clear_noise_cache()  # nothing of the failed step (its z) outlives it
+            raise
+        finally:
+            self.engine.cache.reset()  # KV under perturbed weights is never reused, failed step or not
+        return losses[0], losses[1]
+
+    def run_branches(self, encoded: list[EncodedExample], seed: int, eps: float | None = None) -> dict[float, list]:
+        """Run both branches of `encoded` under seed's ±εz as one set of requests; returns each
+        branch's (sign ±1.0) per-example request groups. The caller resets the cache afterwards."""
+        eps = self.config.eps if eps is None else eps
         per_branch = {}
         all_reqs = []
         for sign in (1.0, -1.0):
@@ -100,16 +114,14 @@ class MeZOTrainer:
                 reqs = [scoring_requests(self.engine, ex, sign, namespace) for ex in encoded]
             per_branch[sign] = reqs
             all_reqs.extend(r for group in reqs for r in group)
-        try:
-            # run_requests aborts its requests and resets the perturbation itself if it raises
-            self.engine.run_requests(all_reqs, perturbation=(seed, eps))
-            losses = [self._batch_loss(encoded, per_branch[s]) for s in (1.0, -1.0)]
-        except BaseException:
-            clear_noise_cache()  # nothing of the failed step (its z) outlives it
-            raise
-        finally:
-            self.engine.cache.reset()  # KV under perturbed weights is never reused, failed step or not
-        return losses[0], losses[1]
+        self.engine.run_requests(all_reqs, perturbation=(seed, eps))
+        return per_branch
+
+    def spsa_losses(self, encoded: list[EncodedExample], seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """L+ and L− of the batch for each SPSA seed: two fp32 tensors of shape [len(seeds)].
+        The hook that data-parallel training (mezo/distributed.py) overrides."""
+        pairs = [self.branch_losses(encoded, seed) for seed in seeds]
+        return torch.stack([p for p, _ in pairs]), torch.stack([m for _, m in pairs])
 
     def _encoded(self, examples) -> list[EncodedExample]:
         if examples and isinstance(examples[0], EncodedExample):
@@ -131,15 +143,10 @@ class MeZOTrainer:
             raise RuntimeError(self._torn_update)
         encoded = self._encoded(examples)
         tokens_before = self.engine.runner.tokens_computed
-        seeds, grads, losses = [], [], []
-        for k in range(cfg.n_spsa):
-            seed = step_seed(cfg.seed, self.step_count, k)
-            loss_plus, loss_minus = self.branch_losses(encoded, seed)
-            seeds.append(seed)
-            grads.append((loss_plus - loss_minus) / (2 * cfg.eps))
-            losses.append((loss_plus + loss_minus) / 2)
-        g = torch.stack(grads) / cfg.n_spsa  # n-SPSA averages the n estimates
-        loss = torch.stack(losses).mean()
+        seeds = [step_seed(cfg.seed, self.step_count, k) for k in range(cfg.n_spsa)]
+        loss_plus, loss_minus = self.spsa_losses(encoded, seeds)
+        g = (loss_plus - loss_minus) / (2 * cfg.eps) / cfg.n_spsa  # n-SPSA averages the n estimates
+        loss = ((loss_plus + loss_minus) / 2).mean()
         lr = cfg.lr_at(self.step_count)
         # the step's one host sync: the logged loss and projected gradients come back together
         loss_value, *g_values = torch.cat([loss.reshape(1), g]).tolist()

@@ -1,0 +1,220 @@
+"""Data-parallel MeZO scaling: steps/s of one MeZO-LoRA step on the same global batch with 1 process
+(no process group: today's path) and with N ranks under torchrun (mezo/distributed.py), side by side.
+
+    python bench/bench_distributed.py                       # SmolLM2-135M, B = 16 BBC headlines, 1 vs 2 ranks
+    python bench/bench_distributed.py --device cuda --random-config <name> --ranks 1 --backend nccl
+
+Each contestant is a fresh set of processes (`torchrun --nproc-per-node N`, each with --threads torch
+threads); rank 0 times `trainer.step` on the global batch after warm-up steps. Writes
+bench/results/distributed_<device>.json and .md (machine, commit, command, date, load average).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the checkout importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import command_line, loadavg, machine_info, md_table, now_iso, save_results  # noqa: E402
+
+TARGET_SCALING = 1.8
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="built-in model (ignored with --random-config)")
+    p.add_argument("--random-config", default=None, help="a random-weight shape of bench/model_shapes.py (GPU runs)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per contestant")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="world sizes; 1 = no process group")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--backend", default=None, choices=["gloo", "nccl"])
+    p.add_argument("--out", default=None, help="results directory (default bench/results)")
+    p.add_argument("--note", default="")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: result file of rank 0
+    return p.parse_args(argv)
+
+
+def _model_ref(args: argparse.Namespace):
+    from bench.mezo_scenarios import ModelRef
+
+    device = args.device
+    if device.startswith("cuda") and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    model = None if args.random_config else args.model
+    return ModelRef(model=model, random_config=args.random_config, dtype=args.dtype, device=device)
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank: build the engine and trainer, warm up, time `trainer.step` on the global batch."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from bench.mezo_workloads import build_hf_model, encode_examples, kv_tokens_needed, load_tokenizer
+    from engine import Engine
+    from mezo import MeZOConfig, load_examples
+    from mezo.distributed import current_context, init_from_env, launched_by_torchrun, make_trainer
+
+    if launched_by_torchrun():
+        init_from_env(args.device, args.backend)
+    ctx = current_context()
+    ref = _model_ref(args)
+    hf, tok = build_hf_model(ref), load_tokenizer()
+    examples = load_examples("bbc_news", "classification", limit=args.batch_size)
+    engine = Engine.from_hf(hf, tok, dtype=ref.torch_dtype, device=ref.device,
+                            max_cache_tokens=kv_tokens_needed(encode_examples(tok, examples)))
+    del hf
+    trainer = make_trainer(engine, MeZOConfig.preset("opt-lora", steps=10_000))
+    batch = trainer.encode(examples)
+    waits: list[float] = []
+    if ctx is not None:  # time the step's all_reduce: a rank's wait there is its peers' extra work + the transfer
+        import torch.distributed as dist
+
+        all_reduce = dist.all_reduce
+
+        def timed_all_reduce(*a, **kw):
+            t = time.perf_counter()
+            out = all_reduce(*a, **kw)
+            waits.append(time.perf_counter() - t)
+            return out
+
+        dist.all_reduce = timed_all_reduce
+    for _ in range(args.warmup):
+        trainer.step(batch)
+    if ctx is not None:
+        import torch.distributed as dist
+
+        dist.barrier()
+    times, tokens = [], []
+    waits.clear()
+    for _ in range(args.steps):
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        record = trainer.step(batch)
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        tokens.append(record["tokens_computed"])
+    rank = 0 if ctx is None else ctx.rank
+    Path(f"{args.worker}.rank{rank}").write_text(json.dumps({"rank": rank, "step_seconds": times,
+                                                             "all_reduce_seconds": waits}))
+    if ctx is None or ctx.is_writer:
+        Path(args.worker).write_text(json.dumps({
+            "world_size": 1 if ctx is None else ctx.world_size, "backend": None if ctx is None else ctx.backend,
+            "step_seconds": times, "median_step_s": statistics.median(times),
+            "steps_per_s": 1.0 / statistics.median(times), "tokens_computed_per_step": tokens[-1],
+            "loss_last": record["loss"]}))
+    if ctx is not None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_contestant(args: argparse.Namespace, world: int, argv: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "rank0.json"
+        script = str(Path(__file__).resolve())
+        if world == 1:
+            cmd = [sys.executable, script, *argv, "--worker", str(result)]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
+                   "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), script, *argv,
+                   "--worker", str(result)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{world}-rank contestant failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                               f"{proc.stderr[-3000:]}")
+        out = json.loads(result.read_text())
+        per_rank = [json.loads(Path(f"{result}.rank{r}").read_text()) for r in range(world)]
+        # a rank's own compute per step = its step time minus its wait in the all_reduce
+        out["compute_s_per_rank"] = [round(statistics.median(
+            [t - w for t, w in zip(p["step_seconds"], p["all_reduce_seconds"] or [0.0] * len(p["step_seconds"]))]), 3)
+            for p in per_rank]
+        out["all_reduce_wait_s_per_rank"] = [round(statistics.median(p["all_reduce_seconds"]), 4)
+                                             if p["all_reduce_seconds"] else 0.0 for p in per_rank]
+        out["process_seconds"] = round(time.perf_counter() - t0, 1)
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    if args.batch_size < max(args.ranks):
+        raise SystemExit(f"--batch-size {args.batch_size} is smaller than the largest world size {max(args.ranks)}")
+    from bench.mezo_workloads import build_hf_model, load_tokenizer
+
+    load_tokenizer()  # fill the caches once, so the contestants load in seconds
+    if not args.random_config:
+        del_model = build_hf_model(_model_ref(argparse.Namespace(**{**vars(args), "device": "cpu"})))
+        del del_model
+    load_start, started = loadavg(), now_iso()
+    rows = []
+    for world in args.ranks:
+        r = run_contestant(args, world, argv)
+        print(f"{world} rank(s): {r['steps_per_s']:.3f} steps/s (median step {r['median_step_s']:.3f} s)", flush=True)
+        rows.append(r)
+    base = rows[0]["steps_per_s"]
+    for r in rows:
+        r["scaling"] = r["steps_per_s"] / base
+    payload = {
+        "benchmark": "distributed", "command": command_line(__file__, argv), "date": started,
+        "machine": machine_info(args.device), "load_average": {"start": load_start, "end": loadavg()},
+        "model": args.random_config and f"random-{args.random_config}" or args.model, "dtype": args.dtype,
+        "batch_size": args.batch_size, "threads_per_process": args.threads, "timed_steps": args.steps,
+        "warmup_steps": args.warmup, "note": args.note, "results": rows,
+    }
+    two = next((r for r in rows if r["world_size"] == 2), None)
+    if two is not None and rows[0]["world_size"] == 1:
+        payload["target"] = {"metric": "2-rank scaling", "target": TARGET_SCALING, "value": two["scaling"],
+                             "met": two["scaling"] >= TARGET_SCALING}
+    m = payload["machine"]
+    lines = [f"# Data-parallel MeZO-LoRA scaling — {m['device_name']}", "", f"`{payload['command']}`", "",
+             f"{started}; torch {m['torch']}; git {m['git_commit']}",
+             f"Machine: {m['device_name']}, {m['cpu_cores']} cores; {args.threads} torch thread(s) per process",
+             f"Load average (1/5/15 min): start {load_start}, end {payload['load_average']['end']}",
+             f"Model {payload['model']} ({args.dtype}), opt-lora preset, B = {args.batch_size} BBC headlines "
+             f"(the same global batch for every world size); median of {args.steps} timed steps after "
+             f"{args.warmup} warm-up; 1 rank = one process without a process group.", ""]
+    if args.note:
+        lines += [f"Note: {args.note}", ""]
+    lines += md_table([(r["world_size"], r["backend"] or "-", r["steps_per_s"], f"{r['scaling']:.2f}x",
+                        r["tokens_computed_per_step"], " / ".join(f"{c:.3f}" for c in r["compute_s_per_rank"]),
+                        " / ".join(f"{w:.3f}" for w in r["all_reduce_wait_s_per_rank"])) for r in rows],
+                      ["ranks", "backend", "steps/s", "scaling", "tokens computed/step (all ranks)",
+                       "median compute s/step per rank", "median all_reduce wait s per rank"])
+    if "target" in payload:
+        t = payload["target"]
+        lines += ["", f"Target: 2-rank scaling >= {t['target']}x: {t['value']:.2f}x, {'met' if t['met'] else 'NOT met'}"]
+    name = f"distributed_{m['device_slug']}"
+    jpath, mpath = save_results(payload, "\n".join(lines), args.out, name)
+    print("\n".join(lines))
+    print(f"wrote {jpath} and {mpath}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

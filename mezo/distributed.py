@@ -1,0 +1,323 @@
+"""Data-parallel MeZO on torch.distributed (DESIGN §13): every rank holds the model, takes a contiguous
+shard of each step's global batch, runs both branches of its shard in one launch, and ONE all_reduce of
+a small float64 vector gives every rank the same L+ and L− (hence the same projected gradient g); the
+update, regenerated from the shared seeds, is then bit-identical on every rank.
+
+The vector has one slot per (SPSA sample, branch, global example): each rank fills its own examples'
+slots and leaves the rest zero, so the reduced vector holds exactly the per-example losses a single
+process computes, and the batch mean is then taken in the same order as on one process (uneven shards
+are weighted correctly by construction; x + 0 is exact). Two more slots carry the example count (a check
+that the shards tile the batch) and a non-finite flag.
+
+n-SPSA is NOT spread over ranks: each rank runs every SPSA sample on its shard, so the result does not
+depend on the number of ranks, and a run checkpointed with N ranks resumes with M ranks.
+
+Only checkpoints add a collective (the consistency guard); evaluation adds one per evaluation.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from engine import Engine
+
+from .config import MeZOConfig
+from .objectives import EncodedExample, candidate_scores, example_loss, generation_metric, scoring_requests
+from .objectives import generation_request
+from .trainer import MeZOTrainer
+
+T = TypeVar("T")
+BACKENDS = ("gloo", "nccl")
+
+
+class RankMismatchError(RuntimeError):
+    """The ranks' trainable tensors differ (the consistency guard at a checkpoint)."""
+
+
+class RankFailedError(RuntimeError):
+    """A step every rank must take (loading the model, resuming) failed on some ranks."""
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """The process group a data-parallel run uses. `comm_device` is where collective tensors live
+    (CUDA for NCCL, CPU for gloo)."""
+
+    rank: int
+    world_size: int
+    backend: str
+    comm_device: torch.device
+
+    @property
+    def is_writer(self) -> bool:
+        """Rank 0 alone writes metrics, plots, checkpoints, the trajectory and the adapter."""
+        return self.rank == 0
+
+
+def current_context() -> DistContext | None:
+    """The active process group as a DistContext, or None when there is none (a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    backend = str(dist.get_backend()).lower()
+    comm = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    return DistContext(dist.get_rank(), dist.get_world_size(), backend, comm)
+
+
+def launched_by_torchrun() -> bool:
+    """True when WORLD_SIZE/RANK are in the environment (torchrun, or a launcher that sets the same)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def local_device(device: str) -> str:
+    """The device of this rank: "auto"/"cuda" becomes cuda:LOCAL_RANK when CUDA is present."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return device
+
+
+def init_from_env(device: str = "auto", backend: str | None = None, timeout_s: float = 1800.0) -> str:
+    """Join the process group torchrun describes (env:// rendezvous). Returns this rank's device.
+
+    `backend` None picks gloo for CPU and nccl for CUDA. Raises ValueError for an unknown backend,
+    or nccl on a CPU device.
+    """
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"dist backend {backend!r}: must be one of {BACKENDS}")
+    device = local_device(device)
+    is_cuda = torch.device(device).type == "cuda"
+    backend = backend or ("nccl" if is_cuda else "gloo")
+    if backend == "nccl" and not is_cuda:
+        raise ValueError(f"dist backend 'nccl' needs a CUDA device, got device={device!r}")
+    if is_cuda:
+        torch.cuda.set_device(torch.device(device))
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    return device
+
+
+@contextmanager
+def process_group_from_env(device: str = "auto", backend: str | None = None) -> Iterator[tuple[DistContext | None, str]]:
+    """Yields (context, this rank's device). Under torchrun it joins the process group (and leaves
+    it on exit, if it joined); otherwise it yields the existing group's context, or (None, device)."""
+    joined = False
+    if launched_by_torchrun() and not (dist.is_available() and dist.is_initialized()):
+        device = init_from_env(device, backend)
+        joined = True
+    try:
+        yield current_context(), device
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[lo, hi) of rank's contiguous shard of n items; sizes differ by at most one (the first
+    n % world_size ranks take one more)."""
+    base, extra = divmod(n, world_size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+def agree(ctx: DistContext | None, fn: Callable[[], T], what: str) -> T:
+    """Run `fn` on every rank and make sure it succeeded everywhere: one all_reduce of a failure
+    flag per rank. Raises RankFailedError naming the failed ranks on EVERY rank (chained to the
+    local error where there is one), so that no rank waits forever in a later collective."""
+    if ctx is None:
+        return fn()
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+        error = err
+    failed = torch.zeros(ctx.world_size, dtype=torch.int64, device=ctx.comm_device)
+    failed[ctx.rank] = int(error is not None)
+    dist.all_reduce(failed)
+    bad = [r for r, f in enumerate(failed.tolist()) if f]
+    if bad:
+        local = f": {type(error).__name__}: {error}" if error is not None else ""
+        raise RankFailedError(f"{what} failed on rank(s) {bad} of {ctx.world_size}{local}") from error
+    return result  # type: ignore[return-value]
+
+
+def run_on_writer(ctx: DistContext, fn: Callable[[], T], what: str) -> T:
+    """Run `fn` on rank 0 only and broadcast its (picklable) result; an error there is raised on every rank."""
+    box: list[Any] = [None]
+    if ctx.is_writer:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            box[0] = ("error", f"{type(err).__name__}: {err}", err)
+    dist.broadcast_object_list(box, src=0, device=ctx.comm_device if ctx.backend == "nccl" else None)
+    status = box[0]
+    if status[0] == "error":
+        if ctx.is_writer:
+            raise status[2]
+        raise RankFailedError(f"{what} failed on rank 0: {status[1]}")
+    return status[1]
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> int:
+    """A 63-bit digest of the names, shapes, dtypes and exact bytes of `tensors` (in their order)."""
+    h = hashlib.sha256()
+    for name, t in tensors.items():
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest()[:8], "little") >> 1
+
+
+class DistributedMeZOTrainer(MeZOTrainer):
+    """A MeZOTrainer whose steps and evaluations are sharded over the ranks of `ctx`.
+
+    `step(examples)` takes the GLOBAL batch (the same list on every rank). Raises ValueError when the
+    world size is larger than `config.batch_size` (a rank would have no example of each step).
+    """
+
+    def __init__(self, engine: Engine, config: MeZOConfig | None, ctx: DistContext):
+        config = config or MeZOConfig()
+        if ctx.world_size > config.batch_size:
+            raise ValueError(f"MeZOConfig.batch_size={config.batch_size} is smaller than the world size "
+                             f"{ctx.world_size}: every rank needs at least one example of each step's batch; "
+                             f"raise batch_size or start fewer processes")
+        super().__init__(engine, config)
+        self.ctx = ctx
+
+    # -- the step's one collective ----------------------------------------------------------------
+    def spsa_losses(self, encoded: list[EncodedExample], seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        n, batch = len(seeds), len(encoded)
+        if batch < self.ctx.world_size:
+            raise ValueError(f"a batch of {batch} examples cannot be sharded over {self.ctx.world_size} ranks")
+        lo, hi = shard_range(batch, self.ctx.rank, self.ctx.world_size)
+        shard = encoded[lo:hi]
+        # slots: [k, branch, example] losses, then tokens computed, the example count, the non-finite flag
+        buf = torch.zeros(n * 2 * batch + 3, dtype=torch.float64, device=self.ctx.comm_device)
+        slots = buf[:-3].view(n, 2, batch)
+        tokens_before = self.engine.runner.tokens_computed
+        for k, seed in enumerate(seeds):
+            try:
+                per_branch = self.run_branches(shard, seed)
+                for b, sign in enumerate((1.0, -1.0)):
+                    slots[k, b, lo:hi] = self.example_losses(shard, per_branch[sign]).to(buf.device, torch.float64)
+            except BaseException:
+                clear_noise_cache()  # nothing of the failed step (its z) outlives it
+                raise
+            finally:
+                self.engine.cache.reset()  # KV under perturbed weights is never reused, failed step or not
+        local = slots[:, :, lo:hi]
+        buf[-3] = self.engine.runner.tokens_computed - tokens_before
+        buf[-2] = hi - lo
+        buf[-1] = (~torch.isfinite(local)).any().to(torch.float64)
+        dist.all_reduce(buf)
+        self._global_tokens = buf[-3]  # read in `step`, after the step's host sync
+        # the shards tile the batch by construction; a wrong count would be a bug here, not user input
+        count_ok = buf[-2] == batch
+        nan = torch.tensor(float("nan"), dtype=torch.float32, device=buf.device)
+        # the batch mean as `MeZOTrainer._batch_loss` takes it: fp32 mean of fp32 losses; float64 for scores
+        mean = (slots.sum(dim=-1) / batch).float() if self.config.objective in ("accuracy", "f1") \
+            else slots.float().mean(dim=-1)
+        losses = torch.where((buf[-1] == 0) & count_ok, mean, nan)
+        device = self.engine.device
+        return losses[:, 0].to(device), losses[:, 1].to(device)
+
+    def step(self, examples: Sequence[Any] | list[EncodedExample]) -> dict[str, Any]:
+        """One data-parallel MeZO step on the GLOBAL batch; the record's tokens_computed counts every rank."""
+        record = super().step(examples)
+        record["tokens_computed"] = int(self._global_tokens)
+        return record
+
+    def example_losses(self, encoded: list[EncodedExample], reqs: list[list]) -> torch.Tensor:
+        """Per-example losses [len(encoded)] whose mean is `MeZOTrainer._batch_loss`: fp32, or float64
+        (−accuracy/−F1 per example) for the generation objectives, which average in float64."""
+        objective = self.config.objective
+        if objective in ("accuracy", "f1"):
+            return torch.tensor([-generation_metric(objective, r[0].text, ex.target_text)
+                                 for ex, r in zip(encoded, reqs)], dtype=torch.float64)
+        return torch.stack([example_loss(ex, r) for ex, r in zip(encoded, reqs)]).float()
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    def evaluate(self, examples: Sequence[Any] | list[EncodedExample]) -> dict[str, Any]:
+        """Sharded evaluation, gathered with one all_reduce; the same metrics as on one process."""
+        encoded = self._encoded(examples)
+        total = len(encoded)
+        lo, hi = shard_range(total, self.ctx.rank, self.ctx.world_size)
+        shard = encoded[lo:hi]
+        objective = self.config.objective
+        buf = torch.zeros(2, total, dtype=torch.float64, device=self.ctx.comm_device)  # [value, correct]
+        if shard:
+            namespace = self.engine.namespace
+            if objective in ("accuracy", "f1"):
+                reqs = [[generation_request(self.engine, ex, 0.0, namespace, self.config.max_new_tokens)]
+                        for ex in shard]
+            else:
+                reqs = [scoring_requests(self.engine, ex, 0.0, namespace) for ex in shard]
+            self.engine.run_requests([r for group in reqs for r in group])
+            losses = self.example_losses(shard, reqs).to(buf.device, torch.float64)
+            buf[0, lo:hi] = -losses if objective in ("accuracy", "f1") else losses  # scores, or losses
+            if objective == "classification":
+                buf[1, lo:hi] = torch.tensor([float(int(candidate_scores(ex, r).argmax()) == ex.label)
+                                              for ex, r in zip(shard, reqs)], dtype=torch.float64)
+        dist.all_reduce(buf)
+        values = buf.cpu()
+        if objective in ("accuracy", "f1"):
+            return {objective: sum(values[0].tolist()) / total, "n": total}
+        out: dict[str, Any] = {"loss": float(values[0].float().mean()), "n": total}
+        if objective == "classification":
+            out["accuracy"] = sum(values[1].tolist()) / total
+        return out
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def check_consistency(self) -> int:
+        """The consistency guard: one all_reduce of each rank's checksum of its trainable tensors.
+        Returns the checksum; raises RankMismatchError naming the ranks that differ from rank 0."""
+        world = self.ctx.world_size
+        sums = torch.zeros(world, dtype=torch.int64, device=self.ctx.comm_device)
+        sums[self.ctx.rank] = tensors_checksum(self.params)
+        dist.all_reduce(sums)
+        values = sums.tolist()
+        bad = [r for r in range(world) if values[r] != values[0]]
+        if bad:
+            raise RankMismatchError(
+                f"trainable tensors differ across ranks at step {self.step_count}: rank(s) {bad} disagree with "
+                f"rank 0 (checksums {[hex(v) for v in values]}); the run is stopped before this checkpoint is "
+                f"written; resume from the last checkpoint")
+        return values[0]
+
+    def sync_trainable_from_writer(self) -> None:
+        """Give every rank rank 0's trainable tensors (after rank 0 resumed from a checkpoint): one
+        broadcast per tensor, only at start-up, so no shared filesystem is needed."""
+        for param in self.params.values():
+            buf = param.detach().to(self.ctx.comm_device).contiguous()
+            dist.broadcast(buf, src=0)
+            if not self.ctx.is_writer:
+                param.copy_(buf.to(param.device))
+        self.engine.weights_changed()
+
+
+def make_trainer(engine: Engine, config: MeZOConfig | None = None) -> MeZOTrainer:
+    """A DistributedMeZOTrainer inside a process group (of any size); a plain MeZOTrainer otherwise."""
+    ctx = current_context()
+    return MeZOTrainer(engine, config) if ctx is None else DistributedMeZOTrainer(engine, config, ctx)
+
+
+def resume_on_writer(trainer: DistributedMeZOTrainer, resume: Callable[[], None], result: Any) -> None:
+    """Rank 0 runs `resume` (load the latest checkpoint or start fresh; its files, its errors) and
+    every rank takes the same state: step, skipped-step count, initial evaluation and, when a
+    checkpoint was loaded, rank 0's trainable tensors. `result` is the run's TrainResult."""
+    def on_writer() -> dict[str, Any]:
+        resume()
+        return {"step": trainer.step_count, "nonfinite_steps": trainer.nonfinite_steps,
+                "initial_eval": result.initial_eval, "resumed_from": result.resumed_from}
+
+    state = run_on_writer(trainer.ctx, on_writer, "resuming from the checkpoint")
+    trainer.step_count, trainer.nonfinite_steps = state["step"], state["nonfinite_steps"]
+    result.initial_eval, result.resumed_from = state["initial_eval"], state["resumed_from"]
+    if state["resumed_from"] is not None:
+        trainer.sync_trainable_from_writer()
