@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+import kernels
 from kernels import attention as attn
 
 BACKENDS = ("auto", "torch", "triton", "flash_attn")
@@ -31,7 +32,10 @@ class AttentionBackend:
                 return cls("torch")
             if attn.flash_attn_available() and page_size % 256 == 0:
                 return cls("flash_attn")
-            return cls("triton")
+            return cls("triton" if kernels.HAS_TRITON else "torch")
+        if requested == "triton" and not kernels.HAS_TRITON:
+            raise ValueError("attention_backend='triton' needs the package 'triton', which is not installed "
+                             "(Linux: pip install triton); use attention_backend='torch'")
         return cls(requested)
 
     def extend(self, q, k_pool, v_pool, batch, sm_scale: float) -> torch.Tensor:

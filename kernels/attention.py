@@ -23,8 +23,7 @@ read it, so each K/V tile is loaded once per group instead of once per query hea
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+from ._triton import tl, triton  # a stand-in when Triton is not installed
 from torch import Tensor
 
 from kernels.attention_ref import (decode_attention_flash, decode_attention_torch, extend_attention_flash,

@@ -13,8 +13,7 @@ the dot products, so rows of both branches (and unperturbed rows) share every ti
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+from ._triton import tl, triton  # a stand-in when Triton is not installed
 
 from .lora_ref import lora_noise, noisy_lora_linear_ref
 
