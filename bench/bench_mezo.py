@@ -9,7 +9,8 @@ examples, batch, dtype and device, and the same lr/eps (the MeZOConfig paper pre
   lm_256      LM loss on 256-token BBC article windows (prompt ~128 tokens, target ~128), B = 16
   cls_full    scenario 1 in full-parameter mode (both sides perturb every decoder projection weight)
 
-Contestants per scenario: the reference step ("baseline"), the engine step ("engine"), the engine's
+Contestants per scenario: the reference step ("baseline"), the competent transformers loop a careful
+user would write ("hf_loop", bench/baselines/hf_loop.py), the engine step ("engine"), the engine's
 plain unperturbed forward of the same 2xB request set ("engine_forward": the denominator of the ZO
 overhead and the inference side of the memory check) and, in scenario 2, the engine step with the
 prefix cache disabled. Each lives in its own fresh process (bench/mezo_worker.py), which gives each
@@ -216,6 +217,7 @@ def run_scenario(key: str, ref: ModelRef, args: argparse.Namespace, sizes: Sizes
                    reference_rows=base.info["reference_rows"], reference_width=base.info["reference_width"],
                    workload_tokens_per_step=base.info["workload_tokens_per_step"],
                    reference_trainable_params=base.info["trainable_params"])
+        start("hf_loop", lora_init=init_path if scen.mode == "lora" else None)
         contestants.sort(key=lambda c: c.name != "baseline")  # baseline first in round 0
         if not skip_engine:
             start("engine_forward")
@@ -233,6 +235,7 @@ def run_scenario(key: str, ref: ModelRef, args: argparse.Namespace, sizes: Sizes
         if "engine" in by:
             res["speedup"] = res["baseline"]["step_s"] / res["engine"]["step_s"]
             res["zo_overhead"] = res["engine"]["step_s"] / res["engine_forward"]["step_s"]
+            res["speedup_vs_hf_loop"] = res["hf_loop"]["step_s"] / res["engine"]["step_s"]
             mem_e, mem_f, mem_b = (res[n]["memory"] for n in ("engine", "engine_forward", "baseline"))
             res["memory"] = {"step_vs_inference_peak": mem_e["peak_bytes"] / mem_f["peak_bytes"]}
             if base.scale == 1.0:

@@ -185,6 +185,12 @@ class Side:
                              workload_tokens_per_step=2 * sum(batch.lengths),
                              trainable_params=sum(p.numel() for _, p in self.mezo.params))
             self.tokens = 2 * int(self.batch.input_ids.numel())
+        elif role == "hf_loop":
+            init = torch.load(spec["lora_init"]) if spec.get("lora_init") else None
+            self.loop, self.batch = w.build_hf_loop(hf, tok, ref, scenario, examples, init)
+            self.info.update(rows=int(self.batch.input_ids.shape[0]), width=int(self.batch.input_ids.shape[1]),
+                             attn_implementation=getattr(hf.config, "_attn_implementation", None))
+            self.tokens = 2 * int(self.batch.input_ids.numel())
         else:
             self.trainer, self.encoded = w.build_engine(
                 hf, tok, ref, scenario, examples[:k], prefix_cache=role != "engine_no_prefix_cache",
@@ -205,6 +211,9 @@ class Side:
     def _run(self, i: int) -> int:
         if self.role == "baseline":
             self.mezo.step(self.batch, seed=1000 + i)
+            return self.tokens
+        if self.role == "hf_loop":
+            self.loop.step(self.batch, seed=1000 + i)
             return self.tokens
         if self.role == "engine_forward":
             from bench.mezo_workloads import plain_forward
