@@ -223,6 +223,8 @@ def figures(rows: list[dict]) -> dict[str, float]:
     for r in rows:
         if r["kind"] == "decode" and r["impl"] == "triton_paged" and (r["batch"], r["context"]) == (64, 2048):
             out["decode_b64_ctx2048_pct_copy"] = r["pct_copy"]
+        if r["kind"] == "decode" and r["impl"] == "torch_paged":  # --quick: the CPU path's time
+            out[f"decode_torch_b{r['batch']}_ctx{r['context']}_ms"] = r["ms"]
         if r["kind"] == "extend" and r["impl"] == "triton_paged":
             out[f"extend_b{r['batch']}_speedup_vs_recompute"] = r["speedup_vs_recompute"]
     ext = [v for k, v in out.items() if k.startswith("extend_")]

@@ -44,8 +44,7 @@ from typing import Any, Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (command_line, device_slug, loadavg, machine_info, md_table, now_iso,  # noqa: E402
-                          resolve_device, save_results, sync, timed)
+from bench.common import bench_seconds, loadavg, md_table, resolve_device, write_results  # noqa: E402
 from bench.model_shapes import LLAMA_SHAPES  # noqa: E402
 from engine import Engine, SamplingParams  # noqa: E402
 
@@ -208,6 +207,18 @@ def hf_generate(model: Any, prompts: list[list[int]], n: int, pad_id: int, devic
     return new
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Any, device: torch.device) -> tuple[Any, float]:
+    """(fn(), seconds) of one call (bench.common.bench_seconds: CUDA synchronised)."""
+    box: dict[str, Any] = {}
+    seconds = bench_seconds(lambda: box.__setitem__("out", fn()), device, repeats=1)
+    return box["out"], seconds
+
+
 class EngineSplit:
     """Times the engine's model passes by kind by wrapping its runner (cheap: one sync per pass)."""
 
@@ -351,17 +362,12 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     hf_tps, eng_tps = out_tokens / hf_s, out_tokens / eng_s
     split = splits[eng_times.index(eng_s)]
     computed = stats1["tokens_computed"] - stats0["tokens_computed"]
-    slug = device_slug(device)
     default_model = model_desc == ("random-1b" if device.type == "cuda" else "smollm2-135m")
     variant = "-quick" if args.quick else ("" if default_model else f"-{model_desc.replace('random-', 'random')}")
     if args.threads is not None:
         variant += f"-t{args.threads}"
-    name = f"generate_{slug}{variant}"
     payload: dict[str, Any] = {
         "benchmark": "generate",
-        "timestamp": now_iso(),
-        "command": command_line(__file__, argv),
-        "machine": machine_info(device),
         "loadavg_before": load_before,
         "loadavg_after": load_after,
         "runs": run_load,
@@ -394,12 +400,14 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     if args.profile:
         text = profile_both(engine, model, prompts, n, pad_id, device)
-        ppath = Path(args.out_dir or Path(__file__).resolve().parent / "results") / f"{name}_profile.txt"
+        ppath = Path(args.out_dir or Path(__file__).resolve().parent / "results") / f"generate{variant}_profile.txt"
         ppath.parent.mkdir(parents=True, exist_ok=True)
         ppath.write_text(text)
         payload["profile_file"] = ppath.name
         print(f"profile tables: {ppath}")
-    jpath, mpath = save_results(payload, to_markdown(payload), args.out_dir, name)
+    jpath, mpath = write_results("generate", payload, to_markdown(payload), title="Generation throughput: MeZO Engine "
+                                 "vs transformers generate", device=device, script=__file__, argv=argv,
+                                 out_dir=args.out_dir, variant=variant)
     print(summary_text(payload))
     print(f"wrote {jpath} and {mpath.name}")
     return payload
@@ -416,15 +424,16 @@ def busy_note(p: dict[str, Any]) -> str | None:
     if not p.get("cpu_oversubscribed"):
         return None
     loads = [r["loadavg_1min_after"] for r in p["runs"]]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (f"NOTE: the CPU was oversubscribed (1-min load {p['loadavg_before'][0]} before, {loads} after the timed "
-            f"runs, on {p['machine']['cpu_cores_usable']} usable cores): other processes competed for it, so "
+            f"runs, on {cores} usable cores): other processes competed for it, so "
             f"absolute times are inflated and noisy: check the spread of each side's runs before trusting the ratio.")
 
 
 def summary_text(p: dict[str, Any]) -> str:
     e, h, c, sp = p["engine"], p["transformers"], p["config"], p["engine"]["split"]
     return "\n".join([
-        f"{c['model']} {c['dtype']} on {p['machine']['device_name']} ({c['device']}): {c['num_prompts']} prompts x "
+        f"{c['model']} {c['dtype']} on {c['device']}: {c['num_prompts']} prompts x "
         f"{c['max_tokens']} tokens, prompts {c['prompt_len_range'][0]}-{c['prompt_len_range'][1]} tokens, "
         f"{c['torch_threads']} threads, best of {c['repeats']}",
         f"  engine:       {e['output_tok_s']:9.1f} output tok/s  ({e['seconds']:.2f} s)",
@@ -439,15 +448,8 @@ def summary_text(p: dict[str, Any]) -> str:
 
 
 def to_markdown(p: dict[str, Any]) -> str:
-    m, c, e, h, sp = p["machine"], p["config"], p["engine"], p["transformers"], p["engine"]["split"]
-    lines = [f"# Generation throughput: MeZO Engine vs transformers — {m['device_name']}", "",
-             f"`{p['command']}`", "",
-             f"{p['timestamp']}; torch {m['torch']}, transformers {m['transformers']}, python {m['python']}; "
-             f"git {m['git_commit']}",
-             f"Machine: {m['device_name']} ({m['device']}); CPU {m['cpu_model']}, {m['cpu_cores']} cores, "
-             f"{m['torch_threads']} torch threads" + (f"; GPU {m['gpu_name']} {m['gpu_memory_gib']} GiB, CUDA {m['cuda']}"
-                                                     if "gpu_name" in m else ""),
-             f"Load average (1/5/15 min): before {p['loadavg_before']}, after {p['loadavg_after']}; 1-min load "
+    c, e, h, sp = p["config"], p["engine"], p["transformers"], p["engine"]["split"]
+    lines = [f"Load average (1/5/15 min): before {p['loadavg_before']}, after {p['loadavg_after']}; 1-min load "
              f"after each timed run: " + ", ".join(f"{r['side']} {r['loadavg_1min_after']}" for r in p["runs"]), "",
              *([busy_note(p), ""] if busy_note(p) else []),
              f"Model {c['model']} ({c['parameters'] / 1e6:.1f} M parameters), {c['dtype']}; {c['num_prompts']} prompts of "

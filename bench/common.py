@@ -3,7 +3,8 @@
 Timing: `bench_ms` (short calls, many repetitions) uses `triton.testing.do_bench` on a GPU (CUDA
 events, L2 flushed before each call, median) and `torch.utils.benchmark.Timer.blocked_autorange`
 on a CPU (median of blocks); `bench_seconds` (calls of a second or more: a generation run, a MeZO
-step) uses `torch.utils.benchmark.Timer.timeit(1)` per sample (CUDA synchronised around each).
+step) uses stdlib `timeit` one call per sample, CUDA synchronised around each (torch's Timer would
+add two hidden warm-up calls per sample, which a state-resetting caller cannot afford).
 
 Results: `write_results(name, payload, markdown, ...)` writes `<out_dir>/<name>.json` and `.md`; both
 carry the same metadata (`run_metadata`): command, date, git commit (and whether the tree was dirty),
@@ -19,7 +20,9 @@ import os
 import platform
 import re
 import shlex
+import statistics
 import subprocess
+import timeit
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -161,15 +164,19 @@ def bench_ms(fn: Callable[[], Any], device: str | torch.device, min_run_s: float
 
 
 def bench_seconds(fn: Callable[[], Any], device: str | torch.device, repeats: int = 3) -> float:
-    """Median wall seconds of `repeats` single calls of a long `fn` (a generation run, a MeZO step);
-    the caller warms up. CUDA is synchronised around every call (torch.utils.benchmark's timer)."""
-    from torch.utils.benchmark import Measurement, Timer
-
+    """Median wall seconds of `repeats` single calls of a long `fn` (a generation run, a MeZO step),
+    with no hidden warm-up call (the caller warms up, and some callers reset state between calls).
+    stdlib timeit (garbage collection paused while timing) with a clock that synchronises CUDA."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    runs = [timer.timeit(1) for _ in range(repeats)]
-    return float(Measurement.merge(runs)[0].median)
+    cuda = resolve_device(device).type == "cuda"
+
+    def clock() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return timeit.default_timer()
+
+    return statistics.median(timeit.Timer(fn, timer=clock).repeat(repeat=repeats, number=1))
 
 
 # -- results --------------------------------------------------------------------------------------------
@@ -211,10 +218,12 @@ def metadata_markdown(meta: dict[str, Any]) -> str:
 
 
 def write_results(name: str, payload: dict[str, Any], markdown: str, *, title: str, device: str | torch.device,
-                  script: str | Path, argv: Sequence[str] | None, out_dir: str | Path | None = None) -> tuple[Path, Path]:
-    """Write `<out_dir>/<name>_<device slug>.json` ({"meta": ..., **payload}) and `.md` (title,
-    metadata, `markdown`); returns both paths. `out_dir` defaults to bench/results/."""
-    meta = run_metadata(device, script, argv)
-    stem = f"{name}_{meta['device_slug']}"
+                  script: str | Path, argv: Sequence[str] | None, out_dir: str | Path | None = None,
+                  variant: str = "") -> tuple[Path, Path]:
+    """Write `<out_dir>/<name>_<device slug><variant>.json` ({"meta": ..., **payload}) and `.md` (title,
+    metadata, `markdown`); returns both paths and adds the metadata to `payload` as "meta" (so what a
+    script returns is what it saved). `out_dir` defaults to bench/results/."""
+    meta = payload["meta"] = run_metadata(device, script, argv)
+    stem = f"{name}_{meta['device_slug']}{variant}"
     md = f"# {title}\n\n{metadata_markdown(meta)}\n\n{markdown.strip()}\n"
-    return save_results({"meta": meta, **payload}, md, out_dir, stem)
+    return save_results(payload, md, out_dir, stem)
