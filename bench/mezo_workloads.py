@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bench.synthetic import SyntheticTokenizer, examples as synthetic_examples
 from bench.baselines.hf_loop import HFLoopMeZO, ScoredBatch, build_scored_batch
 from bench.baselines.reference_mezo import RefBatch, ReferenceMeZO, batch_loss, build_batch
 from engine import Engine
@@ -54,6 +55,9 @@ def fewshot_prefix(batch_size: int, shots: int) -> str:
 
 def build_examples(scenario: Scenario, sizes: Sizes, tokenizer: Any) -> list[ClassificationExample | LMExample]:
     b = sizes.batch_size
+    if isinstance(tokenizer, SyntheticTokenizer):  # no tokenizer / corpus on this machine: random ids
+        return synthetic_examples(scenario.key, b, sizes.shots, (sizes.lm_prompt_tokens, sizes.lm_target_tokens),
+                                  len(tokenizer))
     if scenario.key in ("cls", "cls_full"):
         return load_examples("bbc_news", "classification", limit=b)
     if scenario.key == "cls_16shot":
@@ -91,9 +95,12 @@ def _tokenizer_dir() -> Path:
 
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(path: str | None = None) -> Any:
-    """SmolLM2's tokenizer (or the one saved at `path`), from a save_pretrained copy of the GGUF's."""
+    """SmolLM2's tokenizer (or the one saved at `path`), from a save_pretrained copy of the GGUF's;
+    path "synthetic": token ids spelled as text (bench/synthetic.py), for machines without either."""
     from transformers import AutoTokenizer
 
+    if path == "synthetic":
+        return SyntheticTokenizer(VOCAB)
     return AutoTokenizer.from_pretrained(str(path) if path else str(_tokenizer_dir()))
 
 
