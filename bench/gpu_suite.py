@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("note:", n, flush=True)
     t0 = time.perf_counter()
     results = run_stages(todo, out, progress=not args.no_progress)
-    table, rows = summary(todo, results, out)
+    table, rows = summary(todo, results, out, judge=not args.dry_run)
     if args.dry_run:
         table = "DRY RUN (toy sizes on the CPU: these are not GPU figures)\n" + table
     wall = time.perf_counter() - t0

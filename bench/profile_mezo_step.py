@@ -39,7 +39,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timed steps per side")
-    ap.add_argument("--top", type=int, default=25, help="profile rows kept")
+    ap.add_argument("--top", type=int, default=25, help="profile rows kept (0: no profile, timings only)")
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -61,12 +61,12 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for name, fn in sides.items():
             times[name].append(bench_seconds(fn, "cpu", repeats=1))
     median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    profiles = {name: profile_table(fn, args.top) for name, fn in sides.items()}
+    profiles = {name: profile_table(fn, args.top) for name, fn in sides.items()} if args.top > 0 else {}
     payload = {"model": ref.label, "scenario": args.scenario, "batch_size": args.batch_size,
                "threads": torch.get_num_threads(), "rounds": args.rounds, "step_s": times, "median_step_s": median,
                "engine_speedup_vs_hf_loop": median["hf_loop"] / median["engine"],
                "loadavg": {"before": load_before, "after": loadavg()},
-               "rows": {"hf_loop": list(batch.input_ids.shape), "engine_tokens_per_step": None}}
+               "hf_loop_batch_shape": list(batch.input_ids.shape)}
     md = [f"Engine step {median['engine']:.3f} s, competent transformers loop {median['hf_loop']:.3f} s "
           f"(median of {args.rounds} interleaved steps each): **{payload['engine_speedup_vs_hf_loop']:.2f}x**.", "",
           f"Load average before / after: {payload['loadavg']['before']} / {payload['loadavg']['after']}", ""]

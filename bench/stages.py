@@ -98,8 +98,10 @@ def run_stages(stages: list[Stage], out_dir: Path, progress: bool = True,
     return results
 
 
-def summary(stages: list[Stage], results: list[StageResult], out_dir: Path) -> tuple[str, list[dict[str, Any]]]:
-    """A one-screen table: each figure, its target, met / MISSED / not measured; then each stage's status."""
+def summary(stages: list[Stage], results: list[StageResult], out_dir: Path,
+            judge: bool = True) -> tuple[str, list[dict[str, Any]]]:
+    """A one-screen table: each figure, its target, met / MISSED / not measured (judge=False: toy
+    figures, shown without a verdict); then each stage's status."""
     by_name = {r.name: r for r in results}
     rows: list[dict[str, Any]] = []
     for st in stages:
@@ -108,7 +110,8 @@ def summary(stages: list[Stage], results: list[StageResult], out_dir: Path) -> t
             value, met = t.evaluate(out_dir, res.started) if res is not None else (None, None)
             rows.append({"stage": st.name, "figure": t.label, "value": value,
                          "target": f"{t.op} {t.threshold:g}" if t.threshold is not None else "",
-                         "result": {True: "met", False: "MISSED", None: "not measured" if value is None else "—"}[met]})
+                         "result": ({True: "met", False: "MISSED", None: "—"}[met] if judge else "(toy size)")
+                         if value is not None else "not measured"})
     w = max([len(r["figure"]) for r in rows] + [6])
     lines = [f"{'figure':<{w}}  {'value':>10}  {'target':>8}  result", "-" * (w + 36)]
     for r in rows:
