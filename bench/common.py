@@ -15,6 +15,7 @@ from __future__ import annotations
 
 
 import datetime as _dt
+import gc
 import json
 import os
 import platform
@@ -166,7 +167,8 @@ def bench_ms(fn: Callable[[], Any], device: str | torch.device, min_run_s: float
 def bench_seconds(fn: Callable[[], Any], device: str | torch.device, repeats: int = 3) -> float:
     """Median wall seconds of `repeats` single calls of a long `fn` (a generation run, a MeZO step),
     with no hidden warm-up call (the caller warms up, and some callers reset state between calls).
-    stdlib timeit (garbage collection paused while timing) with a clock that synchronises CUDA."""
+    stdlib timeit with a clock that synchronises CUDA; garbage collection stays on (timeit's
+    documented `gc.enable()` setup), so a call's memory behaves as in real use."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     cuda = resolve_device(device).type == "cuda"
@@ -176,7 +178,8 @@ def bench_seconds(fn: Callable[[], Any], device: str | torch.device, repeats: in
             torch.cuda.synchronize()
         return timeit.default_timer()
 
-    return statistics.median(timeit.Timer(fn, timer=clock).repeat(repeat=repeats, number=1))
+    timer = timeit.Timer(fn, setup="gc.enable()", timer=clock, globals={"gc": gc})
+    return statistics.median(timer.repeat(repeat=repeats, number=1))
 
 
 # -- results --------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def stages(out: Path, dry_run: bool) -> list[Stage]:
         Stage("kernels", [py, "bench/bench_kernels.py", "--device", "cuda", *o], 40, _kernel_targets("kernels")),
         Stage("attention", [py, "bench/bench_attention.py", *o], 60, _attention_targets("attention")),
         Stage("mezo", [py, "bench/bench_mezo.py", "--device", "cuda", "--random-config", "1b", "--tokenizer", "synthetic",
-                       "--scenarios", "cls,cls_16shot", "--steps", "2", "--warmup", "1", "--profile", "none",
+                       "--scenarios", "cls,cls_16shot", "--steps", "2", "--warmup", "1",
                        "--name", "mezo_gpu_suite", *o], 180, _mezo_targets()),
         Stage("generate", [py, "bench/bench_generate.py", "--device", "cuda", "--random-config", "1b",
                            "--num-prompts", "64", "--max-tokens", "64", "--repeats", "1", *o], 60,

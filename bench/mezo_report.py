@@ -182,8 +182,6 @@ def to_markdown(p: dict[str, Any], name: str) -> str:
                 extra.append("engine: kernels.noise_cache holds " + ", ".join(f"{x / MB:.0f}" for x in nc)
                              + " MB of noise after each call (live tensors, included in its peak)")
         extra += r.get("notes", [])
-        if r.get("profile_file"):
-            extra.append(f"a target was missed: profile of one engine step in {r['profile_file']}")
         extra.append(f"load average before / after: {r['loadavg']['before']} / {r['loadavg']['after']}")
         lines += [""] + [f"- {x}" for x in extra] + [""]
     return "\n".join(lines)
@@ -234,15 +232,3 @@ def plot(p: dict[str, Any], path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def profile_markdown(p: dict[str, Any], profiles: dict[str, Any]) -> str:
-    lines = [f"# Profiles of one engine MeZO step — {p['machine']['device_name']}", "", f"`{p['command']}`", ""]
-    for key, prof in profiles.items():
-        lines += [f"## {p['scenarios'][key]['title']}", "",
-                  f"cProfile'd step: {prof['cprofile_wall_s']:.2f} s wall; torch.profiler'd step: "
-                  f"{prof['torch_profiler_wall_s']:.2f} s wall (profilers add overhead).", "",
-                  "### cProfile, by cumulative time", "", "```", prof["cprofile_cumulative"], "```", "",
-                  "### cProfile, by own time", "", "```", prof["cprofile_tottime"], "```", "",
-                  "### torch.profiler, ops by self time", "", "```", prof["torch_ops"], "```", ""]
-    return "\n".join(lines)
