@@ -34,7 +34,7 @@ def stages(device: str, quick: bool, out: Path) -> list[Stage]:
                   [Target("paged torch decode, ms (B 4, ctx 512)", "attention-quick_*.json", "figures.decode_torch_b4_ctx512_ms")]),
             Stage("generate", [py, "bench/bench_generate.py", "--quick", "--random-config", "tiny", "--device", device,
                                "--threads", "1", *o], 180,
-                  [Target("generation: engine / transformers tok/s", "generate_*-quick.json", "ratio_engine_over_transformers")]),
+                  [Target("generation: engine / transformers tok/s", "generate_*-quick*.json", "ratio_engine_over_transformers")]),
             Stage("mezo", [py, "bench/profile_mezo_step.py", "--random-config", "tiny", "--batch-size", "2",
                            "--rounds", "1", "--top", "0", *o], 240,
                   [Target("MeZO step: engine vs careful transformers loop", "mezo_step_profile_*.json",

@@ -48,6 +48,7 @@ def test_bench_quick_writes_results_with_metadata(tmp_path):
     proc = _run([sys.executable, "-m", "engine.cli", "bench", "--quick", "--out", str(tmp_path), "--no-progress"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "MeZO step: engine vs careful transformers loop" in proc.stdout
+    assert "not measured" not in proc.stdout  # every stage's figure was read back from its own JSON
     files = sorted(tmp_path.glob("*.json"))
     assert {f.name.split("_")[0] for f in files} >= {"kernels-quick", "attention-quick", "generate", "mezo"}
     for f in files:
