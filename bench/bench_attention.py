@@ -5,33 +5,30 @@ read / time) and its share of the peak given by --peak-gbps (default 3350 GB/s, 
 Extend: cached prefix 1024 + 64 new tokens through the paged kernel vs recomputing prefix + new from
 scratch (what an engine without a prefix cache does), plus SDPA over the same 64 queries.
 
-GPU timings use CUDA events with an L2 flush before each call (otherwise small KV caches sit in L2
-and the bandwidth is overstated) and report the median. Without CUDA, a tiny --cpu-smoke
-configuration runs the torch path only; it checks the script and the reference, not GPU speed.
-Results go to bench/results/attention_<device-slug>.{json,md}.
+Timing: bench.common.bench_ms — triton.testing.do_bench on a GPU (median, L2 flushed before each
+call, otherwise small KV caches sit in L2 and the bandwidth is overstated). Bandwidth is also given as
+a share of the measured device-to-device copy bandwidth (the target: >= 60 % at B=64, ctx 2048).
+Without CUDA, a tiny --quick configuration runs the torch path only; it checks the script and the
+reference, not GPU speed. Results: bench/results/attention[-quick]_<device-slug>.{json,md}.
 
     python bench/bench_attention.py                 # on a GPU
     python bench/bench_attention.py --sweep         # also sweep Triton tile configs (tuning aid)
-    python bench/bench_attention.py --cpu-smoke     # anywhere
+    python bench/bench_attention.py --quick         # anywhere
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
-import json
 import math
-import platform
-import re
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import median_ms_cpu, median_ms_cuda  # noqa: E402
+from bench.common import bench_ms, md_table, write_results  # noqa: E402
 from kernels.attention import (decode_attention_flash, decode_attention_torch,  # noqa: E402
                                decode_attention_triton, extend_attention_flash,
                                extend_attention_torch, extend_attention_triton, flash_attn_available)
@@ -40,23 +37,20 @@ DECODE_BATCHES, DECODE_CONTEXTS = (1, 16, 64), (512, 2048, 8192)
 EXTEND_BATCHES, EXTEND_PREFIX, EXTEND_NEW = (1, 8, 32), 1024, 64
 
 
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+def time_cuda(fn: Callable[[], object]) -> float:
+    return bench_ms(fn, "cuda")
 
 
-@functools.lru_cache(maxsize=1)
-def _l2_flush_buffer() -> torch.Tensor:
-    return torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")   # >> 50 MB H100 L2
+def time_cpu(fn: Callable[[], object]) -> float:
+    return bench_ms(fn, "cpu", min_run_s=0.05)
 
 
-def time_cuda(fn: Callable[[], object], warmup: int = 5, iters: int = 30) -> float:
-    """Median milliseconds per call, L2 flushed before each call."""
-    flush = _l2_flush_buffer()
-    return median_ms_cuda(fn, warmup, iters, before_each=flush.zero_)
-
-
-def time_cpu(fn: Callable[[], object], warmup: int = 2, iters: int = 15) -> float:
-    return median_ms_cpu(fn, warmup, iters)
+def copy_gbps(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth (read + write bytes / time): the attainable ceiling."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src), "cuda")
+    return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
 def paged_copy(k: torch.Tensor, v: torch.Tensor, page_size: int, gen: torch.Generator):
@@ -120,8 +114,9 @@ def _decode_case(args, dev: str, timer, bsz: int, ctx: int, gen) -> list[dict]:
         err = (fn().float() - ref).abs().max().item()
         gbps = kv_bytes / (ms * 1e-3) / 1e9
         pct = 100 * gbps / args.peak_gbps if dev == "cuda" else None
+        pct_copy = 100 * gbps / args.copy_gbps if args.copy_gbps else None
         rows.append({"kind": "decode", "impl": name, "batch": bsz, "context": ctx, "ms": ms,
-                     "kv_gbps": gbps, "pct_peak": pct, "max_abs_err_vs_sdpa": err})
+                     "kv_gbps": gbps, "pct_peak": pct, "pct_copy": pct_copy, "max_abs_err_vs_sdpa": err})
         pct_s = f"{pct:5.1f}% peak" if pct is not None else "(CPU: no % of peak)"
         print(f"decode B={bsz:3d} ctx={ctx:5d} {name:22s} {ms:8.3f} ms {gbps:8.1f} GB/s {pct_s}  err {err:.2e}",
               flush=True)
@@ -200,7 +195,7 @@ def sweep_decode(args, gen, bsz: int = 64, ctx: int = 2048) -> list[dict]:
         def fn(splits: int = splits, cfg: dict = cfg) -> torch.Tensor:
             return decode_attention_triton(q, k_pool, v_pool, pt, seq_lens, d ** -0.5, splits, config=cfg)
         try:
-            ms = time_cuda(fn, warmup=3, iters=10)
+            ms = time_cuda(fn)
         except Exception as exc:  # e.g. out of shared memory for a large config
             print(f"sweep {cfg} splits={splits}: failed ({type(exc).__name__})")
             continue
@@ -213,62 +208,71 @@ def sweep_decode(args, gen, bsz: int = 64, ctx: int = 2048) -> list[dict]:
     return rows
 
 
-def write_results(rows: list[dict], meta: dict, out_dir: Path, name: str) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
-    lines = [f"# Attention benchmark: {meta['device']}", "", *(f"- {k}: {v}" for k, v in meta.items()), ""]
+def _markdown(rows: list[dict], meta: dict) -> str:
+    lines = [", ".join(f"{k} {v}" for k, v in meta.items()), ""]
     for kind in dict.fromkeys(r["kind"] for r in rows):
         sel = [r for r in rows if r["kind"] == kind]
         cols = list(sel[0].keys())
-        lines += [f"## {kind}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"
-                  for r in sel]
-        lines.append("")
-    (out_dir / f"{name}.md").write_text("\n".join(lines))
-    print(f"wrote {out_dir / name}.json and .md")
+        lines += [f"## {kind}", "", *md_table([[r.get(c) for c in cols] for r in sel], cols), ""]
+    return "\n".join(lines)
 
 
-def main() -> None:
+def figures(rows: list[dict]) -> dict[str, float]:
+    """The GPU targets' figures: decode B=64 ctx 2048 share of copy bandwidth, extend vs recompute."""
+    out = {}
+    for r in rows:
+        if r["kind"] == "decode" and r["impl"] == "triton_paged" and (r["batch"], r["context"]) == (64, 2048):
+            out["decode_b64_ctx2048_pct_copy"] = r["pct_copy"]
+        if r["kind"] == "decode" and r["impl"] == "torch_paged":  # --quick: the CPU path's time
+            out[f"decode_torch_b{r['batch']}_ctx{r['context']}_ms"] = r["ms"]
+        if r["kind"] == "extend" and r["impl"] == "triton_paged":
+            out[f"extend_b{r['batch']}_speedup_vs_recompute"] = r["speedup_vs_recompute"]
+    ext = [v for k, v in out.items() if k.startswith("extend_")]
+    if ext:
+        out["extend_min_speedup_vs_recompute"] = min(ext)
+    return out
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peak-gbps", type=float, default=3350.0, help="HBM peak for %% of peak (H100 SXM: 3350)")
-    ap.add_argument("--cpu-smoke", action="store_true", help="tiny torch-only run (implied without CUDA)")
+    ap.add_argument("--quick", "--cpu-smoke", dest="quick", action="store_true",
+                    help="tiny torch-only run (implied without CUDA)")
     ap.add_argument("--sweep", action="store_true", help="also sweep Triton decode configs (GPU)")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--page-size", type=int, default=16)
-    ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
-    args = ap.parse_args()
+    ap.add_argument("--out-dir", type=Path, default=None)
+    args = ap.parse_args(argv)
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    smoke = args.cpu_smoke or not torch.cuda.is_available()
+    smoke = args.quick or not torch.cuda.is_available()
+    args.copy_gbps = None
     if smoke:
-        if not args.cpu_smoke:
-            print("no CUDA device: running the --cpu-smoke configuration")
         args.heads, args.kv_heads, args.head_dim, args.dtype = 4, 2, 64, torch.float32
-        device_name, dev, timer = f"cpu-{platform.machine()}", "cpu", time_cpu
+        dev, timer = "cpu", time_cpu
         print("GPU figures pending: this run exercises the script and the torch path only.")
         rows = bench_decode(args, dev, timer, (1, 4), (128, 512), gen)
         rows += bench_extend(args, dev, timer, (1, 2), 64, 16, gen)
     else:
         args.dtype = torch.bfloat16
-        device_name, dev, timer = torch.cuda.get_device_name(), "cuda", time_cuda
-        print(f"device: {device_name}, peak {args.peak_gbps} GB/s, flash-attn: {flash_attn_available()}")
+        dev, timer = "cuda", time_cuda
+        args.copy_gbps = copy_gbps()
+        print(f"device: {torch.cuda.get_device_name()}, copy {args.copy_gbps:.0f} GB/s, "
+              f"flash-attn: {flash_attn_available()}")
         rows = bench_decode(args, dev, timer, DECODE_BATCHES, DECODE_CONTEXTS, gen)
         rows += bench_extend(args, dev, timer, EXTEND_BATCHES, EXTEND_PREFIX, EXTEND_NEW, gen)
         if args.sweep:
             rows += sweep_decode(args, gen)
-    meta = {"device": device_name, "smoke": smoke, "gpu_figures": "pending" if smoke else "measured",
-            "dtype": str(args.dtype).replace("torch.", ""), "heads": args.heads, "kv_heads": args.kv_heads,
-            "head_dim": args.head_dim, "page_size": args.page_size, "peak_gbps": args.peak_gbps,
-            "torch": torch.__version__, "flash_attn": flash_attn_available()}
-    try:
-        import triton
-        meta["triton"] = triton.__version__
-    except ImportError:
-        pass
-    write_results(rows, meta, args.out_dir, f"attention_{slug(device_name)}{'-smoke' if smoke else ''}")
+    meta = {"smoke": smoke, "dtype": str(args.dtype).replace("torch.", ""), "heads": args.heads,
+            "kv_heads": args.kv_heads, "head_dim": args.head_dim, "page_size": args.page_size,
+            "peak_gbps": args.peak_gbps, "copy_gbps": args.copy_gbps, "flash_attn": flash_attn_available()}
+    payload = {"settings": meta, "results": rows, "figures": figures(rows)}
+    write_results("attention-quick" if smoke else "attention", payload, _markdown(rows, meta),
+                  title="Paged attention kernels", device=dev, script=__file__, argv=argv, out_dir=args.out_dir)
+    return payload
 
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -21,20 +21,15 @@ versions, the CPU model / core count or GPU name, and os.getloadavg() before and
     python bench/bench_generate.py                                   # CPU: SmolLM2-135M, fp32
     python bench/bench_generate.py --random-config 1b                # GPU default: ~1.2B LLaMA, bf16
     python bench/bench_generate.py --quick --random-config tiny --out-dir /tmp/x   # CI smoke
-    python bench/bench_generate.py --profile                         # + torch.profiler / cProfile tables
 
 On a small CPU shared with other busy processes, torch's default of one OpenMP thread per core makes
 every op wait for descheduled threads (measured here: ~5x slower, 2x run-to-run spread, on 2 cores at
-load 4-5); `--threads 1` gives steadier numbers (results then go to generate_<slug>-t1.*). The results
-flag `cpu_oversubscribed` when the load average exceeded the usable cores.
+load 4-5); `--threads 1` gives steadier numbers (results then go to generate_<slug>-t1.*). The load
+average is recorded before, after each timed run and after.
 """
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import os
-import pstats
 import statistics
 import sys
 import time
@@ -44,8 +39,7 @@ from typing import Any, Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (command_line, device_slug, loadavg, machine_info, md_table, now_iso,  # noqa: E402
-                          resolve_device, save_results, sync, timed)
+from bench.common import bench_seconds, loadavg, md_table, resolve_device, write_results  # noqa: E402
 from bench.model_shapes import LLAMA_SHAPES  # noqa: E402
 from engine import Engine, SamplingParams  # noqa: E402
 
@@ -115,9 +109,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny sizes for CI (random tiny model unless --model)")
-    ap.add_argument("--profile", action="store_true",
-                    help="after timing, one extra untimed run per side under torch.profiler (+ cProfile for the "
-                         "engine); tables saved next to the results")
     ap.add_argument("--out-dir", type=Path, default=None, help="default bench/results/")
     args = ap.parse_args(argv)
     args.device = resolve_device(args.device)
@@ -208,6 +199,18 @@ def hf_generate(model: Any, prompts: list[list[int]], n: int, pad_id: int, devic
     return new
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Any, device: torch.device) -> tuple[Any, float]:
+    """(fn(), seconds) of one call (bench.common.bench_seconds: CUDA synchronised)."""
+    box: dict[str, Any] = {}
+    seconds = bench_seconds(lambda: box.__setitem__("out", fn()), device, repeats=1)
+    return box["out"], seconds
+
+
 class EngineSplit:
     """Times the engine's model passes by kind by wrapping its runner (cheap: one sync per pass)."""
 
@@ -268,33 +271,6 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, float]:
     return {"exact_match": sum(x == y for x, y in zip(a, b)) / len(a), "mean_matching_prefix": statistics.mean(prefix)}
 
 
-# -- profiling (optional) -----------------------------------------------------------------------
-def profile_both(engine: Engine, model: Any, prompts: list[list[int]], n: int, pad_id: int,
-                 device: torch.device) -> str:
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    parts = []
-    engine.reset_cache()
-    pr = cProfile.Profile()
-    pr.enable()
-    engine_generate(engine, prompts, n)
-    pr.disable()
-    s = io.StringIO()
-    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(25)
-    parts += ["=== engine: cProfile, top 25 by own time ===", s.getvalue()]
-    for name, fn in (("engine", lambda: engine_generate(engine, prompts, n)),
-                     ("transformers", lambda: hf_generate(model, prompts, n, pad_id, device))):
-        engine.reset_cache()
-        with profile(activities=acts) as prof:
-            fn()
-            sync(device)
-        parts += [f"=== {name}: torch.profiler, top 30 ops by self time ===",
-                  prof.key_averages().table(sort_by=sort, row_limit=30)]
-    return "\n".join(parts)
-
-
 # -- main ---------------------------------------------------------------------------------------
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
@@ -351,21 +327,15 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     hf_tps, eng_tps = out_tokens / hf_s, out_tokens / eng_s
     split = splits[eng_times.index(eng_s)]
     computed = stats1["tokens_computed"] - stats0["tokens_computed"]
-    slug = device_slug(device)
     default_model = model_desc == ("random-1b" if device.type == "cuda" else "smollm2-135m")
     variant = "-quick" if args.quick else ("" if default_model else f"-{model_desc.replace('random-', 'random')}")
     if args.threads is not None:
         variant += f"-t{args.threads}"
-    name = f"generate_{slug}{variant}"
     payload: dict[str, Any] = {
         "benchmark": "generate",
-        "timestamp": now_iso(),
-        "command": command_line(__file__, argv),
-        "machine": machine_info(device),
         "loadavg_before": load_before,
         "loadavg_after": load_after,
         "runs": run_load,
-        "cpu_oversubscribed": busy(load_before, load_after, run_load),
         "config": {
             "model": model_desc, "parameters": n_params, "dtype": args.dtype, "device": str(device),
             "num_prompts": len(prompts), "max_tokens": n, "prompt_len_range": list(args.prompt_len),
@@ -392,64 +362,18 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "ratio_engine_over_transformers": eng_tps / hf_tps,
         "greedy_agreement": agreement(eng_out, hf_out),
     }
-    if args.profile:
-        text = profile_both(engine, model, prompts, n, pad_id, device)
-        ppath = Path(args.out_dir or Path(__file__).resolve().parent / "results") / f"{name}_profile.txt"
-        ppath.parent.mkdir(parents=True, exist_ok=True)
-        ppath.write_text(text)
-        payload["profile_file"] = ppath.name
-        print(f"profile tables: {ppath}")
-    jpath, mpath = save_results(payload, to_markdown(payload), args.out_dir, name)
-    print(summary_text(payload))
+    jpath, mpath = write_results("generate", payload, to_markdown(payload), title="Generation throughput: MeZO Engine "
+                                 "vs transformers generate", device=device, script=__file__, argv=argv,
+                                 out_dir=args.out_dir, variant=variant)
+    print(to_markdown(payload))
     print(f"wrote {jpath} and {mpath.name}")
     return payload
 
 
-def busy(before: list[float] | None, after: list[float] | None, runs: list[dict[str, Any]]) -> bool:
-    """True when the 1-minute load average exceeded the usable cores at any point we sampled."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    loads = [x[0] for x in (before, after) if x] + [r["loadavg_1min_after"] for r in runs if r["loadavg_1min_after"]]
-    return bool(loads) and max(loads) > cores
-
-
-def busy_note(p: dict[str, Any]) -> str | None:
-    if not p.get("cpu_oversubscribed"):
-        return None
-    loads = [r["loadavg_1min_after"] for r in p["runs"]]
-    return (f"NOTE: the CPU was oversubscribed (1-min load {p['loadavg_before'][0]} before, {loads} after the timed "
-            f"runs, on {p['machine']['cpu_cores_usable']} usable cores): other processes competed for it, so "
-            f"absolute times are inflated and noisy: check the spread of each side's runs before trusting the ratio.")
-
-
-def summary_text(p: dict[str, Any]) -> str:
-    e, h, c, sp = p["engine"], p["transformers"], p["config"], p["engine"]["split"]
-    return "\n".join([
-        f"{c['model']} {c['dtype']} on {p['machine']['device_name']} ({c['device']}): {c['num_prompts']} prompts x "
-        f"{c['max_tokens']} tokens, prompts {c['prompt_len_range'][0]}-{c['prompt_len_range'][1]} tokens, "
-        f"{c['torch_threads']} threads, best of {c['repeats']}",
-        f"  engine:       {e['output_tok_s']:9.1f} output tok/s  ({e['seconds']:.2f} s)",
-        f"  transformers: {h['output_tok_s']:9.1f} output tok/s  ({h['seconds']:.2f} s)",
-        f"  ratio engine/transformers: {p['ratio_engine_over_transformers']:.2f}x",
-        f"  engine split: prefill {sp['prefill']['seconds']:.2f} s ({sp['prefill']['passes']} passes), decode "
-        f"{sp['decode']['seconds']:.2f} s ({sp['decode']['passes']} passes), outside model {sp['outside_model_s']:.2f} s",
-        f"  greedy agreement: {p['greedy_agreement']['exact_match']:.0%} identical, "
-        f"mean matching prefix {p['greedy_agreement']['mean_matching_prefix']:.0%}",
-        f"  loadavg before {p['loadavg_before']} after {p['loadavg_after']}",
-    ] + ([f"  {busy_note(p)}"] if busy_note(p) else []))
-
-
 def to_markdown(p: dict[str, Any]) -> str:
-    m, c, e, h, sp = p["machine"], p["config"], p["engine"], p["transformers"], p["engine"]["split"]
-    lines = [f"# Generation throughput: MeZO Engine vs transformers — {m['device_name']}", "",
-             f"`{p['command']}`", "",
-             f"{p['timestamp']}; torch {m['torch']}, transformers {m['transformers']}, python {m['python']}; "
-             f"git {m['git_commit']}",
-             f"Machine: {m['device_name']} ({m['device']}); CPU {m['cpu_model']}, {m['cpu_cores']} cores, "
-             f"{m['torch_threads']} torch threads" + (f"; GPU {m['gpu_name']} {m['gpu_memory_gib']} GiB, CUDA {m['cuda']}"
-                                                     if "gpu_name" in m else ""),
-             f"Load average (1/5/15 min): before {p['loadavg_before']}, after {p['loadavg_after']}; 1-min load "
+    c, e, h, sp = p["config"], p["engine"], p["transformers"], p["engine"]["split"]
+    lines = [f"Load average (1/5/15 min): before {p['loadavg_before']}, after {p['loadavg_after']}; 1-min load "
              f"after each timed run: " + ", ".join(f"{r['side']} {r['loadavg_1min_after']}" for r in p["runs"]), "",
-             *([busy_note(p), ""] if busy_note(p) else []),
              f"Model {c['model']} ({c['parameters'] / 1e6:.1f} M parameters), {c['dtype']}; {c['num_prompts']} prompts of "
              f"{c['prompt_len_range'][0]}-{c['prompt_len_range'][1]} tokens (mean {c['prompt_len_mean']:.1f}, "
              f"{c['prompt_tokens']} in all; transformers pads them to {c['hf_padded_prompt_tokens']}), "
@@ -474,8 +398,6 @@ def to_markdown(p: dict[str, Any]) -> str:
               f"{e['preemptions']} preemptions.",
               f"Greedy outputs: {a['exact_match']:.0%} of prompts identical between the two; mean matching prefix "
               f"{a['mean_matching_prefix']:.0%}."]
-    if "profile_file" in p:
-        lines += ["", f"Profile tables: `{p['profile_file']}`."]
     return "\n".join(lines)
 
 

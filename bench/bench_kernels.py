@@ -1,41 +1,27 @@
 """Noisy LoRA linear at LLaMA-7B shapes: plain matmul vs unfused torch MeZO vs the fused Triton kernel.
 
-    python bench/bench_kernels.py              # needs CUDA; writes bench/results/kernels_<device>.json/.md
-    python bench/bench_kernels.py --cpu-smoke  # no GPU: tiny shapes, (a) and (b) only, nothing saved
+    python bench/bench_kernels.py               # GPU: M=8192 K=N=4096 bf16, r 8 and 64
+    python bench/bench_kernels.py --quick       # anywhere: tiny shapes, (a) and (b) on the torch path
 
-Rows a step of MeZO pushes through one projection: M = 2 branches x 16 sequences x 256 tokens, half at
-θ + εZ and half at θ − εZ. (b) is what one writes without the kernel: materialize Z_A and Z_B (with
-the Triton generator on GPU), build A ± εZ_A and B ± εZ_B, one matmul chain per branch.
+Rows a MeZO step pushes through one projection: M = 2 branches x 16 sequences x 256 tokens, half at
+θ + εZ and half at θ − εZ. (b) is what one writes without the kernel: materialize Z_A and Z_B, build
+A ± εZ_A and B ± εZ_B, one matmul chain per branch. Timing: bench.common.bench_ms (do_bench on GPU).
+Results: bench/results/kernels_<device>.{json,md} (--quick: kernels-quick_<device>).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import re
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Sequence
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import median_ms_cpu, median_ms_cuda  # noqa: E402
-
-import torch  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench.common import bench_ms, md_table, resolve_device, write_results  # noqa: E402
 
 
-def _timer_cuda(fn: Callable[[], object], warmup: int, iters: int) -> float:
-    return median_ms_cuda(fn, warmup, iters)
-
-
-def _timer_cpu(fn: Callable[[], object], warmup: int, iters: int) -> float:
-    return median_ms_cpu(fn, warmup, iters)
-
-
-def _unfused_lora(x, w, a, b, z_gen, seed_a, seed_b, eps, scale):
+def unfused_lora(x, w, a, b, z_gen, seed_a, seed_b, eps, scale):
     """Two branches, each its own matmul chain with materialized A ± εZ_A and B ± εZ_B."""
     z_a, z_b = z_gen(seed_a, a.shape), z_gen(seed_b, b.shape)
     half = x.shape[0] // 2
@@ -47,7 +33,7 @@ def _unfused_lora(x, w, a, b, z_gen, seed_a, seed_b, eps, scale):
     return y
 
 
-def _unfused_full(x, w, z_gen, seed_w, eps):
+def unfused_full(x, w, z_gen, seed_w, eps):
     """Full-parameter MeZO without the kernel: W ± εZ_W materialized per branch."""
     z_w = z_gen(seed_w, w.shape)
     half = x.shape[0] // 2
@@ -57,91 +43,74 @@ def _unfused_full(x, w, z_gen, seed_w, eps):
     return y
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cpu-smoke", action="store_true", help="no GPU: tiny shapes, (a) and (b) only")
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--save", action="store_true", help="also save results in --cpu-smoke mode")
-    args = ap.parse_args()
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.cpu_smoke:
-        print("bench_kernels: no CUDA device here; the fused kernel benchmark needs a GPU. "
-              "Run with --cpu-smoke to check that the script itself works.")
-        return 0
-    if cuda:
-        from kernels import noisy_lora_linear
-        from kernels.noise import randn_triton as z_gen_raw
-        device, dtype = "cuda", torch.bfloat16
-        m, k, n, ranks = 2 * 16 * 256, 4096, 4096, (8, 64)
-        timer = _timer_cuda
-        dev_name = torch.cuda.get_device_name()
-    else:
-        from kernels.noise import randn as z_gen_raw
-        noisy_lora_linear = None
-        device, dtype = "cpu", torch.float32  # CPU bf16 matmul is too slow to be a meaningful smoke test
-        m, k, n, ranks = 64, 256, 256, (8,)
-        timer = _timer_cpu
-        dev_name = f"cpu-smoke ({platform.processor() or platform.machine()})"
-        args.warmup, args.iters = min(args.warmup, 1), min(args.iters, 3)
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", "--cpu-smoke", dest="quick", action="store_true",
+                    help="tiny shapes, torch path only (implied without CUDA)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out-dir", type=Path, default=None)
+    args = ap.parse_args(argv)
+    dev = resolve_device(args.device)
+    gpu = dev.type == "cuda" and not args.quick
+    from kernels import noisy_lora_linear
+    from kernels.noise import randn, randn_triton
+
+    if gpu:
+        dtype, (m, k, n), ranks = torch.bfloat16, (2 * 16 * 256, 4096, 4096), (8, 64)
+        z_raw = randn_triton
+    else:  # CPU bf16 matmuls are too slow to say anything; this checks the script and the torch path
+        dtype, (m, k, n), ranks = torch.float32, (64, 256, 256), (8,)
+        z_raw = randn
 
     def z_gen(seed, shape):
-        return z_gen_raw(seed, shape, device=device)
+        return z_raw(seed, shape, device=dev)
 
     eps, scale = 1e-3, 2.0
-    gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(m, k, device=device, generator=gen).to(dtype)
-    w = (torch.randn(n, k, device=device, generator=gen) / k**0.5).to(dtype)
-    signs = torch.cat([torch.ones(m // 2), -torch.ones(m - m // 2)]).to(device)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(m, k, device=dev, generator=gen).to(dtype)
+    w = (torch.randn(n, k, device=dev, generator=gen) / k**0.5).to(dtype)
+    signs = torch.cat([torch.ones(m // 2), -torch.ones(m - m // 2)]).to(dev)
     flops = 2.0 * m * n * k
-    rows = []
+    rows: list[dict[str, Any]] = []
+    checks: dict[str, float] = {}
 
-    def record(name, r, fn):
-        ms = timer(fn, args.warmup, args.iters)
-        rows.append(dict(case=name, r=r, ms=round(ms, 4), tflops=round(flops / ms / 1e9, 2)))
-        print(f"{name:<34} r={str(r):>4}  {ms:9.3f} ms  {flops / ms / 1e9:8.2f} TFLOP/s")
+    def record(case: str, r: Any, fn: Any) -> float:
+        ms = bench_ms(fn, dev)
+        rows.append({"case": case, "r": r, "ms": ms, "tflops": flops / ms / 1e9})
+        print(f"{case:<34} r={str(r):>4} {ms:9.3f} ms {flops / ms / 1e9:8.2f} TFLOP/s", flush=True)
+        return ms
 
-    print(f"device: {dev_name}   M={m} K={k} N={n} dtype={str(dtype).split('.')[-1]}")
-    record("(a) plain x @ W.T", "-", lambda: x @ w.t())
-    checks = {}
+    plain = record("(a) plain x @ W.T", "-", lambda: x @ w.t())
+    figures: dict[str, float] = {}
     for r in ranks:
-        a = torch.randn(r, k, device=device, generator=gen) / k**0.5
-        b = torch.randn(n, r, device=device, generator=gen) * 0.01
-        record("(b) unfused torch LoRA", r, lambda: _unfused_lora(x, w, a, b, z_gen, 11, 12, eps, scale))
-        if noisy_lora_linear is not None:
-            fused = lambda: noisy_lora_linear(x, w, a, b, signs=signs, seed_a=11, seed_b=12,  # noqa: E731
-                                              eps=eps, scale=scale, impl="triton")
-            record("(c) fused noisy LoRA (triton)", r, fused)
-            diff = (fused().float() - _unfused_lora(x, w, a, b, z_gen, 11, 12, eps, scale).float()).abs().max()
-            checks[f"lora_r{r}_max_abs_diff_vs_unfused"] = float(diff)
-    if noisy_lora_linear is not None:
-        record("(d) unfused torch full-weight", "-", lambda: _unfused_full(x, w, z_gen, 13, eps))
+        a = torch.randn(r, k, device=dev, generator=gen) / k**0.5
+        b = torch.randn(n, r, device=dev, generator=gen) * 0.01
+        unfused = record("(b) unfused torch LoRA", r, lambda: unfused_lora(x, w, a, b, z_gen, 11, 12, eps, scale))
+        impl = "triton" if gpu else "torch"
+        fused = lambda: noisy_lora_linear(x, w, a, b, signs=signs, seed_a=11, seed_b=12,  # noqa: E731
+                                          eps=eps, scale=scale, impl=impl)
+        ms = record(f"(c) fused noisy LoRA ({impl})", r, fused)
+        diff = (fused().float() - unfused_lora(x, w, a, b, z_gen, 11, 12, eps, scale).float()).abs().max()
+        checks[f"lora_r{r}_max_abs_diff_vs_unfused"] = float(diff)
+        figures[f"fused_over_plain_r{r}"] = ms / plain
+        figures[f"unfused_over_fused_r{r}"] = unfused / ms
+    if gpu:
+        unfused = record("(d) unfused torch full-weight", "-", lambda: unfused_full(x, w, z_gen, 13, eps))
         full = lambda: noisy_lora_linear(x, w, None, None, signs=signs, seed_a=0, seed_b=0,  # noqa: E731
                                          eps=eps, scale=0.0, weight_seed=13, impl="triton")
-        record("(e) fused full-weight (triton)", "-", full)
-        checks["full_max_abs_diff_vs_unfused"] = float((full().float() - _unfused_full(x, w, z_gen, 13, eps).float()).abs().max())
-    for key, val in checks.items():
-        print(f"check {key}: {val:.4g}")
-
-    if cuda or args.save:
-        import triton
-        slug = re.sub(r"[^a-z0-9]+", "-", dev_name.lower()).strip("-")
-        meta = dict(command="python " + " ".join(sys.argv), device=dev_name, torch=torch.__version__,
-                    triton=triton.__version__, date=datetime.datetime.now().isoformat(timespec="seconds"),
-                    shape=dict(M=m, K=k, N=n, dtype=str(dtype)), warmup=args.warmup, iters=args.iters,
-                    timing="median of torch.cuda.Event intervals" if cuda else "median wall time",
-                    host=platform.node() or os.uname().nodename)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"kernels_{slug}.json").write_text(json.dumps(dict(meta=meta, rows=rows, checks=checks), indent=2))
-        md = [f"# Noisy LoRA kernels on {dev_name}", "", f"`{meta['command']}` ({meta['date']}, torch "
-              f"{meta['torch']}, triton {meta['triton']}); M={m} K={k} N={n} {meta['shape']['dtype']}, "
-              f"{meta['timing']}", "", "| case | r | ms | TFLOP/s |", "|---|---|---|---|"]
-        md += [f"| {row['case']} | {row['r']} | {row['ms']} | {row['tflops']} |" for row in rows]
-        md += [""] + [f"- {key}: {val:.4g}" for key, val in checks.items()]
-        (RESULTS / f"kernels_{slug}.md").write_text("\n".join(md) + "\n")
-        print(f"saved {RESULTS / f'kernels_{slug}.json'} and .md")
-    return 0
+        ms = record("(e) fused full-weight (triton)", "-", full)
+        checks["full_max_abs_diff_vs_unfused"] = float((full().float() - unfused_full(x, w, z_gen, 13, eps).float()).abs().max())
+        figures["full_fused_over_plain"] = ms / plain
+        figures["full_unfused_over_fused"] = unfused / ms
+    payload = {"shape": {"M": m, "K": k, "N": n, "dtype": str(dtype).replace("torch.", "")}, "quick": not gpu,
+               "rows": rows, "checks": checks, "figures": figures}
+    md = [f"M={m} K={k} N={n} {payload['shape']['dtype']}" + (" (quick: torch path, not a GPU figure)" if not gpu else ""),
+          "", *md_table([[r_["case"], r_["r"], r_["ms"], r_["tflops"]] for r_ in rows], ["case", "r", "ms", "TFLOP/s"]),
+          "", *(f"- {k_}: {v:.4g}" for k_, v in {**figures, **checks}.items())]
+    write_results("kernels" if gpu else "kernels-quick", payload, "\n".join(md), title="Noisy LoRA linear kernels",
+                  device=dev, script=__file__, argv=argv, out_dir=args.out_dir)
+    return payload
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

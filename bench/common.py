@@ -1,14 +1,21 @@
-"""Helpers shared by the benchmarks: device naming, machine description, timing, saving results.
+"""The benchmarks' shared harness: timing through libraries, one results writer, machine metadata.
 
-Every benchmark writes `<out_dir>/<name>.json` (machine-readable, with the exact command line and the
-machine it ran on) and `<out_dir>/<name>.md` (the same numbers for people); `<name>` contains the
-device slug (`cpu`, or the GPU's name such as `nvidia-h100-80gb-hbm3`) so results from different
-machines sit side by side.
+Timing: `bench_ms` (short calls, many repetitions) uses `triton.testing.do_bench` on a GPU (CUDA
+events, L2 flushed before each call, median) and `torch.utils.benchmark.Timer.blocked_autorange`
+on a CPU (median of blocks); `bench_seconds` (calls of a second or more: a generation run, a MeZO
+step) uses stdlib `timeit` one call per sample, CUDA synchronised around each (torch's Timer would
+add two hidden warm-up calls per sample, which a state-resetting caller cannot afford).
+
+Results: `write_results(name, payload, markdown, ...)` writes `<out_dir>/<name>.json` and `.md`; both
+carry the same metadata (`run_metadata`): command, date, git commit (and whether the tree was dirty),
+device and its name, CPU, threads, load average, torch / triton / transformers / python versions.
+`<name>` carries the device slug (`cpu`, or the GPU's name such as `nvidia-h100-80gb-hbm3`).
 """
 from __future__ import annotations
 
 
 import datetime as _dt
+import gc
 import json
 import os
 import platform
@@ -16,8 +23,8 @@ import re
 import shlex
 import statistics
 import subprocess
+import timeit
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -119,20 +126,6 @@ def machine_info(device: str | torch.device) -> dict[str, Any]:
     return info
 
 
-def sync(device: str | torch.device) -> None:
-    if resolve_device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], Any], device: str | torch.device) -> tuple[Any, float]:
-    """(fn(), wall seconds), with the device synchronised before and after."""
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - t0
-
-
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -158,32 +151,82 @@ def save_results(payload: dict[str, Any], markdown: str, out_dir: str | Path | N
     return jpath, mpath
 
 
-def median_ms_cpu(fn: Callable[[], object], warmup: int = 2, iters: int = 15) -> float:
-    """Median wall milliseconds per call on the host."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+# -- timing ---------------------------------------------------------------------------------------------
+def bench_ms(fn: Callable[[], Any], device: str | torch.device, min_run_s: float = 0.2) -> float:
+    """Median milliseconds per call of a short `fn` (kernels, single launches)."""
+    if resolve_device(device).type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, return_mode="median"))
+    from torch.utils.benchmark import Timer
+
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_s).median * 1e3
 
 
-def median_ms_cuda(fn: Callable[[], object], warmup: int = 5, iters: int = 30,
-                   before_each: Callable[[], object] | None = None) -> float:
-    """Median milliseconds per call between CUDA events; `before_each` (e.g. an L2 flush) is not timed."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        if before_each is not None:
-            before_each()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def bench_seconds(fn: Callable[[], Any], device: str | torch.device, repeats: int = 3) -> float:
+    """Median wall seconds of `repeats` single calls of a long `fn` (a generation run, a MeZO step),
+    with no hidden warm-up call (the caller warms up, and some callers reset state between calls).
+    stdlib timeit with a clock that synchronises CUDA; garbage collection stays on (timeit's
+    documented `gc.enable()` setup), so a call's memory behaves as in real use."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    cuda = resolve_device(device).type == "cuda"
+
+    def clock() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return timeit.default_timer()
+
+    timer = timeit.Timer(fn, setup="gc.enable()", timer=clock, globals={"gc": gc})
+    return statistics.median(timer.repeat(repeat=repeats, number=1))
+
+
+# -- results --------------------------------------------------------------------------------------------
+def _git_dirty() -> bool | None:
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=5)
+        return bool(out.stdout.strip()) if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("triton", "transformers", "peft"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def run_metadata(device: str | torch.device, script: str | Path, argv: Sequence[str] | None) -> dict[str, Any]:
+    """What every result file carries: how to reproduce it and where it ran."""
+    dev = resolve_device(device)
+    return {"command": command_line(script, argv), "date": now_iso(), "commit": _git_commit(),
+            "dirty_tree": _git_dirty(), "device": str(dev), "device_name": device_name(dev),
+            "device_slug": device_slug(dev), "cpu_model": cpu_model(), "cpu_cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "loadavg": loadavg(), **package_versions()}
+
+
+def metadata_markdown(meta: dict[str, Any]) -> str:
+    versions = ", ".join(f"{k} {meta.get(k)}" for k in ("torch", "triton", "transformers", "python"))
+    dirty = " (uncommitted changes)" if meta.get("dirty_tree") else ""
+    return (f"`{meta['command']}`\n\n{meta['date']}; commit {meta['commit']}{dirty}; {meta['device_name']} "
+            f"({meta['device']}, {meta['torch_threads']} torch threads); load average {meta['loadavg']}; {versions}")
+
+
+def write_results(name: str, payload: dict[str, Any], markdown: str, *, title: str, device: str | torch.device,
+                  script: str | Path, argv: Sequence[str] | None, out_dir: str | Path | None = None,
+                  variant: str = "") -> tuple[Path, Path]:
+    """Write `<out_dir>/<name>_<device slug><variant>.json` ({"meta": ..., **payload}) and `.md` (title,
+    metadata, `markdown`); returns both paths and adds the metadata to `payload` as "meta" (so what a
+    script returns is what it saved). `out_dir` defaults to bench/results/."""
+    meta = payload["meta"] = run_metadata(device, script, argv)
+    stem = f"{name}_{meta['device_slug']}{variant}"
+    md = f"# {title}\n\n{metadata_markdown(meta)}\n\n{markdown.strip()}\n"
+    return save_results(payload, md, out_dir, stem)

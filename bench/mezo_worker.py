@@ -21,11 +21,8 @@ just before the call.
 """
 from __future__ import annotations
 
-import cProfile
 import gc
-import io
 import multiprocessing as mp
-import pstats
 import threading
 import time
 import traceback
@@ -185,6 +182,12 @@ class Side:
                              workload_tokens_per_step=2 * sum(batch.lengths),
                              trainable_params=sum(p.numel() for _, p in self.mezo.params))
             self.tokens = 2 * int(self.batch.input_ids.numel())
+        elif role == "hf_loop":
+            init = torch.load(spec["lora_init"]) if spec.get("lora_init") else None
+            self.loop, self.batch = w.build_hf_loop(hf, tok, ref, scenario, examples, init)
+            self.info.update(rows=int(self.batch.input_ids.shape[0]), width=int(self.batch.input_ids.shape[1]),
+                             attn_implementation=getattr(hf.config, "_attn_implementation", None))
+            self.tokens = 2 * int(self.batch.input_ids.numel())
         else:
             self.trainer, self.encoded = w.build_engine(
                 hf, tok, ref, scenario, examples[:k], prefix_cache=role != "engine_no_prefix_cache",
@@ -206,6 +209,9 @@ class Side:
         if self.role == "baseline":
             self.mezo.step(self.batch, seed=1000 + i)
             return self.tokens
+        if self.role == "hf_loop":
+            self.loop.step(self.batch, seed=1000 + i)
+            return self.tokens
         if self.role == "engine_forward":
             from bench.mezo_workloads import plain_forward
 
@@ -215,46 +221,16 @@ class Side:
         return self.trainer.step(self.encoded)["tokens_computed"]
 
     def call(self, i: int) -> dict[str, Any]:
+        from bench.common import bench_seconds
+
         before = self.meter.start()
-        if self.meter.cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        tokens = self._run(i)
-        if self.meter.cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+        box: dict[str, int] = {}
+        seconds = bench_seconds(lambda: box.__setitem__("tokens", self._run(i)), self.device, repeats=1)
+        tokens = box["tokens"]
         peak = self.meter.stop()
         return {"seconds": seconds, "tokens_computed": tokens, "peak_bytes": peak, "before_bytes": before,
                 "heap_retained_bytes": self.meter.retained, "noise_cache_bytes": _noise_cache_bytes(),
                 "memory_method": self.meter.method}
-
-    def profile(self, top: int = 30) -> dict[str, Any]:
-        """One cProfile'd and one torch.profiler'd call: where the time goes."""
-        prof = cProfile.Profile()
-        t0 = time.perf_counter()
-        prof.enable()
-        self._run(-100)
-        prof.disable()
-        wall_cprofile = time.perf_counter() - t0
-        tables = {}
-        for sort in ("cumulative", "tottime"):
-            buf = io.StringIO()
-            pstats.Stats(prof, stream=buf).sort_stats(sort).print_stats(top)
-            text = buf.getvalue().splitlines()
-            start = next((i for i, ln in enumerate(text) if "ncalls" in ln), 0)
-            tables[sort] = "\n".join(text[start:]).rstrip()
-        from torch.profiler import ProfilerActivity, profile
-
-        cuda = self.meter.cuda
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        t0 = time.perf_counter()
-        with profile(activities=acts) as tp:
-            self._run(-101)
-        wall_torch = time.perf_counter() - t0
-        ops = tp.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
-                                      row_limit=top, max_name_column_width=50)
-        return {"cprofile_wall_s": wall_cprofile, "torch_profiler_wall_s": wall_torch,
-                "cprofile_cumulative": tables["cumulative"], "cprofile_tottime": tables["tottime"], "torch_ops": ops}
 
 
 def noise_estimate(elements: int, device: str) -> dict[str, Any]:
@@ -285,8 +261,6 @@ def _serve(conn: Any) -> None:
                 conn.send({"info": side.info})
             elif cmd == "call":
                 conn.send(side.call(arg))
-            elif cmd == "profile":
-                conn.send(side.profile())
             elif cmd == "prepare":  # make sure the weights are cached (one GGUF conversion, not one per worker)
                 from bench.mezo_workloads import ModelRef, build_hf_model
 

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bench.synthetic import SyntheticTokenizer, examples as synthetic_examples
+from bench.baselines.hf_loop import HFLoopMeZO, ScoredBatch, build_scored_batch
 from bench.baselines.reference_mezo import RefBatch, ReferenceMeZO, batch_loss, build_batch
 from engine import Engine
 from mezo import MeZOConfig
@@ -53,6 +55,9 @@ def fewshot_prefix(batch_size: int, shots: int) -> str:
 
 def build_examples(scenario: Scenario, sizes: Sizes, tokenizer: Any) -> list[ClassificationExample | LMExample]:
     b = sizes.batch_size
+    if isinstance(tokenizer, SyntheticTokenizer):  # no tokenizer / corpus on this machine: random ids
+        return synthetic_examples(scenario.key, b, sizes.shots, (sizes.lm_prompt_tokens, sizes.lm_target_tokens),
+                                  len(tokenizer))
     if scenario.key in ("cls", "cls_full"):
         return load_examples("bbc_news", "classification", limit=b)
     if scenario.key == "cls_16shot":
@@ -90,9 +95,12 @@ def _tokenizer_dir() -> Path:
 
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(path: str | None = None) -> Any:
-    """SmolLM2's tokenizer (or the one saved at `path`), from a save_pretrained copy of the GGUF's."""
+    """SmolLM2's tokenizer (or the one saved at `path`), from a save_pretrained copy of the GGUF's;
+    path "synthetic": token ids spelled as text (bench/synthetic.py), for machines without either."""
     from transformers import AutoTokenizer
 
+    if path == "synthetic":
+        return SyntheticTokenizer(VOCAB)
     return AutoTokenizer.from_pretrained(str(path) if path else str(_tokenizer_dir()))
 
 
@@ -184,11 +192,10 @@ def _peft_name(engine_key: str) -> str:
     return f"{head}.{ab}.default.weight"
 
 
-def build_baseline(hf: Any, tok: Any, ref: ModelRef, scenario: Scenario, examples: list,
-                   lora_init: dict[str, torch.Tensor] | None = None) -> tuple[ReferenceMeZO, RefBatch]:
-    """ReferenceMeZO on a copy of the transformers model: PEFT LoRA with the engine's adapter values
-    (`lora_init`, keyed as the engine names them), or every decoder projection weight trainable
-    (full mode: the same tensors the engine's full-parameter mode perturbs)."""
+def _trainable_copy(hf: Any, scenario: Scenario, lora_init: dict[str, torch.Tensor] | None) -> Any:
+    """A copy of the transformers model with the engine's trainable tensors: PEFT LoRA holding the
+    engine's adapter values (`lora_init`, keyed as the engine names them), or every decoder projection
+    weight (full mode: the tensors the engine's full-parameter mode perturbs)."""
     cfg = mezo_config(scenario)
     model = copy.deepcopy(hf)
     if scenario.mode == "lora":
@@ -207,7 +214,26 @@ def build_baseline(hf: Any, tok: Any, ref: ModelRef, scenario: Scenario, example
     else:
         for name, p in model.named_parameters():
             p.requires_grad_(name.endswith(".weight") and name.split(".")[-2] in FULL_MODE_MODULES)
-    model.eval()
+    return model.eval()
+
+
+def build_hf_loop(hf: Any, tok: Any, ref: ModelRef, scenario: Scenario, examples: list,
+                  lora_init: dict[str, torch.Tensor] | None = None) -> tuple[HFLoopMeZO, ScoredBatch]:
+    """The competent transformers loop (bench/baselines/hf_loop.py) on the same weights and adapter."""
+    cfg = mezo_config(scenario)
+    model = _trainable_copy(hf, scenario, lora_init)
+    batch = build_scored_batch(examples, lambda s: list(tok.encode(s)),
+                               lambda s: list(tok.encode(s, add_special_tokens=False)), pad_id=tok.pad_token_id or 0)
+    return HFLoopMeZO(model, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay), batch.to(ref.device)
+
+
+def build_baseline(hf: Any, tok: Any, ref: ModelRef, scenario: Scenario, examples: list,
+                   lora_init: dict[str, torch.Tensor] | None = None) -> tuple[ReferenceMeZO, RefBatch]:
+    """ReferenceMeZO on a copy of the transformers model: PEFT LoRA with the engine's adapter values
+    (`lora_init`, keyed as the engine names them), or every decoder projection weight trainable
+    (full mode: the same tensors the engine's full-parameter mode perturbs)."""
+    cfg = mezo_config(scenario)
+    model = _trainable_copy(hf, scenario, lora_init)
     loss_fn = batch_loss if str(ref.device).startswith("cpu") else batch_loss_any_device
     mezo = ReferenceMeZO(model, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, loss_fn=loss_fn)
     batch = build_batch(examples, lambda s: list(tok.encode(s)), pad_id=tok.pad_token_id or 0,

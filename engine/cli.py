@@ -48,8 +48,28 @@ def _finetune(args: argparse.Namespace) -> int:
     return run_finetune(args)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        from bench.suite import run
+    except ImportError as err:
+        print(f"error: the benchmark suite is not available ({err}); run it from a checkout of the repository "
+              "with the bench extra: pip install -e '.[bench]'", file=sys.stderr)
+        return 2
+    return run(args)
+
+
+EXAMPLES = """examples:
+  mezo-engine generate --model smollm2-135m --chat "Write a haiku about the sea."
+  mezo-engine finetune --model smollm2-135m --task bbc_news --preset opt-lora --steps 300 --out runs/bbc
+  mezo-engine finetune --list-presets
+  mezo-engine bench --quick                  # every benchmark at toy size (minutes on a CPU)
+  mezo-engine bench --device cuda --out DIR  # the GPU figures
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mezo-engine", description=__doc__)
+    parser = argparse.ArgumentParser(prog="mezo-engine", description=__doc__, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text with continuous batching")
     gen.add_argument("prompts", nargs="*")
@@ -74,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
         ft = sub.add_parser("finetune", help="MeZO fine-tuning (see README)")
         add_finetune_arguments(ft)
         ft.set_defaults(func=_finetune)
+    bench = sub.add_parser("bench", help="run the benchmark suite and write its results",
+                           description="Kernels, attention, generation and MeZO-step benchmarks, each in its own "
+                                       "process with a time budget; JSON + markdown results and a summary table.")
+    try:
+        from bench.suite import add_arguments
+    except ImportError:
+        add_arguments = None
+    if add_arguments is not None:
+        add_arguments(bench)
+    bench.set_defaults(func=_bench)
     return parser
 
 

@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from kernels import HAS_TRITON
+
 KERNELS = ("auto", "torch", "triton")
 
 
@@ -32,6 +34,9 @@ def triton_interpreted() -> bool:
 
 def check_triton_device(device: torch.device, what: str = "kernels='triton'") -> None:
     """Raise ValueError if Triton kernels cannot run on `device` in this process."""
+    if not HAS_TRITON:
+        raise ValueError(f"{what} needs the package 'triton', which is not installed (Linux: pip install triton); "
+                         f"use kernels='torch'")
     if device.type == "cuda" or triton_interpreted():
         return
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -46,8 +51,8 @@ def resolve_kernels(requested: str, device: torch.device) -> str:
     """'auto' | 'torch' | 'triton' -> 'torch' | 'triton' for `device`; ValueError for anything else."""
     if requested not in KERNELS:
         raise ValueError(f"kernels={requested!r} is not one of {KERNELS}")
-    if requested == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+    if requested == "auto":  # without Triton (no wheel for this platform) the torch twins run everywhere
+        return "triton" if device.type == "cuda" and HAS_TRITON else "torch"
     if requested == "triton":
         check_triton_device(device)
     return requested

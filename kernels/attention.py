@@ -25,8 +25,7 @@ groups 3 and 4 share one compiled kernel.)
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+from ._triton import tl, triton  # a stand-in when Triton is not installed
 from torch import Tensor
 
 from kernels.attention_ref import (decode_attention_flash, decode_attention_torch, extend_attention_flash,

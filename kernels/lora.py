@@ -14,8 +14,7 @@ tile, so rows of both branches (and unperturbed rows) share every tile.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+from ._triton import tl, triton  # a stand-in when Triton is not installed
 
 from .launch_config import lora_down_config, noisy_linear_config, target_of
 from .lora_ref import lora_noise, noisy_lora_linear_ref

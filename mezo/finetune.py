@@ -5,6 +5,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,9 +142,13 @@ def finetune(engine: Engine, train: Any, eval: Any = None, config: MeZOConfig | 
     if out is not None and writer:
         if engine.lora_spec is not None:
             engine.save_adapter(out / "adapter")
+        from .optional import MissingOptionalDependency
         from .plot import plot_training
 
-        plot_training(out / "metrics.jsonl", out / "training.png")
+        try:
+            plot_training(out / "metrics.jsonl", out / "training.png")
+        except MissingOptionalDependency as exc:  # training and its files are done; only the picture is missing
+            warnings.warn(f"training.png not written: {exc}", stacklevel=2)
     return result
 
 

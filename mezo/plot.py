@@ -6,8 +6,9 @@ from pathlib import Path
 
 
 def plot_training(metrics_path: Path, png_path: Path) -> Path | None:
-    import matplotlib
+    from .optional import require
 
+    matplotlib = require("matplotlib", "the training plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -41,12 +41,13 @@ def test_quick_run_writes_consistent_results(tmp_path):
     assert split["prefill"]["seconds"] + split["decode"]["seconds"] <= eng["seconds"] * 1.001
     assert 0.0 <= data["greedy_agreement"]["exact_match"] <= 1.0
 
-    machine = data["machine"]
-    for key in ("torch", "transformers", "cpu_model", "cpu_cores", "device_name"):
-        assert machine[key]
-    assert data["command"].startswith("python bench/bench_generate.py --quick")
+    meta = data["meta"]  # bench.common.write_results: every result file carries these
+    for key in ("torch", "transformers", "cpu_model", "cpu_cores", "device_name", "date", "commit", "device"):
+        assert meta[key]
+    assert meta["command"].startswith("python bench/bench_generate.py --quick")
+    assert meta["command"] in jpath.with_suffix(".md").read_text()
     assert len(data["loadavg_before"]) == 3 and len(data["runs"]) == 2 * cfg["repeats"]
-    assert jpath.name == f"generate_{machine['device_slug']}-quick.json"
+    assert jpath.name == f"generate_{meta['device_slug']}-quick.json"
 
 
 def test_defaults_follow_the_device():

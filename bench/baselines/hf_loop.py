@@ -1,0 +1,149 @@
+"""The competent baseline: the MeZO step a careful transformers user would write.
+
+Beside `reference_mezo.py` (a faithful re-implementation of princeton-nlp/MeZO's step: full
+[rows, width, vocab] logits, one row per candidate), this is the loop one writes knowing how
+transformers spends its time:
+- one right-padded forward per branch through the decoder body with SDPA attention;
+- the LM head and log-softmax only at the positions that are scored (never [rows, width, vocab]);
+- an example whose candidates are all single tokens is ONE row (its prompt): every candidate is
+  read off the logits of the prompt's last position;
+- in-place perturbation (+eps, -2eps, +eps) and update, z regenerated from a private
+  torch.Generator seeded per step (no global RNG, no copy of the weights).
+Same objective as the engine and the reference: classification = cross-entropy over each candidate's
+mean token log-prob; LM = mean token cross-entropy over the batch's targets.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mezo.data import ClassificationExample, LMExample
+
+Encode = Callable[[str], list[int]]
+
+
+@dataclass
+class ScoredBatch:
+    """Right-padded rows and the positions to score.
+
+    input_ids / attention_mask: [rows, width] int64. Score s reads the logits at (row[s], col[s])
+    and the log-prob of token target[s]; it belongs to sequence seq[s] (a candidate, or an LM example).
+    labels [examples] / num_options (per example) for classification, None for LM.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    target: torch.Tensor
+    seq: torch.Tensor
+    num_seqs: int
+    labels: torch.Tensor | None
+    num_options: list[int] | None
+
+    def to(self, device: torch.device | str) -> "ScoredBatch":
+        move = {k: getattr(self, k).to(device) for k in ("input_ids", "attention_mask", "row", "col", "target", "seq")}
+        labels = None if self.labels is None else self.labels.to(device)
+        return ScoredBatch(**move, num_seqs=self.num_seqs, labels=labels, num_options=self.num_options)
+
+
+def build_scored_batch(examples: Sequence[ClassificationExample | LMExample], encode: Encode,
+                       encode_continuation: Encode, pad_id: int = 0) -> ScoredBatch:
+    """Tokenize as the engine does: prompt with BOS, continuation without (so scores match)."""
+    rows: list[list[int]] = []
+    row, col, target, seq = [], [], [], []
+    labels, num_options = [], []
+    n_seq = 0
+    for ex in examples:
+        prompt = encode(ex.prompt)
+        if isinstance(ex, ClassificationExample):
+            conts = [encode_continuation(c) for c in ex.candidates]
+            labels.append(ex.label)
+            num_options.append(len(conts))
+            if all(len(c) == 1 for c in conts):  # one row; all candidates read off its last position
+                rows.append(prompt)
+                for c in conts:
+                    row.append(len(rows) - 1), col.append(len(prompt) - 1), target.append(c[0]), seq.append(n_seq)
+                    n_seq += 1
+                continue
+        else:
+            conts = [encode_continuation(ex.target)]
+        for c in conts:
+            rows.append(prompt + c)
+            for j, tok in enumerate(c):
+                row.append(len(rows) - 1), col.append(len(prompt) - 1 + j), target.append(tok), seq.append(n_seq)
+            n_seq += 1
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    cls = bool(labels)
+    as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    return ScoredBatch(ids, mask, as_long(row), as_long(col), as_long(target), as_long(seq), n_seq,
+                       as_long(labels) if cls else None, num_options if cls else None)
+
+
+def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(decoder body, LM head) of a causal LM, also under a PEFT wrapper."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return lm.get_decoder(), lm.get_output_embeddings()
+
+
+def scored_loss(model: torch.nn.Module, batch: ScoredBatch) -> torch.Tensor:
+    """The batch's loss (fp32 scalar) from one forward; logits only at the scored positions."""
+    body, head = _body_and_head(model)
+    hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    logits = head(hidden[batch.row, batch.col]).float()                 # [scores, vocab]
+    picked = logits.log_softmax(-1).gather(-1, batch.target[:, None])[:, 0]
+    if batch.num_options is None:
+        return -picked.mean()
+    total = torch.zeros(batch.num_seqs, device=picked.device).index_add_(0, batch.seq, picked)
+    count = torch.zeros(batch.num_seqs, device=picked.device).index_add_(0, batch.seq, torch.ones_like(picked))
+    scores = total / count                                             # mean token log-prob per candidate
+    if len(set(batch.num_options)) == 1:
+        return F.cross_entropy(scores.view(len(batch.num_options), -1), batch.labels)
+    per_example = torch.split(scores, batch.num_options)
+    return torch.stack([F.cross_entropy(s[None], batch.labels[e:e + 1]) for e, s in enumerate(per_example)]).mean()
+
+
+class HFLoopMeZO:
+    """MeZO-SGD (n = 1) on the parameters of `model` that require grad, with `scored_loss`."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, eps: float, weight_decay: float = 0.0) -> None:
+        self.model, self.lr, self.eps, self.weight_decay = model.eval(), lr, eps, weight_decay
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("model has no trainable parameters (requires_grad)")
+        self.decay = [not any(s in n for s in ("bias", "norm")) for n, _ in self.params]
+
+    def _walk(self, seed: int):
+        g = torch.Generator(device=self.params[0][1].device).manual_seed(seed)
+        for (_, p), decay in zip(self.params, self.decay):
+            yield p, torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype), decay
+
+    @torch.no_grad()
+    def _perturb(self, seed: int, scale: float) -> None:
+        for p, z, _ in self._walk(seed):
+            p.add_(z, alpha=scale * self.eps)
+
+    @torch.inference_mode()
+    def _loss(self, batch: ScoredBatch) -> torch.Tensor:
+        return scored_loss(self.model, batch)
+
+    def step(self, batch: ScoredBatch, seed: int) -> float:
+        """One step; returns the mean of the two branch losses (one host sync, for g)."""
+        self._perturb(seed, 1.0)
+        loss_plus = self._loss(batch)
+        self._perturb(seed, -2.0)
+        loss_minus = self._loss(batch)
+        self._perturb(seed, 1.0)
+        g = float((loss_plus - loss_minus) / (2 * self.eps))
+        with torch.no_grad():
+            for p, z, decay in self._walk(seed):
+                p.add_(z * g + (self.weight_decay * p if decay else 0.0), alpha=-self.lr)
+        return float((loss_plus + loss_minus) / 2)
