@@ -35,7 +35,8 @@ def special_tokens(tokenizer: Any) -> dict[str, int]:
     for tid, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
         if getattr(added, "special", False) and str(added):
             out[str(added)] = int(tid)
-    for content, tid in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids):
+    # a minimal tokenizer (encode/decode only) has no special tokens to match
+    for content, tid in zip(getattr(tokenizer, "all_special_tokens", ()), getattr(tokenizer, "all_special_ids", ())):
         if content and tid is not None:
             out.setdefault(content, int(tid))
     return out
