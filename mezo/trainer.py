@@ -172,15 +172,33 @@ class MeZOTrainer:
         return summarize(self.config.objective, encoded, reqs, self.engine)
 
 
-def sample_batch(num_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
-    """Indices of the step's batch: epoch-wise shuffles derived from (seed, epoch), so resuming
-    at any step sees exactly the batches an uninterrupted run would."""
-    per_epoch = max(1, num_examples // batch_size)
-    epoch, slot = divmod(step, per_epoch)
+def _epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
     order = list(range(num_examples))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    start = slot * batch_size
-    idx = order[start:start + batch_size]
-    if len(idx) < batch_size:  # fewer examples than one batch: wrap around
-        idx += order[: batch_size - len(idx)]
+    return order
+
+
+def sample_batch(num_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Indices of the step's batch: always exactly ``batch_size`` of them.
+
+    The epoch orders are shuffles derived from (seed, epoch), so resuming at any step sees exactly
+    the batches an uninterrupted run would. With ``num_examples >= batch_size`` an epoch is
+    ``num_examples // batch_size`` disjoint batches (the remainder waits for a later epoch's order,
+    as a drop-last loader does). With fewer examples than one batch, batches are consecutive
+    windows of the endless stream order_0 + order_1 + ... (so each example appears about B/N times
+    in a batch, and equally often over the run). Raises ValueError for num_examples < 1, batch_size < 1 or step < 0.
+    """
+    for name, value, low in (("num_examples", num_examples, 1), ("batch_size", batch_size, 1), ("step", step, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"sample_batch: {name}={value!r} must be an int >= {low}")
+    if num_examples >= batch_size:
+        epoch, slot = divmod(step, num_examples // batch_size)
+        return _epoch_order(num_examples, seed, epoch)[slot * batch_size:(slot + 1) * batch_size]
+    start = step * batch_size  # position in the stream of concatenated epoch orders
+    idx: list[int] = []
+    epoch, pos = divmod(start, num_examples)
+    while len(idx) < batch_size:
+        take = _epoch_order(num_examples, seed, epoch)[pos:pos + batch_size - len(idx)]
+        idx += take
+        epoch, pos = epoch + 1, 0
     return idx
