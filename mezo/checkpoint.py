@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from .seeds import NOISE_VERSION
 from engine.adapter_io import (  # noqa: F401  (re-exported: checkpoints are built from these)
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, PathLike, _fsync_dir, atomic_save_safetensors, atomic_write,
     atomic_write_bytes, atomic_write_json, load_peft_adapter, normalize_peft_key, save_peft_adapter,
@@ -25,10 +26,12 @@ class TrajectoryRecord:
     """One MeZO step; with the initial weights, the records replay the whole run."""
 
     step: int
-    seed: int
+    seed: int  # the sample seed of SPSA sample 0 (version 0: the step seed the samples derive from)
     projected_grad: float | list[float]  # a list for n-SPSA (one value per direction)
     lr: float
     loss: float
+    seeds: list[int] | None = None  # version >= 1: every sample seed of the step, one per gradient
+    noise_version: int = NOISE_VERSION  # how seeds map to noise (mezo.seeds); lines without it are 0
 
 
 class TrajectoryLog:
@@ -65,7 +68,9 @@ class TrajectoryLog:
             if not line.strip():
                 continue
             try:
-                out.append(TrajectoryRecord(**json.loads(line)))
+                fields = json.loads(line)
+                fields.setdefault("noise_version", 0)  # written before noise versions existed
+                out.append(TrajectoryRecord(**fields))
             except (json.JSONDecodeError, TypeError) as e:
                 raise ValueError(f"{self.path}:{i + 1}: corrupt trajectory record ({e})") from None
         return out
@@ -89,6 +94,7 @@ class TrainingCheckpoint:
     config: dict[str, Any]
     trajectory_len: int
     extra: dict[str, Any] = field(default_factory=dict)
+    noise_version: int = NOISE_VERSION  # checkpoints of format 1 predate versions: 0
 
     def save(self, directory: PathLike) -> Path:
         """Write ``<directory>/ckpt-<step>`` via a temp dir + rename: it is complete or absent."""
@@ -98,8 +104,8 @@ class TrainingCheckpoint:
         tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".tmp-ckpt-{self.step}-"))
         try:
             atomic_save_safetensors(tmp / "trainable.safetensors", self.tensors)
-            state = {"format": 1, "step": self.step, "trajectory_len": self.trajectory_len,
-                     "config": self.config, "extra": self.extra}
+            state = {"format": 2, "noise_version": self.noise_version, "step": self.step,
+                     "trajectory_len": self.trajectory_len, "config": self.config, "extra": self.extra}
             atomic_write_json(tmp / "state.json", state)
             old = None
             if final.exists():  # re-saving a step after a resume: swap, then delete the old one
@@ -120,7 +126,8 @@ class TrainingCheckpoint:
         state = json.loads((path / "state.json").read_text())
         tensors = load_file(path / "trainable.safetensors")
         return cls(step=state["step"], tensors=tensors, config=state["config"],
-                   trajectory_len=state["trajectory_len"], extra=state.get("extra", {}))
+                   trajectory_len=state["trajectory_len"], extra=state.get("extra", {}),
+                   noise_version=int(state.get("noise_version", 0)))
 
 
 def latest_checkpoint(directory: PathLike) -> Path | None:

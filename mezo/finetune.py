@@ -13,11 +13,12 @@ import torch
 from tqdm.auto import tqdm
 
 from engine import Engine
-from kernels import derive_seed
+from kernels.noise import derive_seed_v0
 
 from .checkpoint import TrainingCheckpoint, TrajectoryLog, TrajectoryRecord, latest_checkpoint
 from .config import MeZOConfig
 from .data import load_examples
+from .seeds import NOISE_VERSION, tensor_seed_fn
 from .trainer import MeZOTrainer, sample_batch
 
 KEEP_CHECKPOINTS = 2
@@ -103,9 +104,10 @@ def finetune(engine: Engine, train: Any, eval: Any = None, config: MeZOConfig | 
             record["time"] = time.perf_counter() - start_time
             result.history.append(record)
             if trajectory is not None:
-                trajectory.append(TrajectoryRecord(step=step, seed=derive_seed(config.seed, step),
+                trajectory.append(TrajectoryRecord(step=step, seed=record["seeds"][0],
                                                    projected_grad=record["projected_grad"], lr=record["lr"],
-                                                   loss=record["loss"]))
+                                                   loss=record["loss"], seeds=list(record["seeds"]),
+                                                   noise_version=NOISE_VERSION))
             if metrics_path is not None:
                 _append_jsonl(metrics_path, {"kind": "train", **record})
             elapsed = time.perf_counter() - start_time
@@ -176,6 +178,11 @@ def _resume_or_start(engine: Engine, trainer: MeZOTrainer, config: MeZOConfig, c
             metrics_path.unlink()
         return
     ckpt = TrainingCheckpoint.load(latest)
+    if ckpt.noise_version != NOISE_VERSION:
+        raise ValueError(
+            f"{latest}: checkpoint uses noise version {ckpt.noise_version} (this mezo uses {NOISE_VERSION}: "
+            "64-bit seeds; version 0's 31-bit seeds collide); resuming would mix two noise derivations in one "
+            "run. Start a new checkpoint_dir; the old run's trajectory still replays with replay_trajectory")
     saved = MeZOConfig.from_dict(ckpt.config)
     if saved.to_dict() != config.to_dict():
         changed = [k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v]
@@ -194,13 +201,24 @@ def _resume_or_start(engine: Engine, trainer: MeZOTrainer, config: MeZOConfig, c
 
 def replay_trajectory(engine: Engine, initial: dict[str, torch.Tensor], records: list[TrajectoryRecord],
                       config: MeZOConfig) -> dict[str, torch.Tensor]:
-    """Rebuild the trained tensors from the initial ones and the (seed, projected gradient) log."""
+    """Rebuild the trained tensors from the initial ones and the (seed, projected gradient) log.
+
+    Each record is replayed with the noise derivation it was recorded with (``noise_version``;
+    version 0 logs, written before issue 12, replay exactly). ValueError for a record whose seeds
+    do not match its gradients or whose version is unknown.
+    """
     trainer = MeZOTrainer(engine, config)
     engine.set_trainable(initial)
     for rec in records:
         grads = rec.projected_grad if isinstance(rec.projected_grad, list) else [rec.projected_grad]
         if not all(math.isfinite(g) for g in grads):
             continue  # the run skipped this step
-        seeds = [derive_seed(rec.seed, k) for k in range(len(grads))]
-        trainer.apply_update(seeds, torch.tensor(grads, dtype=torch.float32), rec.lr)
+        tensor_seed = tensor_seed_fn(rec.noise_version)
+        if rec.noise_version == 0:
+            seeds = [derive_seed_v0(rec.seed, k) for k in range(len(grads))]
+        else:
+            seeds = rec.seeds if rec.seeds is not None else []
+            if len(seeds) != len(grads):
+                raise ValueError(f"trajectory step {rec.step}: {len(seeds)} seeds for {len(grads)} projected gradients")
+        trainer.apply_update(seeds, torch.tensor(grads, dtype=torch.float32), rec.lr, tensor_seed=tensor_seed)
     return {k: v.detach().clone() for k, v in engine.trainable_parameters().items()}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any, Sequence
 
 import torch
@@ -12,15 +13,11 @@ from kernels.noise_cache import clear_noise_cache, set_noise_cache_limit
 
 from .config import MeZOConfig
 from .data import ClassificationExample, LMExample, load_examples
+from .seeds import step_seed  # noqa: F401  (re-exported: mezo.trainer.step_seed)
 from .objectives import (EncodedExample, encode, example_loss, generation_metric, generation_request,
                          scoring_requests, summarize)
 
 Example = ClassificationExample | LMExample
-
-
-def step_seed(base_seed: int, step: int, k: int = 0) -> int:
-    """The seed of SPSA sample k at `step`; tensor seeds then come from `derive_seed(seed, index)`."""
-    return derive_seed(derive_seed(base_seed, step), k)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -150,10 +147,14 @@ class MeZOTrainer:
         self.step_count += 1
         return record
 
-    def apply_update(self, seeds: Sequence[int], grads: torch.Tensor, lr: float) -> None:
-        """p ← p − lr·(Σ_k g_k z_k + wd·p) for every trainable tensor, z regenerated in the kernel."""
+    def apply_update(self, seeds: Sequence[int], grads: torch.Tensor, lr: float,
+                     tensor_seed: Callable[[int, int], int] = derive_seed) -> None:
+        """p ← p − lr·(Σ_k g_k z_k + wd·p) for every trainable tensor, z regenerated in the kernel.
+
+        ``seeds`` are the step's sample seeds (one per SPSA sample); ``tensor_seed`` maps (sample
+        seed, tensor index) to the tensor's Philox seed: `derive_seed`, or a legacy map on replay."""
         for index, param in enumerate(self.params.values()):
-            tensor_seeds = [derive_seed(s, index) for s in seeds]
+            tensor_seeds = [tensor_seed(s, index) for s in seeds]
             zo_update_(param, tensor_seeds, grads.to(param.device, torch.float32), lr, self.config.weight_decay)
         clear_noise_cache()  # this step's z is never used again (the next step has new seeds)
         self.engine.weights_changed()
