@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import torch
 
 from engine import Engine
+from engine.adapters import LoraSpec, lora_modules
 from kernels import derive_seed, randn, zo_update_
 from kernels.noise_cache import clear_noise_cache, set_noise_cache_limit
 
@@ -24,6 +25,50 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def attach_trainable(engine: Engine, config: MeZOConfig) -> None:
+    """Give the engine the trainable tensors ``config`` asks for, or keep the ones it has when they
+    are exactly those; never silently train something else.
+
+    - mode "lora", engine without an adapter: attach a fresh one (PEFT init, A seeded by config.seed).
+    - mode "lora", engine with an adapter: it is trained further if every adapted module, its rank and
+      its scale are what (lora_rank, lora_alpha, lora_target_modules, lora_layers) give; otherwise
+      ValueError naming the differing settings (a second ``finetune()`` with other LoRA settings
+      raises rather than training the old adapter or dropping it; call ``engine.remove_adapter()``
+      to start a new one, or pass the adapter's settings to continue it).
+    - mode "full": the engine must carry no LoRA adapter (ValueError: it would be dropped).
+    - an engine in full-parameter mode refuses mode "lora" likewise (its trained weights would be frozen).
+    """
+    if config.mode == "full":
+        if engine.lora_spec is not None:
+            raise ValueError("MeZOConfig.mode='full' but the engine carries a LoRA adapter "
+                             f"({engine.lora_spec}); full-parameter training would drop it: save it and call "
+                             "engine.remove_adapter() first")
+        if not engine.full_finetuning:
+            engine.enable_full_finetuning()
+        return
+    if engine.full_finetuning:
+        raise ValueError("MeZOConfig.mode='lora' but the engine is in full-parameter mode (its weights are "
+                         "being trained); call engine.remove_adapter() first to freeze them and add LoRA")
+    wanted = LoraSpec(config.lora_rank, float(config.lora_alpha), tuple(config.lora_target_modules),
+                      config.lora_layers)
+    if engine.lora_spec is None:
+        engine.add_lora(wanted.r, wanted.alpha, wanted.target_modules, wanted.layers, seed=config.seed)
+        return
+    wanted.validate(engine.spec.num_layers)
+    have, want = lora_modules(engine.model), wanted.module_shapes(engine.model)
+    if have != want:
+        spec = engine.lora_spec
+        diffs = [f"{field}: adapter {a!r}, config {b!r}" for field, a, b in (
+            ("lora_rank", sorted({r for r, _ in have.values()}), sorted({r for r, _ in want.values()})),
+            ("lora_alpha (as scale alpha/r)", sorted({s for _, s in have.values()}), sorted({s for _, s in want.values()})),
+            ("lora_target_modules", spec.target_modules, wanted.target_modules),
+            ("lora_layers", spec.layers, wanted.layers)) if a != b]
+        moved = sorted(set(have) ^ set(want))
+        raise ValueError("the engine already carries a LoRA adapter that differs from MeZOConfig's LoRA settings ("
+                         + "; ".join(diffs or [f"modules {moved[:4]}"]) + "). Call engine.remove_adapter() to train "
+                         "a new adapter, or set the config to the adapter's settings to continue training it")
+
+
 class MeZOTrainer:
     """Zeroth-order training of the engine's trainable tensors (LoRA by default) with n-SPSA.
 
@@ -38,12 +83,7 @@ class MeZOTrainer:
         self.config = config = config or MeZOConfig()
         if engine.tokenizer is None:
             raise ValueError("MeZO needs an engine with a tokenizer")
-        if config.mode == "lora":
-            if engine.lora_spec is None:
-                engine.add_lora(config.lora_rank, config.lora_alpha, config.lora_target_modules,
-                                config.lora_layers, seed=config.seed)
-        elif not engine.full_finetuning:
-            engine.enable_full_finetuning()
+        attach_trainable(engine, config)
         self.params = engine.trainable_parameters()
         set_noise_cache_limit(self.noise_memo_budget())
         self.step_count = 0
