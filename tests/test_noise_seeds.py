@@ -161,3 +161,12 @@ def test_version_0_checkpoint_is_refused_on_resume(tmp_path):
     with pytest.raises(ValueError, match="noise version 0"):
         engine.finetune(classification_examples("", [" sport", " tech"], n=2), config=cfg,
                         out_dir=tmp_path / "out", progress=False)
+
+
+def test_engine_refuses_a_perturbation_seed_outside_int64_before_running():
+    engine = make_engine()
+    for seed in (-1, 2**63, 1.0):
+        with pytest.raises(ValueError, match="step_seed"):
+            engine.run_requests([], perturbation=(seed, 1e-2))
+    with pytest.raises(ValueError, match="eps"):
+        engine.run_requests([], perturbation=(3, float("nan")))

@@ -186,3 +186,15 @@ def test_torn_weights_file_is_a_clear_error(tmp_path):
     w.write_bytes(w.read_bytes()[:-10])
     with pytest.raises(ValueError, match="torn"):
         make_engine().load_adapter(tmp_path / "a")
+
+
+def test_missing_lora_alpha_means_peft_default_8(tmp_path):
+    peft_model = _peft_adapter(tmp_path / "peft", r=4, lora_alpha=8, target_modules=["q_proj"])
+    cfg_path = tmp_path / "peft" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["lora_alpha"]  # LoraConfig's default is 8 (the engine used alpha = r before: scale 1, not 2)
+    cfg_path.write_text(json.dumps(cfg))
+    engine = make_engine()
+    engine.load_adapter(tmp_path / "peft")
+    prompts = _prompts()
+    assert _max_diff(engine.prompt_logits(prompts), _hf_logits(peft_model, prompts)) <= ATOL
