@@ -17,7 +17,7 @@ from engine import Engine
 from kernels.noise import derive_seed_v0
 
 from .checkpoint import (TrainingCheckpoint, TrajectoryLog, TrajectoryRecord, append_jsonl, atomic_save_safetensors,
-                         atomic_write_bytes, drop_torn_tail, latest_checkpoint)
+                         atomic_write_bytes, latest_checkpoint)
 from .config import MeZOConfig
 from .data import load_examples
 from .seeds import NOISE_VERSION, tensor_seed_fn
@@ -218,8 +218,7 @@ def _resume_or_start(engine: Engine, trainer: MeZOTrainer, config: MeZOConfig, c
     if trajectory is not None:
         trajectory.truncate(ckpt.trajectory_len)
     if metrics_path is not None:
-        _truncate_metrics(metrics_path, ckpt.step)
-        drop_torn_tail(metrics_path)
+        _truncate_metrics(metrics_path, ckpt.step)  # also drops a torn last line
 
 
 def replay_trajectory(engine: Engine, initial: dict[str, torch.Tensor], records: list[TrajectoryRecord],
