@@ -6,8 +6,9 @@ from typing import Any, Sequence
 import torch
 
 from .adapter_io import PathLike, load_peft_adapter, save_peft_adapter
-from .adapters import (LoraSpec, attach_lora, detach_all, enable_full, load_lora_tensors, restore_on_error,
-                       trainable_tensors)
+from .adapters import (PEFT_PREFIX, LoraSpec, attach_lora, describe_modules, detach_all, enable_full,
+                       load_lora_tensors, restore_on_error, trainable_tensors)
+from .peft_config import PeftLoraConfig
 
 
 class AdapterMixin:
@@ -17,9 +18,15 @@ class AdapterMixin:
     full_finetuning: bool = False
 
     def add_lora(self, r: int = 8, alpha: float = 16.0, target_modules: Sequence[str] = ("q_proj", "v_proj"),
-                 layers: Sequence[int] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
-        """Attach a fresh LoRA adapter (PEFT init: B = 0) and return its trainable tensors."""
-        spec = LoraSpec(r, float(alpha), tuple(target_modules), tuple(layers) if layers is not None else None)
+                 layers: Sequence[int] | None = None, seed: int = 0, *, rank_pattern: dict[str, int] | None = None,
+                 alpha_pattern: dict[str, float] | None = None, use_rslora: bool = False) -> dict[str, torch.Tensor]:
+        """Attach a fresh LoRA adapter (PEFT init: B = 0) and return its trainable tensors.
+
+        ``rank_pattern`` / ``alpha_pattern`` / ``use_rslora`` mean what they mean in `peft.LoraConfig`
+        (per-module r and alpha by PEFT's pattern rule; scale alpha/sqrt(r)). ValueError for bad values."""
+        spec = LoraSpec(r, float(alpha), tuple(target_modules), tuple(layers) if layers is not None else None,
+                        tuple((rank_pattern or {}).items()), tuple((k, float(v)) for k, v in (alpha_pattern or {}).items()),
+                        bool(use_rslora))
         with restore_on_error(self.model):
             attach_lora(self.model, spec, seed)
         self.lora_spec, self.full_finetuning = spec, False
@@ -67,18 +74,34 @@ class AdapterMixin:
         spec = self.lora_spec
         targets = list(spec.target_modules)
         save_peft_adapter(path, self.trainable_parameters(), r=spec.r, alpha=spec.alpha, target_modules=targets,
-                          base_model_name_or_path=str(self.model_name), layers_to_transform=spec.layers)
+                          base_model_name_or_path=str(self.model_name), layers_to_transform=spec.layers,
+                          rank_pattern=dict(spec.rank_pattern), alpha_pattern=dict(spec.alpha_pattern),
+                          use_rslora=spec.use_rslora)
 
     def load_adapter(self, path: PathLike) -> LoraSpec:
-        """Load a PEFT-format LoRA adapter (ours or one `peft` wrote) into the engine."""
+        """Load a PEFT-format LoRA adapter (ours or one `peft` wrote) into the engine.
+
+        Honours r, lora_alpha, rank_pattern, alpha_pattern, use_rslora, target_modules (names or a
+        regex), exclude_modules, layers_to_transform and layers_pattern exactly as PEFT does; refuses
+        (ValueError naming the field) DoRA, bias != 'none', lora_bias, modules_to_save, base-changing
+        inits (PiSSA, OLoRA, CorDA, LoftQ) and unknown non-empty fields, and an adapter whose weights
+        do not cover exactly the modules its config targets. On error the engine keeps the adapter it had."""
         tensors, config = load_peft_adapter(path)
-        r = int(config["r"])
-        alpha = float(config.get("lora_alpha", r))
-        if config.get("use_rslora") or config.get("use_dora"):
-            raise ValueError(f"{path}: rsLoRA/DoRA adapters are not supported")
-        with restore_on_error(self.model):  # a bad file leaves the current adapter as it was
-            spec = load_lora_tensors(self.model, tensors, alpha / r)
-        self.lora_spec = LoraSpec(r, alpha, spec.target_modules, spec.layers)
+        cfg = PeftLoraConfig.parse(config, where=f"{path}/adapter_config.json")
+        in_file = {k[len(PEFT_PREFIX):].rsplit(".", 2)[0] for k in tensors}
+        targeted = {name for name in self.model.linears() if cfg.targets(name)}
+        if in_file - targeted or targeted - in_file:
+            missing, extra = sorted(targeted - in_file), sorted(in_file - targeted)
+            raise ValueError(f"{path}: adapter_config.json targets do not match the weights file: "
+                             f"targeted but without weights {missing[:4]}, weights but not targeted {extra[:4]}")
+        try:
+            with restore_on_error(self.model):  # a bad file leaves the current adapter as it was
+                modules = load_lora_tensors(self.model, tensors, cfg.scale_for, cfg.rank_for)
+        finally:
+            self.weights_changed()
+        targets, layers = describe_modules(self.model, modules)
+        self.lora_spec = LoraSpec(cfg.r, cfg.lora_alpha, targets, layers, tuple((k, int(v)) for k, v in cfg.rank_pattern),
+                                  cfg.alpha_pattern, cfg.use_rslora)
         self.full_finetuning = False
         self.weights_changed()
         return self.lora_spec

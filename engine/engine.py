@@ -417,7 +417,14 @@ class Engine(AdapterMixin):
 
     def run_requests(self, requests: Sequence[Request], perturbation: tuple[int, float] | None = None) -> None:
         """Run prepared requests to completion, optionally under a MeZO perturbation (step_seed, eps)
-        applied with each request's `sign`. Used by the MeZO trainer."""
+        applied with each request's `sign`. Used by the MeZO trainer. ValueError (before anything runs)
+        for a step_seed outside [0, 2^63) (noise seeds are int64 Philox keys) or a non-finite eps."""
+        if perturbation is not None:
+            seed, eps = perturbation
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+                raise ValueError(f"perturbation step_seed={seed!r} must be an int in [0, 2**63)")
+            if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps):
+                raise ValueError(f"perturbation eps={eps!r} must be a finite number")
         try:
             with self._abort_on_error():
                 for req in requests:

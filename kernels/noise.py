@@ -25,7 +25,7 @@ from ._triton import tl, triton  # a stand-in when Triton is not installed
 
 from .launch_config import randn_config, target_of
 
-__all__ = ["randn", "randn_triton", "derive_seed"]
+__all__ = ["randn", "randn_triton", "derive_seed", "derive_seed_v0", "mix63"]
 
 _M32 = 0xFFFFFFFF
 _M64 = 0xFFFFFFFFFFFFFFFF
@@ -213,12 +213,48 @@ def _splitmix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
-def derive_seed(step_seed: int, tensor_index: int) -> int:
-    """The one map (step seed, tensor index) -> Philox seed for that tensor, in [0, 2^31 - 1).
+# ---- tensor seeds (noise version 1) -----------------------------------------------------------
+TENSOR_INDEX_BITS = 21  # tensor indices < 2^21 (a 405B LLaMA with LoRA on every projection has < 2^11)
+_M63 = (1 << 63) - 1
+_MIX_A, _MIX_B = 0x5851F42D4C957F2D & _M63, 0x14057B7EF767814F  # odd: invertible multipliers mod 2^63
 
-    Two nested splitmix64 finalizers decorrelate neighbouring steps and neighbouring tensors (plain
-    ``step_seed + index`` would make tensor 1 of step s reuse tensor 0 of step s+1). The result is
-    kept below 2^31 because Triton passes such Python ints as int32, and int64 seed tensors holding it
-    give the same Philox key (hi word 0), so a seed behaves identically whichever way a kernel gets it.
+
+def mix63(x: int) -> int:
+    """A fixed bijection of [0, 2^63) (xorshift-multiply rounds; each step is invertible on 63-bit
+    words: x ^ (x >> s) for s >= 1, and multiplication by an odd constant mod 2^63)."""
+    x ^= x >> 31
+    x = (x * _MIX_A) & _M63
+    x ^= x >> 29
+    x = (x * _MIX_B) & _M63
+    return x ^ (x >> 32)
+
+
+def derive_seed(sample_seed: int, tensor_index: int) -> int:
+    """The one map (sample seed, tensor index) -> Philox seed of that tensor's noise, in [0, 2^63).
+
+    ``sample_seed`` (an int in [0, 2^63)) names one perturbation: one SPSA sample k of one step of
+    one run (``mezo.seeds.step_seed`` makes it); ``tensor_index`` (an int in [0, 2^21)) is the
+    tensor's place in the trainable-tensor order. The result is ``mix63(sample_seed ^ index << 42)``.
+
+    Why no two noise streams of a run collide: a run's sample seeds are ``c(run) ^ (k << 32 | step)``
+    with step < 2^32 and k < 2^10, so the word mixed here is ``c(run) ^ (index << 42 | k << 32 | step)``:
+    the three fields fill disjoint bits of a 63-bit word, so distinct (step, k, index) give distinct
+    words; xor with the run's constant and ``mix63`` are bijections, so they give distinct Philox keys,
+    and Philox-4x32 is keyed by the whole 64-bit seed. (The same holds among any sample seeds that
+    agree in their top 21 bits, e.g. every seed < 2^42.) The old 31-bit seeds collided after ~50k steps.
+
+    Seeds stay below 2^63 so Triton passes them as int64 (never uint64); ``tl.randn`` keys Philox
+    with their (lo, hi) 32-bit words, exactly as `randn` does, and an int64 seed tensor read in a
+    kernel gives the same key. Raises ValueError for values outside those ranges.
     """
+    if isinstance(sample_seed, bool) or not isinstance(sample_seed, int) or not 0 <= sample_seed <= _M63:
+        raise ValueError(f"derive_seed: sample_seed={sample_seed!r} must be an int in [0, 2**63)")
+    if isinstance(tensor_index, bool) or not isinstance(tensor_index, int) or not 0 <= tensor_index < 1 << TENSOR_INDEX_BITS:
+        raise ValueError(f"derive_seed: tensor_index={tensor_index!r} must be an int in [0, 2**{TENSOR_INDEX_BITS})")
+    return mix63(sample_seed ^ (tensor_index << (63 - TENSOR_INDEX_BITS)))
+
+
+def derive_seed_v0(step_seed: int, tensor_index: int) -> int:
+    """The 31-bit derivation of noise version 0 (before issue 12), kept only so that trajectories
+    recorded with it replay exactly. Its seeds collide (~3 among 10^5 steps): never use it for a new run."""
     return _splitmix64((_splitmix64(int(step_seed) & _M64) ^ (int(tensor_index) & _M64)) & _M64) % 0x7FFFFFFF

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from .seeds import NOISE_VERSION
 from engine.adapter_io import (  # noqa: F401  (re-exported: checkpoints are built from these)
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, PathLike, _fsync_dir, atomic_save_safetensors, atomic_write,
     atomic_write_bytes, atomic_write_json, load_peft_adapter, normalize_peft_key, save_peft_adapter,
@@ -25,48 +26,70 @@ class TrajectoryRecord:
     """One MeZO step; with the initial weights, the records replay the whole run."""
 
     step: int
-    seed: int
+    seed: int  # the sample seed of SPSA sample 0 (version 0: the step seed the samples derive from)
     projected_grad: float | list[float]  # a list for n-SPSA (one value per direction)
     lr: float
     loss: float
+    seeds: list[int] | None = None  # version >= 1: every sample seed of the step, one per gradient
+    noise_version: int = NOISE_VERSION  # how seeds map to noise (mezo.seeds); lines without it are 0
+
+
+def drop_torn_tail(path: PathLike) -> None:
+    """Cut an unterminated last line (a kill mid-append) off a JSONL file, so that the next append is
+    not glued to the fragment. A record counts once its newline is on disk."""
+    path = Path(path)
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as fh:
+                fh.truncate(data.rfind(b"\n") + 1)
+                os.fsync(fh.fileno())
+
+
+def append_jsonl(path: PathLike, obj: Any) -> None:
+    """Append one JSON line and fsync it: a kill loses at most this line, left unterminated (which
+    readers ignore and `drop_torn_tail` removes). Non-finite floats are written as NaN/Infinity."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(obj) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_jsonl(path: PathLike, what: str = "JSON line") -> list[Any]:
+    """The committed records of a JSONL log (an unterminated last line is ignored); ValueError naming
+    the line for a corrupt complete line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    committed = path.read_text(encoding="utf-8").rpartition("\n")[0]
+    out = []
+    for i, line in enumerate(committed.split("\n") if committed else []):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i + 1}: corrupt {what} ({e})") from None
+    return out
 
 
 class TrajectoryLog:
-    """Append-only JSONL; each line is flushed and fsynced so a kill loses at most the line being
-    written, and ``read`` ignores such an unterminated last line. Non-finite floats are written as
-    NaN/Infinity (Python's JSON dialect) rather than dropped."""
+    """Append-only JSONL (see `append_jsonl`); ``read`` ignores an unterminated last line, and opening
+    the log drops one. Rewrites (``truncate``) are atomic."""
 
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
-        self._drop_torn_tail()
-
-    def _drop_torn_tail(self) -> None:
-        # Without this, the next append would be glued to a torn fragment and corrupt the log.
-        if self.path.is_file():
-            data = self.path.read_bytes()
-            if data and not data.endswith(b"\n"):
-                with open(self.path, "r+b") as fh:
-                    fh.truncate(data.rfind(b"\n") + 1)
-                    os.fsync(fh.fileno())
+        drop_torn_tail(self.path)
 
     def append(self, rec: TrajectoryRecord) -> None:
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(asdict(rec)) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        append_jsonl(self.path, asdict(rec))
 
     def read(self) -> list[TrajectoryRecord]:
-        if not self.path.is_file():
-            return []
-        # A record counts once its newline is on disk; an unterminated tail is a kill mid-append.
-        committed = self.path.read_text(encoding="utf-8").rpartition("\n")[0]
         out = []
-        for i, line in enumerate(committed.split("\n") if committed else []):
-            if not line.strip():
-                continue
+        for i, fields in enumerate(read_jsonl(self.path, "trajectory record")):
             try:
-                out.append(TrajectoryRecord(**json.loads(line)))
-            except (json.JSONDecodeError, TypeError) as e:
+                fields.setdefault("noise_version", 0)  # written before noise versions existed
+                out.append(TrajectoryRecord(**fields))
+            except (TypeError, AttributeError) as e:
                 raise ValueError(f"{self.path}:{i + 1}: corrupt trajectory record ({e})") from None
         return out
 
@@ -89,6 +112,7 @@ class TrainingCheckpoint:
     config: dict[str, Any]
     trajectory_len: int
     extra: dict[str, Any] = field(default_factory=dict)
+    noise_version: int = NOISE_VERSION  # checkpoints of format 1 predate versions: 0
 
     def save(self, directory: PathLike) -> Path:
         """Write ``<directory>/ckpt-<step>`` via a temp dir + rename: it is complete or absent."""
@@ -98,8 +122,8 @@ class TrainingCheckpoint:
         tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".tmp-ckpt-{self.step}-"))
         try:
             atomic_save_safetensors(tmp / "trainable.safetensors", self.tensors)
-            state = {"format": 1, "step": self.step, "trajectory_len": self.trajectory_len,
-                     "config": self.config, "extra": self.extra}
+            state = {"format": 2, "noise_version": self.noise_version, "step": self.step,
+                     "trajectory_len": self.trajectory_len, "config": self.config, "extra": self.extra}
             atomic_write_json(tmp / "state.json", state)
             old = None
             if final.exists():  # re-saving a step after a resume: swap, then delete the old one
@@ -116,11 +140,17 @@ class TrainingCheckpoint:
 
     @classmethod
     def load(cls, path: PathLike) -> "TrainingCheckpoint":
+        """ValueError naming the file if the checkpoint cannot be read (corrupt or torn)."""
         path = Path(path)
-        state = json.loads((path / "state.json").read_text())
-        tensors = load_file(path / "trainable.safetensors")
+        try:
+            state = json.loads((path / "state.json").read_text())
+            tensors = load_file(path / "trainable.safetensors")
+        except Exception as e:  # JSON, OS or safetensors errors alike: this checkpoint is unusable
+            raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e}); delete it to resume "
+                             "from an older one") from None
         return cls(step=state["step"], tensors=tensors, config=state["config"],
-                   trajectory_len=state["trajectory_len"], extra=state.get("extra", {}))
+                   trajectory_len=state["trajectory_len"], extra=state.get("extra", {}),
+                   noise_version=int(state.get("noise_version", 0)))
 
 
 def latest_checkpoint(directory: PathLike) -> Path | None:

@@ -78,6 +78,11 @@ class MeZOConfig:
         for name in ("steps", "batch_size", "n_spsa", "lora_rank", "max_length", "max_nonfinite"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise bad(name, "must be an int >= 1")
+        # the noise seeds give every (step, SPSA sample) of a run its own streams up to these (mezo/seeds.py)
+        if self.steps > 2**32:
+            raise bad("steps", "must be <= 2**32 (noise seeds are distinct for steps < 2**32)")
+        if self.n_spsa > 2**10:
+            raise bad("n_spsa", "must be <= 1024 (noise seeds are distinct for SPSA samples < 2**10)")
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
             raise bad("max_new_tokens", "must be an int >= 0")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:

@@ -1,6 +1,7 @@
 """The MeZO training loop: batches, evaluation, checkpoints, resume, trajectory, metrics, plot."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -14,15 +15,18 @@ import torch
 from tqdm.auto import tqdm
 
 from engine import Engine
-from kernels import derive_seed
+from kernels.noise import derive_seed_v0
 
-from .checkpoint import TrainingCheckpoint, TrajectoryLog, TrajectoryRecord, latest_checkpoint
+from .checkpoint import (TrainingCheckpoint, TrajectoryLog, TrajectoryRecord, append_jsonl, atomic_save_safetensors,
+                         atomic_write_bytes, latest_checkpoint)
 from .config import MeZOConfig
 from .data import load_examples
 from .distributed import DistributedMeZOTrainer, make_trainer, resume_on_writer
+from .seeds import NOISE_VERSION, tensor_seed_fn
 from .trainer import MeZOTrainer, sample_batch
 
 KEEP_CHECKPOINTS = 2
+INITIAL = "initial.safetensors"  # the trainable tensors a run starts from (replay needs them)
 
 
 @dataclass
@@ -45,24 +49,36 @@ class TrainResult:
         return done / self.seconds if self.seconds > 0 else 0.0
 
 
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
-
-
 def _truncate_metrics(path: Path, last_step: int) -> None:
-    """On resume, drop metric lines of steps that will be redone."""
+    """On resume, drop metric lines of steps that will be redone (and a torn or corrupt line), by an
+    atomic rewrite: a kill during it leaves the old file."""
     if not path.is_file():
         return
     keep = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").split("\n"):
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
         if rec.get("step", -1) < last_step or rec.get("kind") == "eval" and rec.get("step", -1) <= last_step:
             keep.append(line)
-    path.write_text("".join(line + "\n" for line in keep))
+    atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
+
+
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, memoized by (path, mtime, size): full-parameter runs have a large initial file."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _SHA_MEMO:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+        _SHA_MEMO[key] = h.hexdigest()
+    return _SHA_MEMO[key]
 
 
 def finetune(engine: Engine, train: Any, eval: Any = None, config: MeZOConfig | None = None,
@@ -114,11 +130,12 @@ def finetune(engine: Engine, train: Any, eval: Any = None, config: MeZOConfig | 
             record["time"] = time.perf_counter() - start_time
             result.history.append(record)
             if trajectory is not None:
-                trajectory.append(TrajectoryRecord(step=step, seed=derive_seed(config.seed, step),
+                trajectory.append(TrajectoryRecord(step=step, seed=record["seeds"][0],
                                                    projected_grad=record["projected_grad"], lr=record["lr"],
-                                                   loss=record["loss"]))
+                                                   loss=record["loss"], seeds=list(record["seeds"]),
+                                                   noise_version=NOISE_VERSION))
             if metrics_path is not None:
-                _append_jsonl(metrics_path, {"kind": "train", **record})
+                append_jsonl(metrics_path, {"kind": "train", **record})
             elapsed = time.perf_counter() - start_time
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.1e}",
                             steps_per_s=f"{len(result.history) / elapsed:.2f}")
@@ -157,7 +174,7 @@ def _log_eval(result: TrainResult, metrics_path: Path | None, step: int, metrics
     record = {"kind": "eval", "step": step, **metrics}
     result.evals.append(record)
     if metrics_path is not None:
-        _append_jsonl(metrics_path, record)
+        append_jsonl(metrics_path, record)
     if progress:
         shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
         tqdm.write(f"eval @ step {step}: {shown}")
@@ -170,7 +187,8 @@ def _save_checkpoint(trainer: MeZOTrainer, config: MeZOConfig, ckpt_dir: Path, t
     if not writer:
         return
     tensors = {k: v.detach().cpu().clone() for k, v in trainer.params.items()}
-    extra = {"initial_eval": result.initial_eval, "nonfinite_steps": trainer.nonfinite_steps}
+    extra = {"initial_eval": result.initial_eval, "nonfinite_steps": trainer.nonfinite_steps,
+             "initial_sha256": _file_sha256(ckpt_dir / INITIAL)}
     n_traj = len(trajectory.read()) if trajectory is not None else trainer.step_count
     TrainingCheckpoint(trainer.step_count, tensors, config.to_dict(), n_traj, extra).save(ckpt_dir)
     ckpts = sorted((p for p in ckpt_dir.glob("ckpt-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
@@ -180,26 +198,37 @@ def _save_checkpoint(trainer: MeZOTrainer, config: MeZOConfig, ckpt_dir: Path, t
 
 def _resume_or_start(engine: Engine, trainer: MeZOTrainer, config: MeZOConfig, ckpt_dir: Path,
                      trajectory: TrajectoryLog | None, metrics_path: Path | None, result: TrainResult) -> None:
-    """Load the latest checkpoint if there is one; otherwise save the initial weights (for replay)."""
-    from safetensors.torch import save_file
+    """Load the latest checkpoint if there is one; otherwise (re)write the initial weights (for replay).
 
+    A fresh start always rewrites ``initial.safetensors`` (atomically), so a file torn by an older
+    run is rebuilt; a resume checks it against the hash its checkpoint recorded and refuses a
+    missing or different one (replay would start from the wrong weights)."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    initial = ckpt_dir / "initial.safetensors"
+    initial = ckpt_dir / INITIAL
     latest = latest_checkpoint(ckpt_dir)
     if latest is None:
-        if not initial.exists():
-            save_file({k: v.detach().cpu().contiguous() for k, v in trainer.params.items()}, str(initial))
+        atomic_save_safetensors(initial, {k: v.detach().cpu().contiguous() for k, v in trainer.params.items()})
         if trajectory is not None:
             trajectory.truncate(0)
         if metrics_path is not None and metrics_path.exists():
             metrics_path.unlink()
         return
     ckpt = TrainingCheckpoint.load(latest)
+    if ckpt.noise_version != NOISE_VERSION:
+        raise ValueError(
+            f"{latest}: checkpoint uses noise version {ckpt.noise_version} (this mezo uses {NOISE_VERSION}: "
+            "64-bit seeds; version 0's 31-bit seeds collide); resuming would mix two noise derivations in one "
+            "run. Start a new checkpoint_dir; the old run's trajectory still replays with replay_trajectory")
     saved = MeZOConfig.from_dict(ckpt.config)
     if saved.to_dict() != config.to_dict():
         changed = [k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v]
         raise ValueError(f"{latest}: checkpoint was made with a different config (differs in {changed}); "
                          f"use another checkpoint_dir or the same settings")
+    want = ckpt.extra.get("initial_sha256")
+    if not initial.is_file() or want is None or _file_sha256(initial) != want:
+        state = "missing" if not initial.is_file() else "not the file this run started from (torn or replaced)"
+        raise ValueError(f"{initial} is {state}: the run's trajectory could not be replayed. Restore it, or start "
+                         "over with a new checkpoint_dir")
     engine.set_trainable(ckpt.tensors)
     trainer.step_count = ckpt.step
     trainer.nonfinite_steps = int(ckpt.extra.get("nonfinite_steps", 0))
@@ -208,18 +237,29 @@ def _resume_or_start(engine: Engine, trainer: MeZOTrainer, config: MeZOConfig, c
     if trajectory is not None:
         trajectory.truncate(ckpt.trajectory_len)
     if metrics_path is not None:
-        _truncate_metrics(metrics_path, ckpt.step)
+        _truncate_metrics(metrics_path, ckpt.step)  # also drops a torn last line
 
 
 def replay_trajectory(engine: Engine, initial: dict[str, torch.Tensor], records: list[TrajectoryRecord],
                       config: MeZOConfig) -> dict[str, torch.Tensor]:
-    """Rebuild the trained tensors from the initial ones and the (seed, projected gradient) log."""
+    """Rebuild the trained tensors from the initial ones and the (seed, projected gradient) log.
+
+    Each record is replayed with the noise derivation it was recorded with (``noise_version``;
+    version 0 logs, written before issue 12, replay exactly). ValueError for a record whose seeds
+    do not match its gradients or whose version is unknown.
+    """
     trainer = MeZOTrainer(engine, config)
     engine.set_trainable(initial)
     for rec in records:
         grads = rec.projected_grad if isinstance(rec.projected_grad, list) else [rec.projected_grad]
         if not all(math.isfinite(g) for g in grads):
             continue  # the run skipped this step
-        seeds = [derive_seed(rec.seed, k) for k in range(len(grads))]
-        trainer.apply_update(seeds, torch.tensor(grads, dtype=torch.float32), rec.lr)
+        tensor_seed = tensor_seed_fn(rec.noise_version)
+        if rec.noise_version == 0:
+            seeds = [derive_seed_v0(rec.seed, k) for k in range(len(grads))]
+        else:
+            seeds = rec.seeds if rec.seeds is not None else []
+            if len(seeds) != len(grads):
+                raise ValueError(f"trajectory step {rec.step}: {len(seeds)} seeds for {len(grads)} projected gradients")
+        trainer.apply_update(seeds, torch.tensor(grads, dtype=torch.float32), rec.lr, tensor_seed=tensor_seed)
     return {k: v.detach().clone() for k, v in engine.trainable_parameters().items()}

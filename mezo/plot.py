@@ -1,8 +1,10 @@
-"""A PNG of the training loss and the evaluation metrics, from metrics.jsonl."""
+"""A PNG of the training loss and the evaluation metrics, from metrics.jsonl (written atomically)."""
 from __future__ import annotations
 
-import json
+import io
 from pathlib import Path
+
+from .checkpoint import atomic_write_bytes, read_jsonl
 
 
 def plot_training(metrics_path: Path, png_path: Path) -> Path | None:
@@ -14,7 +16,7 @@ def plot_training(metrics_path: Path, png_path: Path) -> Path | None:
 
     if not Path(metrics_path).is_file():
         return None
-    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    records = read_jsonl(metrics_path)
     train = [r for r in records if r.get("kind") == "train" and not r.get("skipped")]
     evals = [r for r in records if r.get("kind") == "eval"]
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
@@ -33,6 +35,8 @@ def plot_training(metrics_path: Path, png_path: Path) -> Path | None:
         ax[1].plot([r["step"] for r in evals], [r[metric] for r in evals], marker="o")
     ax[1].set(xlabel="step", ylabel=metric or "", title=f"held-out {metric or 'metric'}")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    atomic_write_bytes(png_path, buf.getvalue())  # a kill mid-write leaves the old plot, never half a PNG
     return Path(png_path)

@@ -3,29 +3,71 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from typing import Any, Sequence
 
 import torch
 
 from engine import Engine
+from engine.adapters import LoraSpec, lora_modules
 from kernels import derive_seed, randn, zo_update_
 from kernels.noise_cache import clear_noise_cache, set_noise_cache_limit
 
 from .config import MeZOConfig
 from .data import ClassificationExample, LMExample, load_examples
+from .seeds import step_seed  # noqa: F401  (re-exported: mezo.trainer.step_seed)
 from .objectives import (EncodedExample, encode, example_loss, generation_metric, generation_request,
                          scoring_requests, summarize)
 
 Example = ClassificationExample | LMExample
 
 
-def step_seed(base_seed: int, step: int, k: int = 0) -> int:
-    """The seed of SPSA sample k at `step`; tensor seeds then come from `derive_seed(seed, index)`."""
-    return derive_seed(derive_seed(base_seed, step), k)
-
-
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+def attach_trainable(engine: Engine, config: MeZOConfig) -> None:
+    """Give the engine the trainable tensors ``config`` asks for, or keep the ones it has when they
+    are exactly those; never silently train something else.
+
+    - mode "lora", engine without an adapter: attach a fresh one (PEFT init, A seeded by config.seed).
+    - mode "lora", engine with an adapter: it is trained further if every adapted module, its rank and
+      its scale are what (lora_rank, lora_alpha, lora_target_modules, lora_layers) give; otherwise
+      ValueError naming the differing settings (a second ``finetune()`` with other LoRA settings
+      raises rather than training the old adapter or dropping it; call ``engine.remove_adapter()``
+      to start a new one, or pass the adapter's settings to continue it).
+    - mode "full": the engine must carry no LoRA adapter (ValueError: it would be dropped).
+    - an engine in full-parameter mode refuses mode "lora" likewise (its trained weights would be frozen).
+    """
+    if config.mode == "full":
+        if engine.lora_spec is not None:
+            raise ValueError("MeZOConfig.mode='full' but the engine carries a LoRA adapter "
+                             f"({engine.lora_spec}); full-parameter training would drop it: save it and call "
+                             "engine.remove_adapter() first")
+        if not engine.full_finetuning:
+            engine.enable_full_finetuning()
+        return
+    if engine.full_finetuning:
+        raise ValueError("MeZOConfig.mode='lora' but the engine is in full-parameter mode (its weights are "
+                         "being trained); call engine.remove_adapter() first to freeze them and add LoRA")
+    wanted = LoraSpec(config.lora_rank, float(config.lora_alpha), tuple(config.lora_target_modules),
+                      config.lora_layers)
+    if engine.lora_spec is None:
+        engine.add_lora(wanted.r, wanted.alpha, wanted.target_modules, wanted.layers, seed=config.seed)
+        return
+    wanted.validate(engine.spec.num_layers)
+    have, want = lora_modules(engine.model), wanted.module_shapes(engine.model)
+    if have != want:
+        spec = engine.lora_spec
+        diffs = [f"{field}: adapter {a!r}, config {b!r}" for field, a, b in (
+            ("lora_rank", sorted({r for r, _ in have.values()}), sorted({r for r, _ in want.values()})),
+            ("lora_alpha (as scale alpha/r)", sorted({s for _, s in have.values()}), sorted({s for _, s in want.values()})),
+            ("lora_target_modules", spec.target_modules, wanted.target_modules),
+            ("lora_layers", spec.layers, wanted.layers)) if a != b]
+        moved = sorted(set(have) ^ set(want))
+        raise ValueError("the engine already carries a LoRA adapter that differs from MeZOConfig's LoRA settings ("
+                         + "; ".join(diffs or [f"modules {moved[:4]}"]) + "). Call engine.remove_adapter() to train "
+                         "a new adapter, or set the config to the adapter's settings to continue training it")
 
 
 class MeZOTrainer:
@@ -42,12 +84,7 @@ class MeZOTrainer:
         self.config = config = config or MeZOConfig()
         if engine.tokenizer is None:
             raise ValueError("MeZO needs an engine with a tokenizer")
-        if config.mode == "lora":
-            if engine.lora_spec is None:
-                engine.add_lora(config.lora_rank, config.lora_alpha, config.lora_target_modules,
-                                config.lora_layers, seed=config.seed)
-        elif not engine.full_finetuning:
-            engine.enable_full_finetuning()
+        attach_trainable(engine, config)
         self.params = engine.trainable_parameters()
         set_noise_cache_limit(self.noise_memo_budget())
         self.step_count = 0
@@ -168,9 +205,12 @@ class MeZOTrainer:
         self.step_count += 1
         return record
 
-    def apply_update(self, seeds: Sequence[int], grads: torch.Tensor, lr: float) -> None:
+    def apply_update(self, seeds: Sequence[int], grads: torch.Tensor, lr: float,
+                     tensor_seed: Callable[[int, int], int] = derive_seed) -> None:
         """p ← p − lr·(Σ_k g_k z_k + wd·p) for every trainable tensor, z regenerated in the kernel.
 
+        ``seeds`` are the step's sample seeds (one per SPSA sample); ``tensor_seed`` maps (sample
+        seed, tensor index) to the tensor's Philox seed: `derive_seed`, or a legacy map on replay.
         If it raises part-way (an interrupt, OOM), the tensors before the failing one are updated and
         the rest are not: the trainer then refuses further steps (RuntimeError) instead of training
         on from weights no trajectory describes; reload the last checkpoint to go on.
@@ -178,7 +218,7 @@ class MeZOTrainer:
         done = 0
         try:
             for index, param in enumerate(self.params.values()):
-                tensor_seeds = [derive_seed(s, index) for s in seeds]
+                tensor_seeds = [tensor_seed(s, index) for s in seeds]
                 zo_update_(param, tensor_seeds, grads.to(param.device, torch.float32), lr, self.config.weight_decay,
                            impl=self.engine.kernels)
                 done += 1
@@ -205,15 +245,33 @@ class MeZOTrainer:
         return summarize(self.config.objective, encoded, reqs, self.engine)
 
 
-def sample_batch(num_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
-    """Indices of the step's batch: epoch-wise shuffles derived from (seed, epoch), so resuming
-    at any step sees exactly the batches an uninterrupted run would."""
-    per_epoch = max(1, num_examples // batch_size)
-    epoch, slot = divmod(step, per_epoch)
+def _epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
     order = list(range(num_examples))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    start = slot * batch_size
-    idx = order[start:start + batch_size]
-    if len(idx) < batch_size:  # fewer examples than one batch: wrap around
-        idx += order[: batch_size - len(idx)]
+    return order
+
+
+def sample_batch(num_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Indices of the step's batch: always exactly ``batch_size`` of them.
+
+    The epoch orders are shuffles derived from (seed, epoch), so resuming at any step sees exactly
+    the batches an uninterrupted run would. With ``num_examples >= batch_size`` an epoch is
+    ``num_examples // batch_size`` disjoint batches (the remainder waits for a later epoch's order,
+    as a drop-last loader does). With fewer examples than one batch, batches are consecutive
+    windows of the endless stream order_0 + order_1 + ... (so each example appears about B/N times
+    in a batch, and equally often over the run). Raises ValueError for num_examples < 1, batch_size < 1 or step < 0.
+    """
+    for name, value, low in (("num_examples", num_examples, 1), ("batch_size", batch_size, 1), ("step", step, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"sample_batch: {name}={value!r} must be an int >= {low}")
+    if num_examples >= batch_size:
+        epoch, slot = divmod(step, num_examples // batch_size)
+        return _epoch_order(num_examples, seed, epoch)[slot * batch_size:(slot + 1) * batch_size]
+    start = step * batch_size  # position in the stream of concatenated epoch orders
+    idx: list[int] = []
+    epoch, pos = divmod(start, num_examples)
+    while len(idx) < batch_size:
+        take = _epoch_order(num_examples, seed, epoch)[pos:pos + batch_size - len(idx)]
+        idx += take
+        epoch, pos = epoch + 1, 0
     return idx
