@@ -52,14 +52,17 @@ class AdapterMixin:
     def set_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy values into the trainable tensors (same keys and shapes)."""
         live = self.trainable_parameters()
-        missing = set(live) - set(tensors)
-        if missing:
-            raise ValueError(f"set_trainable is missing {sorted(missing)[:3]}")
-        for k, t in live.items():
+        missing, unexpected = set(live) - set(tensors), set(tensors) - set(live)
+        if missing or unexpected:
+            raise ValueError(f"set_trainable: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        for k, t in live.items():  # every shape is checked before anything is copied
             if tuple(tensors[k].shape) != tuple(t.shape):
-                raise ValueError(f"{k}: shape {tuple(tensors[k].shape)} != {tuple(t.shape)}")
-            t.copy_(tensors[k])
-        self.weights_changed()
+                raise ValueError(f"set_trainable: {k} has shape {tuple(tensors[k].shape)}, the engine's is {tuple(t.shape)}")
+        try:
+            for k, t in live.items():
+                t.copy_(tensors[k])
+        finally:
+            self.weights_changed()  # even a copy that failed part-way changed the weights
 
     def weights_changed(self) -> None:
         """KV computed under the old weights must never be reused: new namespace, empty cache."""

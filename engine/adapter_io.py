@@ -31,12 +31,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: PathLike, write_fn: Callable[[IO[bytes]], None]) -> None:
     """Write via a temp file in the same directory, fsync, rename over ``path``, fsync the dir.
     A crash or exception at any point leaves the old file (or none), never a partial one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() would follow the umask
         with os.fdopen(fd, "wb") as fh:
             write_fn(fh)
             fh.flush()

@@ -32,6 +32,7 @@ class TrajectoryRecord:
     loss: float
     seeds: list[int] | None = None  # version >= 1: every sample seed of the step, one per gradient
     noise_version: int = NOISE_VERSION  # how seeds map to noise (mezo.seeds); lines without it are 0
+    skipped: bool = False  # the run did not update at this step (non-finite loss or projected gradient)
 
 
 def drop_torn_tail(path: PathLike) -> None:

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from engine import Engine
+from kernels.noise_cache import clear_noise_cache
 
 from .config import MeZOConfig
 from .objectives import EncodedExample, candidate_scores, example_loss, generation_metric, scoring_requests
@@ -197,33 +198,49 @@ class DistributedMeZOTrainer(MeZOTrainer):
             raise ValueError(f"a batch of {batch} examples cannot be sharded over {self.ctx.world_size} ranks")
         lo, hi = shard_range(batch, self.ctx.rank, self.ctx.world_size)
         shard = encoded[lo:hi]
-        # slots: [k, branch, example] losses, then tokens computed, the example count, the non-finite flag
-        buf = torch.zeros(n * 2 * batch + 3, dtype=torch.float64, device=self.ctx.comm_device)
-        slots = buf[:-3].view(n, 2, batch)
+        # slots: [k, branch, example] losses, then tokens computed, the example count, the non-finite
+        # flag, and one failure flag per rank (so a rank whose shard raised never leaves the others
+        # waiting in this collective: every rank learns of it and raises)
+        world = self.ctx.world_size
+        buf = torch.zeros(n * 2 * batch + 3 + world, dtype=torch.float64, device=self.ctx.comm_device)
+        slots = buf[:n * 2 * batch].view(n, 2, batch)
+        tail = buf[n * 2 * batch:]
         tokens_before = self.engine.runner.tokens_computed
+        error: Exception | None = None
         for k, seed in enumerate(seeds):
             try:
                 per_branch = self.run_branches(shard, seed)
                 for b, sign in enumerate((1.0, -1.0)):
                     slots[k, b, lo:hi] = self.example_losses(shard, per_branch[sign]).to(buf.device, torch.float64)
-            except BaseException:
-                clear_noise_cache()  # nothing of the failed step (its z) outlives it
+            except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+                error = err
+                break
+            except BaseException:  # an interrupt: torchrun stops every rank anyway
+                clear_noise_cache()
                 raise
             finally:
                 self.engine.cache.reset()  # KV under perturbed weights is never reused, failed step or not
         local = slots[:, :, lo:hi]
-        buf[-3] = self.engine.runner.tokens_computed - tokens_before
-        buf[-2] = hi - lo
-        buf[-1] = (~torch.isfinite(local)).any().to(torch.float64)
+        tail[0] = self.engine.runner.tokens_computed - tokens_before
+        tail[1] = hi - lo
+        tail[2] = (~torch.isfinite(local)).any().to(torch.float64)
+        tail[3 + self.ctx.rank] = float(error is not None)
         dist.all_reduce(buf)
-        self._global_tokens = buf[-3]  # read in `step`, after the step's host sync
+        # one host read of the failure flags (data-parallel steps sync here as well as on the loss)
+        if error is not None or bool(tail[3:].any()):
+            clear_noise_cache()  # nothing of the failed step (its z) outlives it
+            failed = [r for r, f in enumerate(tail[3:].tolist()) if f]
+            local_msg = f": {type(error).__name__}: {error}" if error is not None else ""
+            raise RankFailedError(f"MeZO step {self.step_count} failed on rank(s) {failed} of "
+                                  f"{world}{local_msg}") from error
+        self._global_tokens = tail[0]  # read in `step`, after the step's host sync
         # the shards tile the batch by construction; a wrong count would be a bug here, not user input
-        count_ok = buf[-2] == batch
+        count_ok = tail[1] == batch
         nan = torch.tensor(float("nan"), dtype=torch.float32, device=buf.device)
         # the batch mean as `MeZOTrainer._batch_loss` takes it: fp32 mean of fp32 losses; float64 for scores
         mean = (slots.sum(dim=-1) / batch).float() if self.config.objective in ("accuracy", "f1") \
             else slots.float().mean(dim=-1)
-        losses = torch.where((buf[-1] == 0) & count_ok, mean, nan)
+        losses = torch.where((tail[2] == 0) & count_ok, mean, nan)
         device = self.engine.device
         return losses[:, 0].to(device), losses[:, 1].to(device)
 

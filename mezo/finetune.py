@@ -65,19 +65,22 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
 
 
-_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+_SHA_MEMO: dict[tuple[str, int, int, int], str] = {}
 
 
-def _file_sha256(path: Path) -> str:
-    """sha256 of a file, memoized by (path, mtime, size): full-parameter runs have a large initial file."""
+def _file_sha256(path: Path, memo: bool = False) -> str:
+    """sha256 of a file. ``memo``: reuse the digest of a file this process already hashed and has not
+    seen change (path, inode, mtime, size): checkpoints re-record the hash of a large initial file.
+    Resume always re-reads the file."""
     st = path.stat()
-    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
-    if key not in _SHA_MEMO:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
-        _SHA_MEMO[key] = h.hexdigest()
+    key = (str(path.resolve()), st.st_ino, st.st_mtime_ns, st.st_size)
+    if memo and key in _SHA_MEMO:
+        return _SHA_MEMO[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+    _SHA_MEMO[key] = h.hexdigest()
     return _SHA_MEMO[key]
 
 
@@ -133,7 +136,7 @@ def finetune(engine: Engine, train: Any, eval: Any = None, config: MeZOConfig | 
                 trajectory.append(TrajectoryRecord(step=step, seed=record["seeds"][0],
                                                    projected_grad=record["projected_grad"], lr=record["lr"],
                                                    loss=record["loss"], seeds=list(record["seeds"]),
-                                                   noise_version=NOISE_VERSION))
+                                                   noise_version=NOISE_VERSION, skipped=record["skipped"]))
             if metrics_path is not None:
                 append_jsonl(metrics_path, {"kind": "train", **record})
             elapsed = time.perf_counter() - start_time
@@ -188,7 +191,7 @@ def _save_checkpoint(trainer: MeZOTrainer, config: MeZOConfig, ckpt_dir: Path, t
         return
     tensors = {k: v.detach().cpu().clone() for k, v in trainer.params.items()}
     extra = {"initial_eval": result.initial_eval, "nonfinite_steps": trainer.nonfinite_steps,
-             "initial_sha256": _file_sha256(ckpt_dir / INITIAL)}
+             "initial_sha256": _file_sha256(ckpt_dir / INITIAL, memo=True)}
     n_traj = len(trajectory.read()) if trajectory is not None else trainer.step_count
     TrainingCheckpoint(trainer.step_count, tensors, config.to_dict(), n_traj, extra).save(ckpt_dir)
     ckpts = sorted((p for p in ckpt_dir.glob("ckpt-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
@@ -252,8 +255,8 @@ def replay_trajectory(engine: Engine, initial: dict[str, torch.Tensor], records:
     engine.set_trainable(initial)
     for rec in records:
         grads = rec.projected_grad if isinstance(rec.projected_grad, list) else [rec.projected_grad]
-        if not all(math.isfinite(g) for g in grads):
-            continue  # the run skipped this step
+        if rec.skipped or not all(math.isfinite(g) for g in grads):
+            continue  # the run skipped this step (older logs: only a non-finite gradient says so)
         tensor_seed = tensor_seed_fn(rec.noise_version)
         if rec.noise_version == 0:
             seeds = [derive_seed_v0(rec.seed, k) for k in range(len(grads))]

@@ -226,3 +226,37 @@ def test_one_rank_group_matches_plain_trainer(objective):
         assert g["seeds"] == w["seeds"] and len(g["projected_grad"]) == 2
         assert g["projected_grad"] == w["projected_grad"] and g["loss"] == w["loss"]
     _assert_close(dict(trainer.params), dict(plain.params), atol=0)
+
+
+def test_failed_shard_is_named_on_every_rank_and_leaves_no_state(monkeypatch):
+    """A shard whose forward raises still takes part in the step's all_reduce (so no other rank waits
+    in it), and every rank raises RankFailedError naming the failed rank; the engine is left clean."""
+    import torch.distributed as dist
+
+    from kernels.noise_cache import noise_cache_bytes
+    from mezo import MeZOConfig
+    from mezo.distributed import RankFailedError, make_trainer
+    from mezo_helpers import classification_examples
+
+    examples = classification_examples("", CANDIDATES, n=3)
+    config = MeZOConfig(lr=1e-2, eps=1e-2, batch_size=3, seed=5, steps=2)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        engine = make_engine()
+        trainer = make_trainer(engine, config)
+        calls = []
+
+        def failing_forward(batch):
+            calls.append(1)
+            raise RuntimeError("injected forward failure")
+
+        with monkeypatch.context() as m:
+            m.setattr(engine.runner, "forward", failing_forward)
+            with pytest.raises(RankFailedError, match=r"rank\(s\) \[0\] of 1: RuntimeError: injected forward failure"):
+                trainer.step(examples)
+        assert calls and engine.runner.perturbation is None and noise_cache_bytes() == 0
+        assert not engine.scheduler.running and not engine.scheduler.waiting
+        record = trainer.step(examples)  # the engine and the process group stay usable
+        assert record["step"] == 0 and not record["skipped"]
+    finally:
+        dist.destroy_process_group()
