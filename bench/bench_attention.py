@@ -37,14 +37,6 @@ DECODE_BATCHES, DECODE_CONTEXTS = (1, 16, 64), (512, 2048, 8192)
 EXTEND_BATCHES, EXTEND_PREFIX, EXTEND_NEW = (1, 8, 32), 1024, 64
 
 
-def time_cuda(fn: Callable[[], object]) -> float:
-    return bench_ms(fn, "cuda")
-
-
-def time_cpu(fn: Callable[[], object]) -> float:
-    return bench_ms(fn, "cpu", min_run_s=0.05)
-
-
 def copy_gbps(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth (read + write bytes / time): the attainable ceiling."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
@@ -78,14 +70,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, **kw) 
                                               scale=scale, **kw)
 
 
-def bench_decode(args, dev: str, timer, batches, contexts, gen) -> list[dict]:
-    rows = []
-    for bsz, ctx in itertools.product(batches, contexts):
-        rows += _decode_case(args, dev, timer, bsz, ctx, gen)   # tensors die with the call
-    return rows
-
-
-def _decode_case(args, dev: str, timer, bsz: int, ctx: int, gen) -> list[dict]:
+def decode_case(args, dev: str, bsz: int, ctx: int, gen) -> list[dict]:
     h, hkv, d, dtype = args.heads, args.kv_heads, args.head_dim, args.dtype
     scale = d ** -0.5
     q = torch.randn(bsz, h, d, dtype=dtype, device=dev)
@@ -110,7 +95,7 @@ def _decode_case(args, dev: str, timer, bsz: int, ctx: int, gen) -> list[dict]:
     ref = impls["sdpa_contiguous"]().float()   # errors are relative to SDPA on the same inputs
     rows = []
     for name, fn in impls.items():
-        ms = timer(fn)
+        ms = bench_ms(fn, dev, min_run_s=0.05)
         err = (fn().float() - ref).abs().max().item()
         gbps = kv_bytes / (ms * 1e-3) / 1e9
         pct = 100 * gbps / args.peak_gbps if dev == "cuda" else None
@@ -123,14 +108,7 @@ def _decode_case(args, dev: str, timer, bsz: int, ctx: int, gen) -> list[dict]:
     return rows
 
 
-def bench_extend(args, dev: str, timer, batches, prefix: int, new: int, gen) -> list[dict]:
-    rows = []
-    for bsz in batches:
-        rows += _extend_case(args, dev, timer, bsz, prefix, new, gen)
-    return rows
-
-
-def _extend_case(args, dev: str, timer, bsz: int, prefix: int, new: int, gen) -> list[dict]:
+def extend_case(args, dev: str, bsz: int, prefix: int, new: int, gen) -> list[dict]:
     h, hkv, d, dtype = args.heads, args.kv_heads, args.head_dim, args.dtype
     scale, total = d ** -0.5, prefix + new
     rows = []
@@ -165,7 +143,7 @@ def _extend_case(args, dev: str, timer, bsz: int, prefix: int, new: int, gen) ->
         impls["flash_attn_paged256"] = lambda: extend_attention_flash(q_new, k256, v256, pt256, qo, pre, scale)
     base_ms = None
     for name, fn in impls.items():
-        ms = timer(fn)
+        ms = bench_ms(fn, dev, min_run_s=0.05)
         out = fn().float()
         if out.dim() == 4:  # [B, H, new, D] from SDPA -> [B*new, H, D]
             out = out.transpose(1, 2).reshape(bsz * new, h, d)
@@ -195,7 +173,7 @@ def sweep_decode(args, gen, bsz: int = 64, ctx: int = 2048) -> list[dict]:
         def fn(splits: int = splits, cfg: dict = cfg) -> torch.Tensor:
             return decode_attention_triton(q, k_pool, v_pool, pt, seq_lens, d ** -0.5, splits, config=cfg)
         try:
-            ms = time_cuda(fn)
+            ms = bench_ms(fn, "cuda")
         except Exception as exc:  # e.g. out of shared memory for a large config
             print(f"sweep {cfg} splits={splits}: failed ({type(exc).__name__})")
             continue
@@ -250,21 +228,21 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     smoke = args.quick or not torch.cuda.is_available()
     args.copy_gbps = None
     if smoke:
-        args.heads, args.kv_heads, args.head_dim, args.dtype = 4, 2, 64, torch.float32
-        dev, timer = "cpu", time_cpu
+        args.heads, args.kv_heads, args.head_dim, args.dtype, dev = 4, 2, 64, torch.float32, "cpu"
         print("GPU figures pending: this run exercises the script and the torch path only.")
-        rows = bench_decode(args, dev, timer, (1, 4), (128, 512), gen)
-        rows += bench_extend(args, dev, timer, (1, 2), 64, 16, gen)
+        decode, (ext_batches, prefix, new) = ((1, 4), (128, 512)), ((1, 2), 64, 16)
     else:
-        args.dtype = torch.bfloat16
-        dev, timer = "cuda", time_cuda
-        args.copy_gbps = copy_gbps()
+        args.dtype, dev, args.copy_gbps = torch.bfloat16, "cuda", copy_gbps()
         print(f"device: {torch.cuda.get_device_name()}, copy {args.copy_gbps:.0f} GB/s, "
               f"flash-attn: {flash_attn_available()}")
-        rows = bench_decode(args, dev, timer, DECODE_BATCHES, DECODE_CONTEXTS, gen)
-        rows += bench_extend(args, dev, timer, EXTEND_BATCHES, EXTEND_PREFIX, EXTEND_NEW, gen)
-        if args.sweep:
-            rows += sweep_decode(args, gen)
+        decode, (ext_batches, prefix, new) = (DECODE_BATCHES, DECODE_CONTEXTS), (EXTEND_BATCHES, EXTEND_PREFIX, EXTEND_NEW)
+    rows = []  # one case per call: its tensors die with it
+    for bsz, ctx in itertools.product(*decode):
+        rows += decode_case(args, dev, bsz, ctx, gen)
+    for bsz in ext_batches:
+        rows += extend_case(args, dev, bsz, prefix, new, gen)
+    if args.sweep and not smoke:
+        rows += sweep_decode(args, gen)
     meta = {"smoke": smoke, "dtype": str(args.dtype).replace("torch.", ""), "heads": args.heads,
             "kv_heads": args.kv_heads, "head_dim": args.head_dim, "page_size": args.page_size,
             "peak_gbps": args.peak_gbps, "copy_gbps": args.copy_gbps, "flash_attn": flash_attn_available()}

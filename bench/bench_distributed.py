@@ -24,7 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import command_line, loadavg, machine_info, md_table, now_iso, save_results  # noqa: E402
+from bench.common import bench_seconds, loadavg, md_table, write_results  # noqa: E402
 
 TARGET_SCALING = 1.8
 
@@ -97,17 +97,11 @@ def worker(args: argparse.Namespace) -> None:
         import torch.distributed as dist
 
         dist.barrier()
-    times, tokens = [], []
+    times, records = [], []
     waits.clear()
     for _ in range(args.steps):
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        record = trainer.step(batch)
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        tokens.append(record["tokens_computed"])
+        times.append(bench_seconds(lambda: records.append(trainer.step(batch)), engine.device, repeats=1))
+    record = records[-1]
     rank = 0 if ctx is None else ctx.rank
     Path(f"{args.worker}.rank{rank}").write_text(json.dumps({"rank": rank, "step_seconds": times,
                                                              "all_reduce_seconds": waits}))
@@ -115,7 +109,7 @@ def worker(args: argparse.Namespace) -> None:
         Path(args.worker).write_text(json.dumps({
             "world_size": 1 if ctx is None else ctx.world_size, "backend": None if ctx is None else ctx.backend,
             "step_seconds": times, "median_step_s": statistics.median(times),
-            "steps_per_s": 1.0 / statistics.median(times), "tokens_computed_per_step": tokens[-1],
+            "steps_per_s": 1.0 / statistics.median(times), "tokens_computed_per_step": record["tokens_computed"],
             "loss_last": record["loss"]}))
     if ctx is not None:
         import torch.distributed as dist
@@ -171,18 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.random_config:
         del_model = build_hf_model(_model_ref(argparse.Namespace(**{**vars(args), "device": "cpu"})))
         del del_model
-    load_start, started = loadavg(), now_iso()
+    load_start = loadavg()
     rows = []
     for world in args.ranks:
         r = run_contestant(args, world, argv)
         print(f"{world} rank(s): {r['steps_per_s']:.3f} steps/s (median step {r['median_step_s']:.3f} s)", flush=True)
         rows.append(r)
-    base = rows[0]["steps_per_s"]
     for r in rows:
-        r["scaling"] = r["steps_per_s"] / base
+        r["scaling"] = r["steps_per_s"] / rows[0]["steps_per_s"]
     payload = {
-        "benchmark": "distributed", "command": command_line(__file__, argv), "date": started,
-        "machine": machine_info(args.device), "load_average": {"start": load_start, "end": loadavg()},
+        "benchmark": "distributed", "load_average": {"start": load_start, "end": loadavg()},
         "model": args.random_config and f"random-{args.random_config}" or args.model, "dtype": args.dtype,
         "batch_size": args.batch_size, "threads_per_process": args.threads, "timed_steps": args.steps,
         "warmup_steps": args.warmup, "note": args.note, "results": rows,
@@ -191,11 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     if two is not None and rows[0]["world_size"] == 1:
         payload["target"] = {"metric": "2-rank scaling", "target": TARGET_SCALING, "value": two["scaling"],
                              "met": two["scaling"] >= TARGET_SCALING}
-    m = payload["machine"]
-    lines = [f"# Data-parallel MeZO-LoRA scaling — {m['device_name']}", "", f"`{payload['command']}`", "",
-             f"{started}; torch {m['torch']}; git {m['git_commit']}",
-             f"Machine: {m['device_name']}, {m['cpu_cores']} cores; {args.threads} torch thread(s) per process",
-             f"Load average (1/5/15 min): start {load_start}, end {payload['load_average']['end']}",
+    lines = [f"Load average (1/5/15 min): start {load_start}, end {payload['load_average']['end']}; "
+             f"{args.threads} torch thread(s) per process.", "",
              f"Model {payload['model']} ({args.dtype}), opt-lora preset, B = {args.batch_size} BBC headlines "
              f"(the same global batch for every world size); median of {args.steps} timed steps after "
              f"{args.warmup} warm-up; 1 rank = one process without a process group.", ""]
@@ -209,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     if "target" in payload:
         t = payload["target"]
         lines += ["", f"Target: 2-rank scaling >= {t['target']}x: {t['value']:.2f}x, {'met' if t['met'] else 'NOT met'}"]
-    name = f"distributed_{m['device_slug']}"
-    jpath, mpath = save_results(payload, "\n".join(lines), args.out, name)
+    jpath, mpath = write_results("distributed", payload, "\n".join(lines), title="Data-parallel MeZO-LoRA scaling",
+                                 device=args.device, script=__file__, argv=argv, out_dir=args.out)
     print("\n".join(lines))
     print(f"wrote {jpath} and {mpath}")
     return 0

@@ -43,8 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import mezo_worker as worker_mod  # noqa: E402
-from bench.common import (command_line, device_slug, loadavg, machine_info, now_iso, resolve_device,  # noqa: E402
-                          package_versions, run_metadata, save_results)
+from bench.common import (device_slug, loadavg, machine_info, package_versions, resolve_device,  # noqa: E402
+                          run_metadata, save_results)
 from bench.mezo_report import evaluate_targets, plot, summary_table, to_markdown  # noqa: E402
 from bench.mezo_worker import Worker  # noqa: E402
 from bench.mezo_scenarios import RANDOM_CONFIGS, SCENARIOS, ModelRef, Sizes  # noqa: E402
@@ -80,7 +80,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-step-seconds", type=float, default=600.0,
                     help="skip the engine's full-mode steps when the noise generation alone is estimated "
                          "to take longer per step")
-    ap.add_argument("--profile", default=None, help=argparse.SUPPRESS)  # moved: bench/profile_mezo_step.py
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads in every contestant process (default: torch's default; --quick 1, since "
                          "tiny ops on a shared machine mostly wait at the OpenMP barrier)")
@@ -279,8 +278,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     finally:
         prep.close()
     setup_s = time.perf_counter() - t_start
+    meta = run_metadata(args.device, __file__, argv)  # what every result file carries
     payload: dict[str, Any] = {
-        "benchmark": "mezo", "timestamp": now_iso(), "command": command_line(__file__, argv),
+        "benchmark": "mezo", "meta": meta, "timestamp": meta["date"], "command": meta["command"],
         "machine": machine_info(args.device), "loadavg": load,
         "model": {"name": ref.label, "dtype": args.dtype, "device": str(args.device)},
         "settings": {"steps": args.steps, "warmup": args.warmup, "quick": args.quick, **asdict(sizes),
@@ -303,7 +303,6 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     payload["setup_s"] = setup_s
     name = args.name or f"mezo_{device_slug(args.device)}"
     out_dir = args.out_dir
-    payload["meta"] = run_metadata(args.device, __file__, argv)  # what every result file carries
     md = to_markdown(payload, name)
     jpath, mpath = save_results(payload, md, out_dir, name)
     png = plot(payload, jpath.with_suffix(".png"))

@@ -77,11 +77,11 @@ def loadavg() -> list[float] | None:
         return None
 
 
-def _git_commit() -> str | None:
-    try:  # read-only query
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
+def _git(*args: str) -> str | None:
+    """stdout of a read-only git query in the checkout, or None outside one."""
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -98,27 +98,13 @@ def command_line(script: str | Path, argv: Sequence[str] | None) -> str:
 
 
 def machine_info(device: str | torch.device) -> dict[str, Any]:
-    """Versions and hardware, enough to tell two result files apart."""
+    """Hardware, enough to tell two machines apart (versions: `package_versions`)."""
     dev = resolve_device(device)
     info: dict[str, Any] = {
-        "device": str(dev),
-        "device_name": device_name(dev),
-        "device_slug": device_slug(dev),
-        "cpu_model": cpu_model(),
-        "cpu_cores": os.cpu_count(),
+        "device": str(dev), "device_name": device_name(dev), "device_slug": device_slug(dev), "cpu_model": cpu_model(),
+        "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
         "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "git_commit": _git_commit(),
-    }
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        info["transformers"] = None
+        "git_commit": _git("rev-parse", "--short", "HEAD") or None}
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
         info.update(gpu_name=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
@@ -183,15 +169,6 @@ def bench_seconds(fn: Callable[[], Any], device: str | torch.device, repeats: in
 
 
 # -- results --------------------------------------------------------------------------------------------
-def _git_dirty() -> bool | None:
-    try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                             capture_output=True, text=True, timeout=5)
-        return bool(out.stdout.strip()) if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def package_versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -207,8 +184,9 @@ def package_versions() -> dict[str, str | None]:
 def run_metadata(device: str | torch.device, script: str | Path, argv: Sequence[str] | None) -> dict[str, Any]:
     """What every result file carries: how to reproduce it and where it ran."""
     dev = resolve_device(device)
-    return {"command": command_line(script, argv), "date": now_iso(), "commit": _git_commit(),
-            "dirty_tree": _git_dirty(), "device": str(dev), "device_name": device_name(dev),
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"command": command_line(script, argv), "date": now_iso(), "commit": _git("rev-parse", "--short", "HEAD") or None,
+            "dirty_tree": None if status is None else bool(status), "device": str(dev), "device_name": device_name(dev),
             "device_slug": device_slug(dev), "cpu_model": cpu_model(), "cpu_cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "loadavg": loadavg(), **package_versions()}
 

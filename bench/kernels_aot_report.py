@@ -9,20 +9,16 @@ benchmark shapes (bench/bench_kernels.py, bench/bench_attention.py) and the Smol
 LLaMA-8B shapes: dtype fp32/bf16/fp16, LoRA r 8 and 64, full-weight noise on/off (fp32 or 16-bit
 weights), head_dim 64/128, GQA groups 1-8, page sizes 1/16/64, 64-bit seeds (32-bit ones too at the
 benchmark shapes). Specs that specialize identically (Triton's own argument specialization, constexprs,
-warps/stages, target) are compiled once: ~5,800 launcher cases -> 150 distinct compiles. The checks (`check_rows`) are
+warps/stages, target) are compiled once: ~5,800 launcher cases -> 150 distinct compiles. The checks (kernels.aot.check_rows) are
 those tests/test_aot_compile.py asserts. Run without TRITON_INTERPRET (it is removed here).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # the AOT check needs real JITFunctions, not interpreter wrappers
@@ -31,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.common import run_metadata  # noqa: E402
 from bench.model_shapes import LLAMA_SHAPES  # noqa: E402
-from kernels.aot import (SHARED_LIMIT, CompileSpec, compile_spec, decode_specs, extend_specs,  # noqa: E402
-                         noisy_linear_specs, randn_specs, resources_row, specialization_key, zo_update_specs)
+from kernels.aot import (CompileSpec, check_rows, compile_all, decode_specs, dedupe, extend_specs,  # noqa: E402
+                         noisy_linear_specs, randn_specs, zo_update_specs)
 from kernels.attention import choose_num_kv_splits  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -115,106 +112,15 @@ def all_specs(archs: tuple[int, ...] = ARCHS, bench_only: bool = False) -> list[
     return specs
 
 
-@dataclass
-class Distinct:
-    """One distinct compile and every launcher case that maps to it."""
-
-    spec: CompileSpec
-    labels: list[str] = field(default_factory=list)
-    benchmark: bool = False
-    cases: int = 0
-    covers: dict[str, set] = field(default_factory=dict)  # launcher input -> values seen
-
-
-def dedupe(specs: list[CompileSpec]) -> list[Distinct]:
-    """One entry per distinct specialization, in first-seen order."""
-    groups: dict[str, Distinct] = {}
-    keys: dict[CompileSpec, str] = {}  # equal specs (labels aside) share a key: bind each once
-    for spec in specs:
-        if spec not in keys:
-            keys[spec] = specialization_key(spec)
-        d = groups.setdefault(keys[spec], Distinct(spec))
-        if spec.label not in d.labels:
-            d.labels.append(spec.label)
-        d.benchmark |= spec.benchmark
-        d.cases += 1
-        for name, value in spec.case:
-            d.covers.setdefault(name, set()).add(value)
-    return list(groups.values())
-
-
-def _compile_one(spec: CompileSpec) -> dict:
-    try:
-        return {"ok": True, **resources_row(spec, compile_spec(spec))}
-    except Exception as err:  # reported per row; check_rows fails on it
-        return {"ok": False, "kernel": spec.kernel.split(":")[1], "arch": spec.arch, "config": spec.describe(),
-                "error": f"{type(err).__name__}: {str(err)[-2000:]}"}
-
-
-# The instruction a configuration's dots must use, or None where there is no tensor-core dot. Where
-# sm_90 gets mma instead of wgmma the reason is part of the row.
-def expected_dot(row: dict) -> tuple[str | None, str]:
-    const = row["constexprs"]
-    kernel, arch = row["kernel"], row["arch"]
-    if kernel in ("_zo_update_kernel", "_randn_kernel", "_decode_merge_kernel"):
-        return None, "no matrix multiply"
-    if const.get("DOT_PRECISION") == "ieee":
-        return None, "fp32 attention uses exact IEEE dots (FMA, no tensor cores) by design"
-    rows = {"_noisy_linear_kernel": const.get("BLOCK_M"), "_lora_down_kernel": const.get("BLOCK_M"),
-            "_extend_kernel": const.get("BLOCK_M", 0) * const.get("GROUP_PAD", 1),
-            "_decode_split_kernel": const.get("BLOCK_H")}[kernel]
-    if arch < 90:
-        return "mma", "sm_80 tensor cores"
-    if rows < 64:
-        return "mma", f"dot has {rows} rows; wgmma needs >= 64 (one warpgroup x 64)"
-    return "wgmma", "Hopper tensor cores"
-
-
-def check_rows(rows: list[dict]) -> list[str]:
-    """Problems: failed compiles, shared memory over the target's limit, missing tensor-core
-    instructions, spill stores at a benchmark configuration (sm_90 or sm_80)."""
-    problems = []
-    for row in rows:
-        name = f"{row['kernel']} sm_{row['arch']} [{row['config']}]"
-        if not row["ok"]:
-            problems.append(f"{name}: compile failed: {row['error']}")
-            continue
-        if row["shared"] > SHARED_LIMIT[row["arch"]]:
-            problems.append(f"{name}: {row['shared']} B shared memory > {SHARED_LIMIT[row['arch']]} B")
-        want, _ = expected_dot(row)
-        if want is not None and row[want] == 0:
-            problems.append(f"{name}: no {want} instruction in the PTX")
-        if row["benchmark"] and row["spill_stores"]:
-            problems.append(f"{name}: {row['spill_stores']} B spill stores at a benchmark configuration")
-    return problems
-
-
-def run(archs: tuple[int, ...], jobs: int, bench_only: bool = False) -> tuple[list[dict], dict]:
+def run(archs: tuple[int, ...], jobs: int, bench_only: bool = False,
+        argv: list[str] | None = None) -> tuple[list[dict], dict]:
     start = time.perf_counter()
     load_before = os.getloadavg()
     requested = all_specs(archs, bench_only)
     unique = dedupe(requested)
     dedupe_s = time.perf_counter() - start
-    ctx = multiprocessing.get_context("spawn")
-    # the slow (LoRA) compiles first, so that the pool does not end on one long compile
-    order = sorted(range(len(unique)), key=lambda i: "lora:" not in unique[i].spec.kernel)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        done = dict(zip(order, pool.map(_compile_one, [unique[i].spec for i in order], chunksize=1)))
-    rows = []
-    for i, d in enumerate(unique):
-        spec, row = d.spec, done[i]
-        row.update(cases=", ".join(d.labels), benchmark=d.benchmark, constexprs=dict(spec.constexprs),
-                   num_warps=spec.num_warps, num_stages=spec.num_stages, launcher_cases=d.cases,
-                   covers={k: sorted(v, key=str) for k, v in d.covers.items()})
-        if row["ok"]:
-            row["expected_dot"], row["dot_note"] = expected_dot(row)
-        rows.append(row)
-    import triton
-
-    flags = " --bench-only" if bench_only else ""
-    meta = {"command": "python bench/kernels_aot_report.py" + flags,
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "triton": triton.__version__,
-            "torch": torch.__version__, "archs": list(archs), "launcher_cases": len(requested),
+    rows = compile_all(unique, jobs)
+    meta = {**run_metadata("cpu", __file__, argv), "archs": list(archs), "launcher_cases": len(requested),
             "configurations": len(rows), "wall_s": round(time.perf_counter() - start, 1),
             "dedupe_s": round(dedupe_s, 1), "jobs": jobs, "cpus": os.cpu_count(),
             "loadavg_1m": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
@@ -243,7 +149,7 @@ def _summary(rows: list[dict], arch: int) -> list[str]:
 def _md(rows: list[dict], meta: dict, problems: list[str]) -> str:
     load = meta["loadavg_1m"]
     lines = ["# Triton kernels compiled ahead of time: resources per configuration", "",
-             f"`{meta['command']}` — {meta['date']}, Triton {meta['triton']}, torch {meta['torch']}. "
+             f"`{meta['command']}` — {meta['date']}, commit {meta['commit']}, Triton {meta['triton']}, torch {meta['torch']}. "
              f"{meta['launcher_cases']} launcher cases -> {meta['configurations']} distinct compiles for "
              f"sm_{' / sm_'.join(map(str, meta['archs']))} in {meta['wall_s']} s wall with {meta['jobs']} processes "
              f"on {meta['cpus']} CPUs (1-minute load average {load[0]} before, {load[1]} after; "
@@ -303,14 +209,14 @@ def write_report(rows: list[dict], meta: dict, out: Path, name: str = "kernels_s
     return problems
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--bench-only", action="store_true", help="only the GPU benchmarks' configurations")
     ap.add_argument("--arch", type=int, action="append", help="compute capability (default: 90 and 80)")
-    args = ap.parse_args()
-    rows, meta = run(tuple(args.arch or ARCHS), args.jobs, args.bench_only)
+    args = ap.parse_args(argv)
+    rows, meta = run(tuple(args.arch or ARCHS), args.jobs, args.bench_only, argv)
     problems = write_report(rows, meta, args.out)
     print(f"{meta['configurations']} configurations in {meta['wall_s']} s -> {args.out}/kernels_sm90_resources.md")
     for p in problems:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.common import md_table
+from bench.common import md_table, metadata_markdown
 
 # (metric, op, threshold) per device type and scenario; "*" applies to every scenario.
 TARGETS: dict[str, dict[str, list[tuple[str, str, float]]]] = {
@@ -91,12 +91,9 @@ def to_markdown(p: dict[str, Any], name: str) -> str:
     m, s = p["machine"], p["settings"]
     hw = m.get("gpu_name") or f"{m['cpu_model']}, {m['cpu_cores_usable']} cores"
     hw += f"; torch threads per contestant process: {s.get('torch_threads')}"
-    v = p["versions"]
     lines = [
         f"# MeZO step throughput: engine vs reference (transformers + PEFT) — {m['device_name']}", "",
-        f"`{p['command']}`", "",
-        f"{p['timestamp']}; torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, "
-        f"python {v['python']}; git {m.get('git_commit')}",
+        metadata_markdown(p["meta"]) + f"; peft {p['versions']['peft']}", "",
         f"Machine: {hw} ({m['device']})",
         f"Load average (1/5/15 min): {', '.join(f'{k} {v_}' for k, v_ in p['loadavg'].items())}",
         f"Model {p['model']['name']} ({p['model']['params'] / 1e6:.1f} M parameters), {p['model']['dtype']}; "

@@ -236,15 +236,12 @@ class Side:
 def noise_estimate(elements: int, device: str) -> dict[str, Any]:
     """Rough time to generate z once for every trainable element with kernels.randn on this device
     (a full-parameter engine step generates it at least once, in its first forward pass)."""
+    from bench.common import bench_seconds
     from kernels import randn
 
     n = 1 << 20
     randn(1, (n,), device=device)
-    t0 = time.perf_counter()
-    randn(2, (n,), device=device)
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-    rate = n / (time.perf_counter() - t0)
+    rate = n / bench_seconds(lambda: randn(2, (n,), device=device), device, repeats=1)
     return {"elements": elements, "elements_per_s": rate, "seconds_per_generation": elements / rate}
 
 
@@ -265,8 +262,6 @@ def _serve(conn: Any) -> None:
                 from bench.mezo_workloads import ModelRef, build_hf_model
 
                 build_hf_model(ModelRef(**arg))
-                conn.send({"ok": True})
-            elif cmd == "ping":
                 conn.send({"ok": True})
             elif cmd == "quit":
                 conn.send({"ok": True})

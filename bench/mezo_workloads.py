@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from bench.synthetic import SyntheticTokenizer, examples as synthetic_examples
 from bench.baselines.hf_loop import HFLoopMeZO, ScoredBatch, build_scored_batch
-from bench.baselines.reference_mezo import RefBatch, ReferenceMeZO, batch_loss, build_batch
+from bench.baselines.reference_mezo import RefBatch, ReferenceMeZO, build_batch
 from engine import Engine
 from mezo import MeZOConfig
 from mezo.data import (BBC_TOPICS, ClassificationExample, LMExample, bbc_article_lines, bbc_news_rows,
@@ -234,8 +233,7 @@ def build_baseline(hf: Any, tok: Any, ref: ModelRef, scenario: Scenario, example
     (full mode: the same tensors the engine's full-parameter mode perturbs)."""
     cfg = mezo_config(scenario)
     model = _trainable_copy(hf, scenario, lora_init)
-    loss_fn = batch_loss if str(ref.device).startswith("cpu") else batch_loss_any_device
-    mezo = ReferenceMeZO(model, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, loss_fn=loss_fn)
+    mezo = ReferenceMeZO(model, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
     batch = build_batch(examples, lambda s: list(tok.encode(s)), pad_id=tok.pad_token_id or 0,
                         encode_continuation=lambda s: list(tok.encode(s, add_special_tokens=False)))
     batch.input_ids = batch.input_ids.to(ref.device)
@@ -254,35 +252,6 @@ def sub_batch(batch: RefBatch, examples: int) -> RefBatch:
                     batch.target_lens[:rows],
                     None if batch.labels is None else batch.labels[:examples],
                     None if batch.num_options is None else batch.num_options[:examples])
-
-
-def batch_loss_any_device(model: torch.nn.Module, batch: RefBatch) -> torch.Tensor:
-    """`reference_mezo.batch_loss` with its index tensors created on the logits' device.
-
-    The reference builds `pos`, `n`, `k` and uses `batch.labels` on the CPU, which fails for a model
-    on a GPU; the arithmetic here is the same, line for line.
-    """
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    dev = logits.device
-    logp = F.log_softmax(logits[:, :-1], dim=-1)
-    targets = batch.input_ids[:, 1:]
-    picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    pos = torch.arange(targets.shape[1], device=dev).unsqueeze(0)
-    n = torch.tensor(batch.lengths, device=dev).unsqueeze(1)
-    k = torch.tensor(batch.target_lens, device=dev).unsqueeze(1)
-    sel = ((pos >= n - 1 - k) & (pos < n - 1)).to(picked.dtype)
-    picked = picked * sel
-    if batch.num_options is None:
-        return -picked.sum() / sel.sum()
-    scores = picked.sum(-1) / sel.sum(-1)
-    labels = batch.labels.to(dev)
-    losses, start = [], 0
-    for e, n_opt in enumerate(batch.num_options):
-        losses.append(F.cross_entropy(scores[start:start + n_opt].unsqueeze(0), labels[e:e + 1]))
-        start += n_opt
-    return torch.stack(losses).mean()
 
 
 def plain_forward(trainer: MeZOTrainer, encoded: list[EncodedExample]) -> float:

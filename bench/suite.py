@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from bench.stages import REPO_ROOT, Stage, Target, run_stages, summary
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.stages import REPO_ROOT, Stage, Target, run_stages, summary  # noqa: E402
 
 
 def default_out() -> Path:

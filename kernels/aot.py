@@ -33,7 +33,8 @@ from .launch_config import (cuda_target, decode_attention_config, extend_attenti
                             noisy_linear_config, randn_config, zo_update_config)
 
 __all__ = ["CompileSpec", "Resources", "compile_spec", "SHARED_LIMIT", "noisy_linear_specs", "extend_specs",
-           "decode_specs", "zo_update_specs", "randn_specs", "specialization_key", "resources_row"]
+           "decode_specs", "zo_update_specs", "randn_specs", "specialization_key", "resources_row", "Distinct",
+           "dedupe", "compile_all", "expected_dot", "check_rows"]
 
 # Max dynamic shared memory per block (opt-in), bytes: sm_90 227 KiB, sm_80 163 KiB (CUDA guide, table 21).
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
@@ -308,3 +309,100 @@ def resources_row(spec: CompileSpec, res: Resources) -> dict:
     config = spec.describe() + (f" {{{seeds}}}" if seeds else "")
     return {"kernel": spec.kernel.split(":")[1], "arch": spec.arch, "config": config,
             "cases": spec.label, "benchmark": spec.benchmark, **{k: v for k, v in asdict(res).items()}}
+
+
+@dataclass
+class Distinct:
+    """One distinct compile and every launcher case that maps to it."""
+
+    spec: CompileSpec
+    labels: list[str] = field(default_factory=list)
+    benchmark: bool = False
+    cases: int = 0
+    covers: dict[str, set] = field(default_factory=dict)  # launcher input -> values seen
+
+
+def dedupe(specs: list[CompileSpec]) -> list[Distinct]:
+    """One entry per distinct specialization (Triton's own argument specialization, constexprs,
+    warps/stages, target), in first-seen order."""
+    groups: dict[str, Distinct] = {}
+    keys: dict[CompileSpec, str] = {}  # equal specs (labels aside) share a key: bind each once
+    for spec in specs:
+        if spec not in keys:
+            keys[spec] = specialization_key(spec)
+        d = groups.setdefault(keys[spec], Distinct(spec))
+        if spec.label not in d.labels:
+            d.labels.append(spec.label)
+        d.benchmark |= spec.benchmark
+        d.cases += 1
+        for name, value in spec.case:
+            d.covers.setdefault(name, set()).add(value)
+    return list(groups.values())
+
+
+def _compile_row(spec: CompileSpec) -> dict:
+    try:
+        return {"ok": True, **resources_row(spec, compile_spec(spec))}
+    except Exception as err:  # reported per row; check_rows fails on it
+        return {"ok": False, "kernel": spec.kernel.split(":")[1], "arch": spec.arch, "config": spec.describe(),
+                "error": f"{type(err).__name__}: {str(err)[-2000:]}"}
+
+
+def compile_all(unique: list[Distinct], jobs: int) -> list[dict]:
+    """Compile each distinct spec in a pool of `jobs` spawned processes; one row per spec (`ok` False
+    with the error where a compile failed), with its launcher cases and expected dot instruction."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # the slow (LoRA) compiles first, so that the pool does not end on one long compile
+    order = sorted(range(len(unique)), key=lambda i: "lora:" not in unique[i].spec.kernel)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        done = dict(zip(order, pool.map(_compile_row, [unique[i].spec for i in order], chunksize=1)))
+    rows = []
+    for i, d in enumerate(unique):
+        spec, row = d.spec, done[i]
+        row.update(cases=", ".join(d.labels), benchmark=d.benchmark, constexprs=dict(spec.constexprs),
+                   num_warps=spec.num_warps, num_stages=spec.num_stages, launcher_cases=d.cases,
+                   covers={k: sorted(v, key=str) for k, v in d.covers.items()})
+        if row["ok"]:
+            row["expected_dot"], row["dot_note"] = expected_dot(row)
+        rows.append(row)
+    return rows
+
+
+def expected_dot(row: dict) -> tuple[str | None, str]:
+    """The instruction a compiled row's dots must use ("wgmma", "mma") or None where there is no
+    tensor-core dot, and why (where sm_90 gets mma instead of wgmma the reason is part of the row)."""
+    const = row["constexprs"]
+    kernel, arch = row["kernel"], row["arch"]
+    if kernel in ("_zo_update_kernel", "_randn_kernel", "_decode_merge_kernel"):
+        return None, "no matrix multiply"
+    if const.get("DOT_PRECISION") == "ieee":
+        return None, "fp32 attention uses exact IEEE dots (FMA, no tensor cores) by design"
+    rows = {"_noisy_linear_kernel": const.get("BLOCK_M"), "_lora_down_kernel": const.get("BLOCK_M"),
+            "_extend_kernel": const.get("BLOCK_M", 0) * const.get("GROUP_PAD", 1),
+            "_decode_split_kernel": const.get("BLOCK_H")}[kernel]
+    if arch < 90:
+        return "mma", "sm_80 tensor cores"
+    if rows < 64:
+        return "mma", f"dot has {rows} rows; wgmma needs >= 64 (one warpgroup x 64)"
+    return "wgmma", "Hopper tensor cores"
+
+
+def check_rows(rows: list[dict]) -> list[str]:
+    """Problems: failed compiles, shared memory over the target's limit, missing tensor-core
+    instructions, spill stores at a benchmark configuration (sm_90 or sm_80)."""
+    problems = []
+    for row in rows:
+        name = f"{row['kernel']} sm_{row['arch']} [{row['config']}]"
+        if not row["ok"]:
+            problems.append(f"{name}: compile failed: {row['error']}")
+            continue
+        if row["shared"] > SHARED_LIMIT[row["arch"]]:
+            problems.append(f"{name}: {row['shared']} B shared memory > {SHARED_LIMIT[row['arch']]} B")
+        want, _ = expected_dot(row)
+        if want is not None and row[want] == 0:
+            problems.append(f"{name}: no {want} instruction in the PTX")
+        if row["benchmark"] and row["spill_stores"]:
+            problems.append(f"{name}: {row['spill_stores']} B spill stores at a benchmark configuration")
+    return problems

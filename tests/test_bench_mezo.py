@@ -107,7 +107,6 @@ def test_both_sides_compute_the_same_loss(key):
     mezo, batch = w.build_baseline(hf, tok, ref, scenario, examples, {k: v.clone() for k, v in trainer.params.items()})
     with torch.no_grad():
         expect = batch_loss(mezo.model, batch).item()
-        assert w.batch_loss_any_device(mezo.model, batch).item() == expect
     assert abs(trainer.evaluate(encoded)["loss"] - expect) <= 1e-5 * abs(expect)
     # the competent loop (padded body forward, head only at scored positions, one row per example
     # when every candidate is one token) computes the same loss on the same adapter

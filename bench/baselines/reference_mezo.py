@@ -85,9 +85,10 @@ def _target_logprobs(model: torch.nn.Module, batch: RefBatch) -> tuple[torch.Ten
     logp = F.log_softmax(logits[:, :-1], dim=-1)
     targets = batch.input_ids[:, 1:]
     picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    pos = torch.arange(targets.shape[1]).unsqueeze(0)
-    n = torch.tensor(batch.lengths).unsqueeze(1)
-    k = torch.tensor(batch.target_lens).unsqueeze(1)
+    dev = picked.device  # the reference builds these on the CPU; on the logits' device it also runs on a GPU
+    pos = torch.arange(targets.shape[1], device=dev).unsqueeze(0)
+    n = torch.tensor(batch.lengths, device=dev).unsqueeze(1)
+    k = torch.tensor(batch.target_lens, device=dev).unsqueeze(1)
     sel = ((pos >= n - 1 - k) & (pos < n - 1)).to(picked.dtype)  # targets n-k..n-1, shifted by one
     return picked * sel, sel
 
@@ -100,9 +101,10 @@ def batch_loss(model: torch.nn.Module, batch: RefBatch) -> torch.Tensor:
     if batch.num_options is None:
         return -picked.sum() / sel.sum()
     scores = picked.sum(-1) / sel.sum(-1)
+    labels = batch.labels.to(scores.device)
     losses, start = [], 0
     for e, n_opt in enumerate(batch.num_options):
-        losses.append(F.cross_entropy(scores[start : start + n_opt].unsqueeze(0), batch.labels[e : e + 1]))
+        losses.append(F.cross_entropy(scores[start : start + n_opt].unsqueeze(0), labels[e : e + 1]))
         start += n_opt
     return torch.stack(losses).mean()
 
