@@ -217,10 +217,11 @@ class Scheduler:
             self.cache.unlock(req.lock_node)
         req.lock_node = node
 
-    def release(self, req: Request) -> None:
-        """Give back everything a request holds. What it computed stays cached, its partly filled
-        last page included (as a tail leaf): a request continuing the same tokens copies those slots."""
-        if req.num_computed:
+    def release(self, req: Request, publish: bool = True) -> None:
+        """Give back everything a request holds. With `publish`, what it computed stays cached, its
+        partly filled last page included (as a tail leaf): a request continuing the same tokens
+        copies those slots."""
+        if publish and req.num_computed:
             used = _ceil_div(req.num_computed, self.page_size)
             self.cache.insert(req.namespace, req.all_ids[: req.num_computed], req.pages[:used])
         if req.lock_node is not None:
@@ -237,12 +238,7 @@ class Scheduler:
         self.running.clear()
         self.waiting.clear()
         for req in reqs:
-            if req.lock_node is not None:
-                self.cache.unlock(req.lock_node)
-                req.lock_node = None
-            self.pool.decref(req.pages)
-            req.pages = []
-            req.num_computed = 0
+            self.release(req, publish=False)  # a failed pass may have left its KV half-written
             if req.finish_reason is None:
                 req.finish_reason = "abort"
         return len(reqs)
