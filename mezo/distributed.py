@@ -30,8 +30,7 @@ from engine import Engine
 from kernels.noise_cache import clear_noise_cache
 
 from .config import MeZOConfig
-from .objectives import EncodedExample, candidate_scores, example_loss, generation_metric, scoring_requests
-from .objectives import generation_request
+from .objectives import EncodedExample, candidate_scores, generation_request, scoring_requests
 from .trainer import MeZOTrainer
 
 T = TypeVar("T")
@@ -249,15 +248,6 @@ class DistributedMeZOTrainer(MeZOTrainer):
         record = super().step(examples)
         record["tokens_computed"] = int(self._global_tokens)
         return record
-
-    def example_losses(self, encoded: list[EncodedExample], reqs: list[list]) -> torch.Tensor:
-        """Per-example losses [len(encoded)] whose mean is `MeZOTrainer._batch_loss`: fp32, or float64
-        (−accuracy/−F1 per example) for the generation objectives, which average in float64."""
-        objective = self.config.objective
-        if objective in ("accuracy", "f1"):
-            return torch.tensor([-generation_metric(objective, r[0].text, ex.target_text)
-                                 for ex, r in zip(encoded, reqs)], dtype=torch.float64)
-        return torch.stack([example_loss(ex, r) for ex, r in zip(encoded, reqs)]).float()
 
     # -- evaluation ---------------------------------------------------------------------------------
     def evaluate(self, examples: Sequence[Any] | list[EncodedExample]) -> dict[str, Any]:

@@ -165,12 +165,21 @@ class MeZOTrainer:
             return list(examples)
         return self.encode(examples)
 
-    def _batch_loss(self, encoded: list[EncodedExample], reqs: list[list]) -> torch.Tensor:
+    def example_losses(self, encoded: list[EncodedExample], reqs: list[list]) -> torch.Tensor:
+        """Per-example losses [len(encoded)]: fp32, or float64 (−accuracy/−F1 of the stop-trimmed
+        generation) for the generation objectives, which average in float64."""
         objective = self.config.objective
         if objective in ("accuracy", "f1"):
-            scores = [generation_metric(objective, r[0].text, ex.target_text) for ex, r in zip(encoded, reqs)]
-            return torch.tensor(-sum(scores) / len(scores), dtype=torch.float32)
-        return torch.stack([example_loss(ex, r) for ex, r in zip(encoded, reqs)]).float().mean()
+            return torch.tensor([-generation_metric(objective, r[0].text, ex.target_text)
+                                 for ex, r in zip(encoded, reqs)], dtype=torch.float64)
+        return torch.stack([example_loss(ex, r) for ex, r in zip(encoded, reqs)]).float()
+
+    def _batch_loss(self, encoded: list[EncodedExample], reqs: list[list]) -> torch.Tensor:
+        """The batch mean of `example_losses` as a 0-d fp32 tensor."""
+        losses = self.example_losses(encoded, reqs)
+        if losses.dtype == torch.float64:
+            return (losses.sum() / losses.numel()).float()
+        return losses.mean()
 
     # -- one step -----------------------------------------------------------------------------
     def step(self, examples: Sequence[Example] | list[EncodedExample]) -> dict[str, Any]:
