@@ -114,9 +114,15 @@ def process_group_from_env(device: str = "auto", backend: str | None = None) -> 
         joined = True
     try:
         yield current_context(), device
-    finally:
+    except BaseException:
         if joined:
             dist.destroy_process_group()
+        raise
+    if joined:
+        # every rank is done before any tears the group down (rank 0 hosts the rendezvous store;
+        # leaving while another rank still talks to it can abort that rank's gloo threads)
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:

@@ -115,6 +115,7 @@ def main() -> int:
         json.dump(report, fh)
     import torch.distributed as dist
 
+    dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
     return 0
 
