@@ -30,6 +30,7 @@ average is recorded before, after each timed run and after.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -39,51 +40,34 @@ from typing import Any, Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import bench_seconds, loadavg, md_table, resolve_device, write_results  # noqa: E402
-from bench.model_shapes import LLAMA_SHAPES  # noqa: E402
+from bench.common import DTYPES, loadavg, md_table, random_llama, resolve_device, timed, write_results  # noqa: E402
 from engine import Engine, SamplingParams  # noqa: E402
 
-# Random-weight LLaMA shapes (bos=1, eos=2, pad=0) with each model's own (vocab, context).
-_VOCAB_AND_CONTEXT = {"tiny": (256, 2048), "smollm2": (49152, 8192), "1b": (128256, 8192), "7b": (32000, 4096)}
-RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
-    name: {**shape, "vocab_size": _VOCAB_AND_CONTEXT[name][0], "max_position_embeddings": _VOCAB_AND_CONTEXT[name][1]}
-    for name, shape in LLAMA_SHAPES.items()
-}
+# Random-weight LLaMA shapes (bench.common.LLAMA_SHAPES) with each model's own (vocab, context).
+RANDOM_CONFIGS = {"tiny": (256, 2048), "smollm2": (49152, 8192), "1b": (128256, 8192), "7b": (32000, 4096)}
 
 # Varied prompts (instructions, code, facts, stories, maths, lists...). Each benchmark prompt starts
 # with a different one, so no two prompts share a prefix the engine's prefix cache could reuse.
 PROMPTS = [
-    "The capital of France is",
-    "Write a haiku about the sea.",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "Explain in simple terms why the sky is blue.",
-    "Once upon a time, in a small village at the edge of a great forest, there lived",
-    "List five tips for staying productive while working from home:\n1.",
-    "Translate to German: 'Where is the nearest train station?'",
-    "Q: What is 17 multiplied by 23?\nA:",
-    "SELECT name, COUNT(*) FROM orders WHERE",
-    "Summarize the plot of Romeo and Juliet in two sentences.",
-    "My favourite recipe for a rainy Sunday afternoon is",
-    "In 1969, the Apollo 11 mission",
-    "Write a short, polite email asking a colleague to review a pull request.",
-    "import numpy as np\n\ndef normalize(x):",
-    "The three laws of thermodynamics state that",
-    "Dear diary, today was a strange day because",
-    "What are the main differences between Python lists and tuples?",
-    "Photosynthesis is the process by which plants",
-    "A good password should",
-    "Give me a packing list for a three-day hiking trip in the mountains.",
-    "The stock market fell sharply on Monday after",
-    "class Stack:\n    def __init__(self):",
-    "Why do cats purr? Scientists believe",
-    "Here is a limerick about a programmer who never slept:",
-    "Describe the water cycle to a ten-year-old.",
-    "Breaking news: researchers have discovered",
-    "To make a cup of green tea properly, first",
-    "The difference between weather and climate is",
-    "Compose a motivational quote for Monday morning:",
-    "User: Can you recommend a good science-fiction novel?\nAssistant:",
-    "The history of the printing press begins",
+    'The capital of France is', 'Write a haiku about the sea.',
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
+    'Explain in simple terms why the sky is blue.',
+    'Once upon a time, in a small village at the edge of a great forest, there lived',
+    'List five tips for staying productive while working from home:\n1.',
+    "Translate to German: 'Where is the nearest train station?'", 'Q: What is 17 multiplied by 23?\nA:',
+    'SELECT name, COUNT(*) FROM orders WHERE', 'Summarize the plot of Romeo and Juliet in two sentences.',
+    'My favourite recipe for a rainy Sunday afternoon is', 'In 1969, the Apollo 11 mission',
+    'Write a short, polite email asking a colleague to review a pull request.',
+    'import numpy as np\n\ndef normalize(x):', 'The three laws of thermodynamics state that',
+    'Dear diary, today was a strange day because', 'What are the main differences between Python lists and tuples?',
+    'Photosynthesis is the process by which plants', 'A good password should',
+    'Give me a packing list for a three-day hiking trip in the mountains.',
+    'The stock market fell sharply on Monday after', 'class Stack:\n    def __init__(self):',
+    'Why do cats purr? Scientists believe', 'Here is a limerick about a programmer who never slept:',
+    'Describe the water cycle to a ten-year-old.', 'Breaking news: researchers have discovered',
+    'To make a cup of green tea properly, first', 'The difference between weather and climate is',
+    'Compose a motivational quote for Monday morning:',
+    'User: Can you recommend a good science-fiction novel?\nAssistant:', 'The history of the printing press begins',
     "Rewrite this sentence in the passive voice: 'The cat chased the mouse.'",
 ]
 
@@ -120,9 +104,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             args.random_config = "1b"
         else:
             args.model = "smollm2-135m"
-    quick = dict(num_prompts=4, max_tokens=8, prompt_len=[4, 24])
-    full = dict(num_prompts=32, max_tokens=64, prompt_len=[16, 128])
-    for key, val in (quick if args.quick else full).items():
+    defaults = (dict(num_prompts=4, max_tokens=8, prompt_len=[4, 24]) if args.quick
+                else dict(num_prompts=32, max_tokens=64, prompt_len=[16, 128]))
+    for key, val in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, val)
     lo, hi = args.prompt_len
@@ -130,26 +114,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ap.error("need --num-prompts >= 1, --max-tokens >= 1, 1 <= MIN <= MAX, --repeats >= 1")
     if args.dtype == "auto":
         args.dtype = "bfloat16" if on_gpu else "float32"
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if args.dtype not in table:
-        ap.error(f"--dtype {args.dtype!r} is not one of auto, {', '.join(table)}")
-    args.torch_dtype = table[args.dtype]
+    if args.dtype not in DTYPES:
+        ap.error(f"--dtype {args.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    args.torch_dtype = DTYPES[args.dtype]
     return args
 
 
 # -- model and prompts --------------------------------------------------------------------------
 def build_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
     """(transformers model on the device, tokenizer or None, description)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if args.random_config is not None:
-        cfg = LlamaConfig(**RANDOM_CONFIGS[args.random_config], rms_norm_eps=1e-5,
-                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
-        torch.manual_seed(args.seed)
-        with torch.device(args.device):
-            model = LlamaForCausalLM._from_config(cfg, dtype=args.torch_dtype)
-        return model.eval(), None, f"random-{args.random_config}"
+        vocab, context = RANDOM_CONFIGS[args.random_config]
+        model = random_llama(args.random_config, vocab, context, args.torch_dtype, args.device, args.seed)
+        return model, None, f"random-{args.random_config}"
     from engine.loader import load_tokenizer, resolve_model
 
     source = resolve_model(args.model)
@@ -182,14 +161,12 @@ def make_prompts(args: argparse.Namespace, tokenizer: Any, vocab_size: int) -> l
 # -- the two sides ------------------------------------------------------------------------------
 def hf_generate(model: Any, prompts: list[list[int]], n: int, pad_id: int, device: torch.device) -> list[list[int]]:
     """One left-padded batch, greedy, exactly n new tokens per row (EOS disabled)."""
+    from torch.nn.utils.rnn import pad_sequence
     from transformers import GenerationConfig
 
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+    pad = lambda rows, value: pad_sequence(rows, batch_first=True, padding_value=value, padding_side="left")  # noqa: E731
+    ids = pad([torch.tensor(p) for p in prompts], pad_id)
+    mask, width = pad([torch.ones(len(p), dtype=torch.long) for p in prompts], 0), ids.shape[1]
     gc = GenerationConfig(max_new_tokens=n, do_sample=False, num_beams=1, use_cache=True,
                           pad_token_id=pad_id, eos_token_id=[])  # [] = never stop at EOS, like ignore_eos
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gc)
@@ -197,18 +174,6 @@ def hf_generate(model: Any, prompts: list[list[int]], n: int, pad_id: int, devic
     if any(len(r) != n for r in new):
         raise RuntimeError(f"transformers produced {[len(r) for r in new]} tokens, expected {n} each")
     return new
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn: Any, device: torch.device) -> tuple[Any, float]:
-    """(fn(), seconds) of one call (bench.common.bench_seconds: CUDA synchronised)."""
-    box: dict[str, Any] = {}
-    seconds = bench_seconds(lambda: box.__setitem__("out", fn()), device, repeats=1)
-    return box["out"], seconds
 
 
 class EngineSplit:
@@ -219,14 +184,16 @@ class EngineSplit:
         self.passes: list[tuple[str, int, int, float]] = []  # (mode, requests, tokens, seconds)
 
     def __enter__(self) -> "EngineSplit":
-        runner, device = self.engine.runner, self.engine.device
+        runner, cuda = self.engine.runner, self.engine.device.type == "cuda"
         orig = type(runner).run.__get__(runner)
 
-        def run(scheduled):
-            sync(device)
+        def run(scheduled):  # perf_counter, not bench_seconds: a pass is short and its timer must be cheap
+            if cuda:
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             out = orig(scheduled)
-            sync(device)
+            if cuda:
+                torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             tokens = sum(r.seq_len - s for r, s in zip(scheduled.requests, scheduled.starts))
             self.passes.append((scheduled.mode, len(scheduled.requests), tokens, dt))
@@ -262,12 +229,7 @@ def engine_generate(engine: Engine, prompts: list[list[int]], n: int) -> list[li
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, float]:
     """Share of prompts with identical greedy outputs, and mean share of tokens before the first mismatch."""
-    prefix = []
-    for x, y in zip(a, b):
-        k = 0
-        while k < min(len(x), len(y)) and x[k] == y[k]:
-            k += 1
-        prefix.append(k / max(len(x), 1))
+    prefix = [len(os.path.commonprefix([x, y])) / max(len(x), 1) for x, y in zip(a, b)]
     return {"exact_match": sum(x == y for x, y in zip(a, b)) / len(a), "mean_matching_prefix": statistics.mean(prefix)}
 
 
@@ -323,19 +285,20 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     out_tokens = len(prompts) * n
     prompt_tokens = sum(len(p) for p in prompts)
-    hf_s, eng_s = min(hf_times), min(eng_times)
-    hf_tps, eng_tps = out_tokens / hf_s, out_tokens / eng_s
-    split = splits[eng_times.index(eng_s)]
+
+    def side(times: list[float]) -> dict[str, Any]:
+        best = min(times)
+        return {"seconds": best, "seconds_all": times, "seconds_median": statistics.median(times),
+                "output_tokens": out_tokens, "output_tok_s": out_tokens / best,
+                "total_tok_s": (prompt_tokens + out_tokens) / best}
+
     computed = stats1["tokens_computed"] - stats0["tokens_computed"]
     default_model = model_desc == ("random-1b" if device.type == "cuda" else "smollm2-135m")
     variant = "-quick" if args.quick else ("" if default_model else f"-{model_desc.replace('random-', 'random')}")
     if args.threads is not None:
         variant += f"-t{args.threads}"
     payload: dict[str, Any] = {
-        "benchmark": "generate",
-        "loadavg_before": load_before,
-        "loadavg_after": load_after,
-        "runs": run_load,
+        "benchmark": "generate", "loadavg_before": load_before, "loadavg_after": load_after, "runs": run_load,
         "config": {
             "model": model_desc, "parameters": n_params, "dtype": args.dtype, "device": str(device),
             "num_prompts": len(prompts), "max_tokens": n, "prompt_len_range": list(args.prompt_len),
@@ -346,20 +309,12 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "repeats": args.repeats, "run_order": order, "torch_threads": torch.get_num_threads(),
             "warmup": f"1 run per side, full batch, {warm} tokens", "seed": args.seed, "quick": args.quick,
         },
-        "engine": {
-            "seconds": eng_s, "seconds_all": eng_times, "seconds_median": statistics.median(eng_times),
-            "output_tokens": out_tokens, "output_tok_s": eng_tps,
-            "total_tok_s": (prompt_tokens + out_tokens) / eng_s, "split": split,
-            "tokens_computed": computed // args.repeats,
-            "forward_passes": (stats1["forward_passes"] - stats0["forward_passes"]) // args.repeats,
-            "preemptions": stats1["preemptions"] - stats0["preemptions"],
-        },
-        "transformers": {
-            "seconds": hf_s, "seconds_all": hf_times, "seconds_median": statistics.median(hf_times),
-            "output_tokens": out_tokens, "output_tok_s": hf_tps,
-            "total_tok_s": (prompt_tokens + out_tokens) / hf_s,
-        },
-        "ratio_engine_over_transformers": eng_tps / hf_tps,
+        "engine": {**side(eng_times), "split": splits[eng_times.index(min(eng_times))],
+                   "tokens_computed": computed // args.repeats,
+                   "forward_passes": (stats1["forward_passes"] - stats0["forward_passes"]) // args.repeats,
+                   "preemptions": stats1["preemptions"] - stats0["preemptions"]},
+        "transformers": side(hf_times),
+        "ratio_engine_over_transformers": min(hf_times) / min(eng_times),
         "greedy_agreement": agreement(eng_out, hf_out),
     }
     jpath, mpath = write_results("generate", payload, to_markdown(payload), title="Generation throughput: MeZO Engine "
@@ -401,9 +356,5 @@ def to_markdown(p: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    run(argv)
-
-
 if __name__ == "__main__":
-    main()
+    run()

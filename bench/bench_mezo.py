@@ -24,8 +24,8 @@ than --slow-seconds is timed on that call only.
     python bench/bench_mezo.py --quick --out-dir /tmp/x         # CI smoke (tiny random model)
 
 Results: bench/results/mezo_<device-slug>.{json,md,png}. Where a step's time goes:
-bench/profile_mezo_step.py (torch.profiler, engine vs the careful loop). bench/mezo_memprobe.py breaks a
-step's resident memory down further (noise memo, glibc heap retention).
+bench/profile_mezo_step.py (torch.profiler, engine vs the careful loop). `python bench/mezo_worker.py`
+breaks a step's resident memory down further (noise memo, glibc heap retention).
 """
 from __future__ import annotations
 
@@ -42,12 +42,13 @@ from typing import Any, Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import mezo_worker as worker_mod  # noqa: E402
-from bench.common import (device_slug, loadavg, machine_info, package_versions, resolve_device,  # noqa: E402
-                          run_metadata, save_results)
+from bench.common import loadavg, resolve_device, run_metadata, write_results  # noqa: E402
 from bench.mezo_report import evaluate_targets, plot, summary_table, to_markdown  # noqa: E402
-from bench.mezo_worker import Worker  # noqa: E402
-from bench.mezo_scenarios import RANDOM_CONFIGS, SCENARIOS, ModelRef, Sizes  # noqa: E402
+from bench.mezo_worker import Worker, start_server  # noqa: E402
+from bench.mezo_workloads import RANDOM_CONFIGS, SCENARIOS, ModelRef, Sizes  # noqa: E402
+
+MACHINE_KEYS = ("device", "device_name", "device_slug", "cpu_model", "cpu_cores", "cpu_cores_usable", "torch_threads",
+                "platform", "gpu_name", "gpu_memory_gib", "cuda", "gpu_count")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -93,10 +94,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.model is None and args.random_config is None:
         args.random_config = "tiny" if args.quick else ("1b" if on_gpu else None)
         args.model = None if args.random_config else "smollm2-135m"
-    defaults = (dict(steps=2, warmup=0, batch_size=2, shots=1, lm_tokens=[24, 24], threads=1)
-                if args.quick else
-                dict(steps=3, warmup=1, batch_size=16, shots=16, lm_tokens=[128, 128],
-                     threads=torch.get_num_threads()))
+    defaults = (dict(steps=2, warmup=0, batch_size=2, shots=1, lm_tokens=[24, 24], threads=1) if args.quick else
+                dict(steps=3, warmup=1, batch_size=16, shots=16, lm_tokens=[128, 128], threads=torch.get_num_threads()))
     for key, val in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, val)
@@ -268,7 +267,7 @@ def run_scenario(key: str, ref: ModelRef, args: argparse.Namespace, sizes: Sizes
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     t_start = time.perf_counter()
-    worker_mod.start_server()
+    start_server()
     ref = ModelRef(args.model, args.random_config, args.dtype, str(args.device), tokenizer_path=args.tokenizer)
     sizes = Sizes(args.batch_size, args.shots, *args.lm_tokens)
     load = {"start": loadavg()}
@@ -278,42 +277,36 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     finally:
         prep.close()
     setup_s = time.perf_counter() - t_start
-    meta = run_metadata(args.device, __file__, argv)  # what every result file carries
+    meta = run_metadata(args.device, __file__, argv)  # taken now: the run's start
     payload: dict[str, Any] = {
-        "benchmark": "mezo", "meta": meta, "timestamp": meta["date"], "command": meta["command"],
-        "machine": machine_info(args.device), "loadavg": load,
+        "benchmark": "mezo", "timestamp": meta["date"], "command": meta["command"],
+        "machine": {**{k: meta[k] for k in MACHINE_KEYS if k in meta}, "git_commit": meta["commit"]}, "loadavg": load,
         "model": {"name": ref.label, "dtype": args.dtype, "device": str(args.device)},
         "settings": {"steps": args.steps, "warmup": args.warmup, "quick": args.quick, **asdict(sizes),
                      "fewshot_baseline_examples": args.fewshot_baseline_examples,
                      "noshare_examples": args.noshare_examples, "slow_seconds": args.slow_seconds,
-                     "max_step_seconds": args.max_step_seconds,
-                     "torch_threads": args.threads},
-        "versions": package_versions(), "notes": list(args.note), "scenarios": {},
+                     "max_step_seconds": args.max_step_seconds, "torch_threads": args.threads},
+        "versions": {k: meta[k] for k in ("python", "torch", "triton", "transformers", "peft")},
+        "notes": list(args.note), "scenarios": {},
     }
     with tempfile.TemporaryDirectory(prefix="mezo_bench_") as tmp:
         for key in args.scenarios:
             print(f"scenario {key} ...", flush=True)
-            res = run_scenario(key, ref, args, sizes, Path(tmp))
+            res = payload["scenarios"][key] = run_scenario(key, ref, args, sizes, Path(tmp))
             payload["model"].update(params=res["model_info"]["model_params"], layers=res["model_info"]["layers"],
                                     hidden=res["model_info"]["hidden"])
-            payload["scenarios"][key] = res
             print(summary_table({key: res}), flush=True)
     load["end"] = loadavg()
     payload["wall_s"] = time.perf_counter() - t_start
     payload["setup_s"] = setup_s
-    name = args.name or f"mezo_{device_slug(args.device)}"
-    out_dir = args.out_dir
-    md = to_markdown(payload, name)
-    jpath, mpath = save_results(payload, md, out_dir, name)
+    jpath, mpath = write_results("mezo", payload, to_markdown(payload), title="MeZO step throughput: engine vs "
+                                 f"reference (transformers + PEFT) — {meta['device_name']}", device=args.device,
+                                 script=__file__, argv=argv, out_dir=args.out_dir, stem=args.name, meta=meta)
     png = plot(payload, jpath.with_suffix(".png"))
     print(summary_table(payload["scenarios"]))
     print(f"\nwrote {jpath}, {mpath}" + (f", {png}" if png else ""))
     return payload
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    run(argv)
-
-
 if __name__ == "__main__":
-    main()
+    run()

@@ -1,4 +1,5 @@
-"""The benchmarks' shared harness: timing through libraries, one results writer, machine metadata.
+"""The benchmarks' shared harness: timing through libraries, one results writer, machine metadata,
+and the random-weight LLaMA models the GPU runs use.
 
 Timing: `bench_ms` (short calls, many repetitions) uses `triton.testing.do_bench` on a GPU (CUDA
 events, L2 flushed before each call, median) and `torch.utils.benchmark.Timer.blocked_autorange`
@@ -6,13 +7,12 @@ on a CPU (median of blocks); `bench_seconds` (calls of a second or more: a gener
 step) uses stdlib `timeit` one call per sample, CUDA synchronised around each (torch's Timer would
 add two hidden warm-up calls per sample, which a state-resetting caller cannot afford).
 
-Results: `write_results(name, payload, markdown, ...)` writes `<out_dir>/<name>.json` and `.md`; both
-carry the same metadata (`run_metadata`): command, date, git commit (and whether the tree was dirty),
-device and its name, CPU, threads, load average, torch / triton / transformers / python versions.
-`<name>` carries the device slug (`cpu`, or the GPU's name such as `nvidia-h100-80gb-hbm3`).
+Results: `write_results(name, payload, markdown, ...)` writes `<out_dir>/<name>_<device slug>.json`
+and `.md`; both carry the same metadata (`run_metadata`): command, date, git commit (and whether the
+tree was dirty), device and its name, CPU, threads, load average, torch / triton / transformers /
+peft / python versions. The device slug is `cpu`, or the GPU's name such as `nvidia-h100-80gb-hbm3`.
 """
 from __future__ import annotations
-
 
 import datetime as _dt
 import gc
@@ -23,8 +23,8 @@ import re
 import shlex
 import statistics
 import subprocess
-import timeit
 import sys
+import timeit
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -32,11 +32,36 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Random-weight LLaMA shapes (plain data); each benchmark adds its own vocabulary and context length.
+LLAMA_SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0),
+    # SmolLM2-135M's shape
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0),
+    # Llama-3.2-1B's shape (~1.24B parameters with its own vocabulary)
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, tie_word_embeddings=True, rope_theta=500000.0),
+    # Llama-2-7B's shape (~6.7B parameters with its own vocabulary)
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, tie_word_embeddings=False, rope_theta=10000.0),
+}
 
 
-def slug(name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+def random_llama(shape: str, vocab_size: int, context: int, dtype: torch.dtype, device: str | torch.device,
+                 seed: int = 0) -> Any:
+    """A transformers LlamaForCausalLM of LLAMA_SHAPES[shape] with seeded random weights (bos 1, eos 2,
+    pad 0), built directly on `device` in `dtype`, eval mode. Same seed, same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**LLAMA_SHAPES[shape], vocab_size=vocab_size, max_position_embeddings=context,
+                      rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return LlamaForCausalLM._from_config(cfg, dtype=dtype).eval()
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -59,15 +84,14 @@ def cpu_model() -> str:
 
 def device_name(device: str | torch.device) -> str:
     dev = resolve_device(device)
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return cpu_model()
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model()
 
 
 def device_slug(device: str | torch.device) -> str:
-    """'cpu' for any CPU (the machine details live inside the results), else the GPU name's slug."""
+    """'cpu' for any CPU (the machine details live inside the results), else the GPU name's slug
+    ('NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3')."""
     dev = resolve_device(device)
-    return "cpu" if dev.type == "cpu" else slug(device_name(dev))
+    return "cpu" if dev.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", device_name(dev).lower()).strip("-")
 
 
 def loadavg() -> list[float] | None:
@@ -97,44 +121,31 @@ def command_line(script: str | Path, argv: Sequence[str] | None) -> str:
     return " ".join(["python", shlex.quote(str(path)), *map(shlex.quote, argv)])
 
 
-def machine_info(device: str | torch.device) -> dict[str, Any]:
-    """Hardware, enough to tell two machines apart (versions: `package_versions`)."""
-    dev = resolve_device(device)
-    info: dict[str, Any] = {
-        "device": str(dev), "device_name": device_name(dev), "device_slug": device_slug(dev), "cpu_model": cpu_model(),
-        "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "git_commit": _git("rev-parse", "--short", "HEAD") or None}
-    if dev.type == "cuda":
-        props = torch.cuda.get_device_properties(dev)
-        info.update(gpu_name=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    cuda=torch.version.cuda, gpu_count=torch.cuda.device_count())
-    return info
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+def md_cell(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return str(v)
 
 
 def md_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> list[str]:
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
-        return str(v)
-
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return lines
+    return lines + ["| " + " | ".join(md_cell(v) for v in row) + " |" for row in rows]
 
 
-def save_results(payload: dict[str, Any], markdown: str, out_dir: str | Path | None, name: str) -> tuple[Path, Path]:
-    """Write `<out_dir>/<name>.json` and `.md`; returns both paths."""
-    out = Path(out_dir) if out_dir is not None else RESULTS_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    jpath, mpath = out / f"{name}.json", out / f"{name}.md"
-    jpath.write_text(json.dumps(payload, indent=2) + "\n")
-    mpath.write_text(markdown.rstrip() + "\n")
-    return jpath, mpath
+def dotted(obj: Any, path: str) -> Any:
+    """obj["a"]["b"] for path "a.b"; None where a part is missing."""
+    for part in path.split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else None
+    return obj
+
+
+def meets(value: Any, op: str, threshold: float | None) -> bool | None:
+    """Whether a figure meets its target (op ">=" or "<="); None when either is not a number."""
+    if not isinstance(value, (int, float)) or threshold is None:
+        return None
+    return value >= threshold if op == ">=" else value <= threshold
 
 
 # -- timing ---------------------------------------------------------------------------------------------
@@ -168,6 +179,13 @@ def bench_seconds(fn: Callable[[], Any], device: str | torch.device, repeats: in
     return statistics.median(timer.repeat(repeat=repeats, number=1))
 
 
+def timed(fn: Callable[[], Any], device: str | torch.device) -> tuple[Any, float]:
+    """(fn(), seconds) of one call, timed by `bench_seconds`."""
+    box: dict[str, Any] = {}
+    seconds = bench_seconds(lambda: box.__setitem__("out", fn()), device, repeats=1)
+    return box["out"], seconds
+
+
 # -- results --------------------------------------------------------------------------------------------
 def package_versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
@@ -185,14 +203,22 @@ def run_metadata(device: str | torch.device, script: str | Path, argv: Sequence[
     """What every result file carries: how to reproduce it and where it ran."""
     dev = resolve_device(device)
     status = _git("status", "--porcelain", "--untracked-files=no")
-    return {"command": command_line(script, argv), "date": now_iso(), "commit": _git("rev-parse", "--short", "HEAD") or None,
-            "dirty_tree": None if status is None else bool(status), "device": str(dev), "device_name": device_name(dev),
-            "device_slug": device_slug(dev), "cpu_model": cpu_model(), "cpu_cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "loadavg": loadavg(), **package_versions()}
+    meta = {"command": command_line(script, argv),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "commit": _git("rev-parse", "--short", "HEAD") or None, "dirty_tree": None if status is None else bool(status),
+            "device": str(dev), "device_name": device_name(dev), "device_slug": device_slug(dev),
+            "cpu_model": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "platform": platform.platform(), "loadavg": loadavg(), **package_versions()}
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        meta.update(gpu_name=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    cuda=torch.version.cuda, gpu_count=torch.cuda.device_count())
+    return meta
 
 
 def metadata_markdown(meta: dict[str, Any]) -> str:
-    versions = ", ".join(f"{k} {meta.get(k)}" for k in ("torch", "triton", "transformers", "python"))
+    versions = ", ".join(f"{k} {meta.get(k)}" for k in ("torch", "triton", "transformers", "peft", "python"))
     dirty = " (uncommitted changes)" if meta.get("dirty_tree") else ""
     return (f"`{meta['command']}`\n\n{meta['date']}; commit {meta['commit']}{dirty}; {meta['device_name']} "
             f"({meta['device']}, {meta['torch_threads']} torch threads); load average {meta['loadavg']}; {versions}")
@@ -200,11 +226,16 @@ def metadata_markdown(meta: dict[str, Any]) -> str:
 
 def write_results(name: str, payload: dict[str, Any], markdown: str, *, title: str, device: str | torch.device,
                   script: str | Path, argv: Sequence[str] | None, out_dir: str | Path | None = None,
-                  variant: str = "") -> tuple[Path, Path]:
+                  variant: str = "", stem: str | None = None, meta: dict[str, Any] | None = None) -> tuple[Path, Path]:
     """Write `<out_dir>/<name>_<device slug><variant>.json` ({"meta": ..., **payload}) and `.md` (title,
-    metadata, `markdown`); returns both paths and adds the metadata to `payload` as "meta" (so what a
-    script returns is what it saved). `out_dir` defaults to bench/results/."""
-    meta = payload["meta"] = run_metadata(device, script, argv)
-    stem = f"{name}_{meta['device_slug']}{variant}"
-    md = f"# {title}\n\n{metadata_markdown(meta)}\n\n{markdown.strip()}\n"
-    return save_results(payload, md, out_dir, stem)
+    metadata, `markdown`); `stem` replaces the whole file name when given, `meta` the metadata taken
+    now (a `run_metadata` from the start of the run). Returns both paths and adds the metadata to
+    `payload` as "meta" (so what a script returns is what it saved). `out_dir` defaults to bench/results/."""
+    meta = payload["meta"] = meta or run_metadata(device, script, argv)
+    out = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    stem = stem or f"{name}_{meta['device_slug']}{variant}"
+    jpath, mpath = out / f"{stem}.json", out / f"{stem}.md"
+    jpath.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    mpath.write_text(f"# {title}\n\n{metadata_markdown(meta)}\n\n{markdown.strip()}\n")
+    return jpath, mpath

@@ -5,24 +5,27 @@
     python bench/gpu_suite.py --dry-run        # anywhere (CI): every stage at toy size on the CPU
 
 Needs only what the GPU machine has (torch, triton 3.6-3.9, transformers, peft, pytest; no network):
-random-weight LLaMA configs and synthetic token ids (bench/synthetic.py) stand in for SmolLM2 and the
+random-weight LLaMA configs and synthetic token ids (bench/mezo_workloads.py) stand in for SmolLM2 and the
 BBC corpus. Stages, each in its own process with a time budget (an overrun is stopped, the suite goes
 on): pytest on CUDA over the kernel and engine tests, then the kernel, attention, MeZO-step,
 generation and bf16-estimator benchmarks at their GPU targets. The last screen is a table: each
-figure, its target, met / MISSED / not measured; the same table goes to <out>/gpu_suite_summary.md.
+figure, its target, met / MISSED / not measured; the same table goes to <out>/gpu_suite_summary.md
+(and .json), with the command, commit, date and device like every result file. The stage runner
+and the targets shared with `mezo-engine bench` live in bench/suite.py.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.stages import REPO_ROOT, Stage, Target, run_stages, summary  # noqa: E402
+from bench.common import write_results  # noqa: E402
+from bench.suite import (REPO_ROOT, Stage, Target, attention_targets, generate_target, kernel_targets,  # noqa: E402
+                         run_stages, select, summary)
 
 # The tests that exercise what runs on a GPU: the kernels compiled, the engine and a MeZO step on them
 # (device-parametrized: fp32 and bf16 on CUDA), the CUDA sync check. The AOT compile check is a CPU
@@ -40,45 +43,34 @@ def stages(out: Path, dry_run: bool) -> list[Stage]:
     missing = [t for t in GPU_TESTS if not (REPO_ROOT / t).is_file()]
     if missing:
         raise FileNotFoundError(f"bench/gpu_suite.py lists test files that do not exist: {missing}")
-    tests = GPU_TESTS
+    tests, sign = GPU_TESTS, "bf16 estimator sign agreement"
     if dry_run:  # every stage starts and runs at toy size on the CPU; figures are not GPU figures
         q = ["--quick"]
         return [
             Stage("tests", [py, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", *tests], 120),
-            Stage("kernels", [py, "bench/bench_kernels.py", *q, "--device", "cpu", *o], 120, _kernel_targets("kernels-quick")),
-            Stage("attention", [py, "bench/bench_attention.py", *q, *o], 120, _attention_targets("attention-quick")),
+            Stage("kernels", [py, "bench/bench_kernels.py", *q, "--device", "cpu", *o], 120, kernel_targets("kernels-quick")),
+            Stage("attention", [py, "bench/bench_attention.py", *q, *o], 120, attention_targets("attention-quick")),
             Stage("mezo", [py, "bench/bench_mezo.py", *q, "--device", "cpu", "--tokenizer", "synthetic", "--scenarios",
                            "cls", "--steps", "1", "--name", "mezo_gpu_suite", *o], 300, _mezo_targets()),
             Stage("generate", [py, "bench/bench_generate.py", *q, "--device", "cpu", "--threads", "1", *o], 180,
-                  _generate_targets("generate_*-quick*.json")),
+                  [generate_target("generate_*-quick*.json")]),
             Stage("sign", [py, "bench/bench_sign_agreement.py", *q, "--device", "cpu", "--batch-size", "4", *o], 180,
-                  _sign_targets("sign_agreement-quick")),
+                  [Target(sign, "sign_agreement-quick_*.json", "figures.bf16_sign_agreement", ">=", 0.9)]),
         ]
     return [
         Stage("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], 90),
-        Stage("kernels", [py, "bench/bench_kernels.py", "--device", "cuda", *o], 40, _kernel_targets("kernels")),
-        Stage("attention", [py, "bench/bench_attention.py", *o], 60, _attention_targets("attention")),
+        Stage("kernels", [py, "bench/bench_kernels.py", "--device", "cuda", *o], 40, kernel_targets("kernels")),
+        Stage("attention", [py, "bench/bench_attention.py", *o], 60, attention_targets("attention")),
         Stage("mezo", [py, "bench/bench_mezo.py", "--device", "cuda", "--random-config", "1b", "--tokenizer", "synthetic",
                        "--scenarios", "cls,cls_16shot", "--steps", "2", "--warmup", "1",
                        "--name", "mezo_gpu_suite", *o], 180, _mezo_targets()),
         Stage("generate", [py, "bench/bench_generate.py", "--device", "cuda", "--random-config", "1b",
                            "--num-prompts", "64", "--max-tokens", "64", "--repeats", "1", *o], 60,
-              _generate_targets("generate_*.json")),
+              [generate_target("generate_*.json")]),
         Stage("sign", [py, "bench/bench_sign_agreement.py", "--device", "cuda", "--random-config", "1b",
-                       "--seeds", "32", *o], 40, _sign_targets("sign_agreement")),
+                       "--seeds", "32", *o], 40,
+              [Target(sign, "sign_agreement_*.json", "figures.bf16_sign_agreement", ">=", 0.9)]),
     ]
-
-
-def _kernel_targets(stem: str) -> list[Target]:
-    f = f"{stem}_*.json"
-    return [Target("noisy LoRA fused / x@W.T (K=N=4096, M=8192, r 8)", f, "figures.fused_over_plain_r8", "<=", 1.15),
-            Target("noisy LoRA unfused torch / fused (r 8)", f, "figures.unfused_over_fused_r8", ">=", 2.0)]
-
-
-def _attention_targets(stem: str) -> list[Target]:
-    f = f"{stem}_*.json"
-    return [Target("decode B64 ctx2048 page16: % of copy bandwidth", f, "figures.decode_b64_ctx2048_pct_copy", ">=", 60),
-            Target("extend 1024 cached + 64 new vs recompute 1088", f, "figures.extend_min_speedup_vs_recompute", ">=", 5)]
 
 
 def _mezo_targets() -> list[Target]:
@@ -88,14 +80,6 @@ def _mezo_targets() -> list[Target]:
             Target("  vs careful transformers loop", f, "scenarios.cls.speedup_vs_hf_loop"),
             Target("ZO overhead (step / inference)", f, "scenarios.cls.zo_overhead", "<=", 1.05),
             Target("peak memory finetune / inference", f, "scenarios.cls.memory.step_vs_inference_peak", "<=", 1.2)]
-
-
-def _generate_targets(glob: str) -> list[Target]:
-    return [Target("generation tok/s vs transformers (B 64, 1B)", glob, "ratio_engine_over_transformers", ">=", 3)]
-
-
-def _sign_targets(stem: str) -> list[Target]:
-    return [Target("bf16 estimator sign agreement", f"{stem}_*.json", "figures.bf16_sign_agreement", ">=", 0.9)]
 
 
 def preflight(dry_run: bool) -> list[str]:
@@ -125,12 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    todo = stages(out, args.dry_run)
-    if args.only:
-        names = {s.strip() for s in args.only.split(",")}
-        if names - {s.name for s in todo}:
-            ap.error(f"--only: unknown stages {sorted(names - {s.name for s in todo})}")
-        todo = [s for s in todo if s.name in names]
+    todo = select(stages(out, args.dry_run), args.only)
     assert sum(s.budget_s for s in stages(out, False)) <= TOTAL_BUDGET_S, "stage budgets exceed the suite's 8 minutes"
     notes = preflight(args.dry_run)
     for n in notes:
@@ -141,12 +120,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         table = "DRY RUN (toy sizes on the CPU: these are not GPU figures)\n" + table
     wall = time.perf_counter() - t0
-    (out / "gpu_suite_summary.md").write_text(
-        f"# GPU suite{' (dry run)' if args.dry_run else ''}\n\n`python bench/gpu_suite.py {' '.join(argv or sys.argv[1:])}`"
-        f" — {wall:.0f} s\n\n" + "\n".join(f"- note: {n}" for n in notes) + "\n\n```\n" + table + "\n```\n")
-    (out / "gpu_suite_summary.json").write_text(json.dumps(
-        {"dry_run": args.dry_run, "wall_s": wall, "notes": notes, "figures": rows,
-         "stages": [r.__dict__ for r in results]}, indent=2, default=str))
+    payload = {"dry_run": args.dry_run, "wall_s": wall, "notes": notes, "figures": rows,
+               "stages": [r.__dict__ for r in results]}
+    md = "\n".join(f"- note: {n}" for n in notes) + f"\n\nWhole suite {wall:.0f} s.\n\n```\n{table}\n```"
+    write_results("gpu_suite_summary", payload, md, title="GPU suite" + (" (dry run)" if args.dry_run else ""),
+                  device="cpu" if args.dry_run else "auto", script=__file__, argv=argv, out_dir=out,
+                  stem="gpu_suite_summary")
     print(f"\n{table}\nwhole suite {wall:.0f} s; logs under {out / 'logs'}")
     return 0 if all(r.status == "ok" for r in results) else 1
 

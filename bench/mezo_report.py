@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.common import md_table, metadata_markdown
+from bench.common import dotted, md_cell as _f, md_table, meets
 
 # (metric, op, threshold) per device type and scenario; "*" applies to every scenario.
 TARGETS: dict[str, dict[str, list[tuple[str, str, float]]]] = {
@@ -19,178 +19,127 @@ TARGETS: dict[str, dict[str, list[tuple[str, str, float]]]] = {
         "*": [("zo_overhead", "<=", 1.05), ("memory.step_vs_inference_peak", "<=", 1.2)],
     },
 }
+SIDES = ("baseline", "hf_loop", "engine", "engine_forward", "engine_no_prefix_cache")
 MB = 2**20
 
 
-def _get(res: dict[str, Any], path: str) -> Any:
-    cur: Any = res
-    for part in path.split("."):
-        if not isinstance(cur, dict) or part not in cur:
-            return None
-        cur = cur[part]
-    return cur
-
-
-def evaluate_targets(res: dict[str, Any], key: str, device_type: str, speed_only: bool = False) -> None:
+def evaluate_targets(res: dict[str, Any], key: str, device_type: str) -> None:
     """res["targets"]: each target with its value and met = True / False / None (not measured)."""
     table = TARGETS.get(device_type, TARGETS["cpu"])
-    out = []
-    for metric, op, thr in table.get(key, []) + table.get("*", []):
-        if speed_only and metric.startswith("memory."):
-            continue
-        val = _get(res, metric)
-        met = None if val is None else (val >= thr if op == ">=" else val <= thr)
-        out.append({"metric": metric, "target": f"{op} {thr:g}", "value": val, "met": met})
-    res["targets"] = out
+    res["targets"] = [{"metric": metric, "target": f"{op} {thr:g}", "value": dotted(res, metric),
+                       "met": meets(dotted(res, metric), op, thr)}
+                      for metric, op, thr in table.get(key, []) + table.get("*", [])]
 
 
-def _f(v: Any, nd: int = 3) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, float):
-        return f"{v:.{nd}g}" if abs(v) < 1e4 else f"{v:.0f}"
-    return str(v)
+def _mb(m: dict[str, Any] | None) -> str:
+    return f"{m['peak_bytes'] / MB:.0f}" if m and "peak_bytes" in m else "—"
 
 
-def _mb(m: dict[str, Any] | None, field: str = "peak_bytes") -> str:
-    if not m or field not in m:
-        return "—"
-    return f"{m[field] / MB:.0f}"
+def _x(v: float | None) -> str:
+    return "—" if v is None else _f(v) + "x"
 
 
 def summary_rows(scenarios: dict[str, Any]) -> tuple[list[list[Any]], list[str]]:
     header = ["scenario", "ref steps/s", "hf-loop steps/s", "engine steps/s", "speedup vs ref",
-              "speedup vs hf-loop", "ref tok/s", "engine tok/s",
-              "tokens computed/step ref / engine", "ZO overhead", "peak MB ref/engine/engine inference",
-              "mem step/inference"]
+              "speedup vs hf-loop", "ref tok/s", "engine tok/s", "tokens computed/step ref / engine",
+              "ZO overhead", "peak MB ref/engine/engine inference", "mem step/inference"]
     rows = []
     for key, r in scenarios.items():
         b, e = r.get("baseline", {}), r.get("engine", {})
-        mem = r.get("memory", {})
         peaks = "/".join(_mb(r.get(side, {}).get("memory")) for side in ("baseline", "engine", "engine_forward"))
-        rows.append([
-            key, _f(b.get("steps_per_s")), _f(r.get("hf_loop", {}).get("steps_per_s")),
-            _f(e.get("steps_per_s")) if e else "skipped",
-            (_f(r["speedup"]) + "x") if "speedup" in r else "—",
-            (_f(r["speedup_vs_hf_loop"]) + "x") if "speedup_vs_hf_loop" in r else "—",
-            _f(b.get("tokens_per_s")), _f(e.get("tokens_per_s")),
-            f"{_f(b.get('tokens_computed_per_step'))} / {_f(e.get('tokens_computed_per_step'))}",
-            _f(r.get("zo_overhead")),
-            peaks + (" (ref: sub-batch)" if b.get("extrapolated_from_examples") else ""),
-            _f(mem.get("step_vs_inference_peak")),
-        ])
+        rows.append([key, _f(b.get("steps_per_s")), _f(r.get("hf_loop", {}).get("steps_per_s")),
+                     _f(e.get("steps_per_s")) if e else "skipped", _x(r.get("speedup")), _x(r.get("speedup_vs_hf_loop")),
+                     _f(b.get("tokens_per_s")), _f(e.get("tokens_per_s")),
+                     f"{_f(b.get('tokens_computed_per_step'))} / {_f(e.get('tokens_computed_per_step'))}",
+                     _f(r.get("zo_overhead")), peaks + (" (ref: sub-batch)" if b.get("extrapolated_from_examples") else ""),
+                     _f(dotted(r, "memory.step_vs_inference_peak"))])
     return rows, header
 
 
 def summary_table(scenarios: dict[str, Any]) -> str:
-    rows, header = summary_rows(scenarios)
-    return "\n".join(md_table(rows, header))
+    return "\n".join(md_table(*summary_rows(scenarios)))
 
 
-def to_markdown(p: dict[str, Any], name: str) -> str:
+def _details(r: dict[str, Any]) -> list[str]:
+    """One scenario: its batch's facts, a row per contestant, then what else was measured."""
+    facts = [f"trainable params {r['trainable_params']:,}",
+             f"reference logits {r.get('reference_logits_bytes', 0) / 2**30:.2f} GiB per forward (full batch)",
+             f"prompt tokens mean {r['prompt_tokens_mean']:.1f} / max {r['prompt_tokens_max']}",
+             f"reference batch {r['reference_rows']} rows x {r['reference_width']} tokens",
+             f"workload {r['workload_tokens_per_step']} tokens/step", f"engine KV pool {r['kv_pool_tokens']} tokens"]
+    if "target_tokens_mean" in r:
+        facts.append(f"target tokens mean {r['target_tokens_mean']:.1f}")
+    if "shared_prefix_tokens" in r:
+        facts.append(f"shared prefix {r['shared_prefix_tokens']} tokens")
+    if r.get("single_token_candidates") is not None:
+        facts.append(f"single-token candidates: {r['single_token_candidates']}")
+    srows = [[side, d["step_s"], d["steps_per_s"], d["tokens_per_s"], d["tokens_computed_per_step"], d["timed_steps"],
+              ", ".join(_f(x) for x in d["step_s_all"]),
+              ", ".join(_f(x) for x in d["warmup_s"]) or ("(first call timed)" if d["first_call_timed"] else "—"),
+              _mb(d["memory"])] for side, d in ((s, r[s]) for s in SIDES if s in r)]
+    extra = []
+    if "prefix_sharing_speedup" in r:
+        extra.append(f"prefix sharing: no-cache step / cached step = {r['prefix_sharing_speedup']:.2f}x")
+    for side in SIDES:
+        mm = r.get(side, {}).get("memory")
+        if mm:
+            extra.append(f"peak memory {side}: {mm['peak_bytes'] / MB:.0f} MB, +{mm['delta_bytes'] / MB:.0f} MB "
+                         f"over the level before the step" + (f" (measured on {mm['measured_on_examples']} "
+                         f"examples)" if mm.get("measured_on_examples") else ""))
+    mem = r.get("memory", {})
+    if "step_vs_inference_peak" in mem:
+        extra.append(f"peak memory engine step / engine inference on the same 2xB batch: "
+                     f"{mem['step_vs_inference_peak']:.3f}")
+    if "engine_vs_baseline_peak" in mem:
+        extra.append(f"peak memory engine step / reference step: {mem['engine_vs_baseline_peak']:.3f}")
+    if "engine_noise_estimate" in r:
+        est = r["engine_noise_estimate"]
+        extra.append(f"kernels.randn on this device: {est['elements_per_s']:,.0f} elements/s, so generating z once "
+                     f"for all {est['elements']:,} trainable elements takes ~{est['seconds_per_generation']:.1f} s")
+    for side in ("baseline", "engine", "engine_forward"):
+        mm = r.get(side, {}).get("memory", {})
+        if max([x or 0 for x in mm.get("heap_retained_bytes", [])], default=0) > 64 * MB:
+            extra.append(f"{side}: glibc heap retained from earlier calls, trimmed before each call: "
+                         + ", ".join(f"{x / MB:.0f}" for x in mm["heap_retained_bytes"]) + " MB")
+        nc = [x for x in mm.get("noise_cache_bytes", []) if x is not None]
+        if side == "engine" and nc and max(nc) > 16 * MB:
+            extra.append("engine: kernels.noise_cache holds " + ", ".join(f"{x / MB:.0f}" for x in nc)
+                         + " MB of noise after each call (live tensors, included in its peak)")
+    extra += r.get("notes", []) + [f"load average before / after: {r['loadavg']['before']} / {r['loadavg']['after']}"]
+    return [f"### {r['title']}", "", "; ".join(facts) + ".", "",
+            *md_table(srows, ["contestant", "step s (median)", "steps/s", "tok/s", "tokens computed/step", "timed",
+                              "all step s", "warm-up s", "peak MB"]), "", *[f"- {x}" for x in extra], ""]
+
+
+def to_markdown(p: dict[str, Any]) -> str:
     m, s = p["machine"], p["settings"]
     hw = m.get("gpu_name") or f"{m['cpu_model']}, {m['cpu_cores_usable']} cores"
-    hw += f"; torch threads per contestant process: {s.get('torch_threads')}"
+    method = next((f"measured as {mm['method']}" for r in p["scenarios"].values() for side in ("baseline", "engine")
+                   if (mm := r.get(side, {}).get("memory", {})).get("method")), "not measured")
     lines = [
-        f"# MeZO step throughput: engine vs reference (transformers + PEFT) — {m['device_name']}", "",
-        metadata_markdown(p["meta"]) + f"; peft {p['versions']['peft']}", "",
-        f"Machine: {hw} ({m['device']})",
+        f"Machine: {hw} ({m['device']}); torch threads per contestant process: {s.get('torch_threads')}",
         f"Load average (1/5/15 min): {', '.join(f'{k} {v_}' for k, v_ in p['loadavg'].items())}",
         f"Model {p['model']['name']} ({p['model']['params'] / 1e6:.1f} M parameters), {p['model']['dtype']}; "
         f"B = {s['batch_size']}; {s['steps']} timed step(s) per contestant after {s['warmup']} warm-up, "
         f"contestants interleaved with rotating order; median step time. Whole run {p.get('wall_s', 0) / 60:.1f} min.",
-    ]
-    lines += [f"Note: {n}" for n in p.get("notes", [])]
-    lines += ["", "## Results", ""]
-    rows, header = summary_rows(p["scenarios"])
-    lines += md_table(rows, header)
-    lines += ["", "ref = `ReferenceMeZO` (bench/baselines/reference_mezo.py) on transformers + PEFT; hf-loop = "
-              "`HFLoopMeZO` (bench/baselines/hf_loop.py), the loop a careful transformers user writes (padded SDPA "
-              "forward per branch, LM head only at scored positions, one row per example for single-token "
-              "candidates); engine = "
-              "`MeZOTrainer.step`. tok/s = the workload's tokens (every reference row unpadded, both branches) "
-              "per second, the same numerator for both sides; *tokens computed* = what each side pushed through "
-              "the model per step (reference: padded rows x width x 2; engine: `runner.tokens_computed`). "
-              "ZO overhead = engine step / the engine's plain unperturbed forward of the same 2xB requests. "
-              "Peak memory: each contestant runs in its own fresh process; " + _mem_method(p) +
-              "; max over its timed calls; the engine's KV pool is sized to hold every sequence of the step "
-              "unshared.", ""]
-    lines += ["## Targets", ""]
-    trows = []
-    for key, r in p["scenarios"].items():
-        for t in r.get("targets", []):
-            met = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
-            trows.append([key, t["metric"], t["target"], _f(t["value"]), met])
+        *[f"Note: {n}" for n in p.get("notes", [])], "", "## Results", "", summary_table(p["scenarios"]), "",
+        "ref = `ReferenceMeZO` (bench/baselines/reference_mezo.py) on transformers + PEFT; hf-loop = "
+        "`HFLoopMeZO` (bench/baselines/hf_loop.py), the loop a careful transformers user writes (padded SDPA "
+        "forward per branch, LM head only at scored positions, one row per example for single-token "
+        "candidates); engine = `MeZOTrainer.step`. tok/s = the workload's tokens (every reference row "
+        "unpadded, both branches) per second, the same numerator for both sides; *tokens computed* = what "
+        "each side pushed through the model per step (reference: padded rows x width x 2; engine: "
+        "`runner.tokens_computed`). ZO overhead = engine step / the engine's plain unperturbed forward of the "
+        "same 2xB requests. Peak memory: each contestant runs in its own fresh process; " + method +
+        "; max over its timed calls; the engine's KV pool is sized to hold every sequence of the step unshared.",
+        "", "## Targets", ""]
+    trows = [[key, t["metric"], t["target"], t["value"], {True: "met", False: "MISSED", None: "not measured"}[t["met"]]]
+             for key, r in p["scenarios"].items() for t in r.get("targets", [])]
     lines += md_table(trows, ["scenario", "metric", "target", "value", "result"]) if trows else ["(none)"]
     lines += ["", "## Details", ""]
-    for key, r in p["scenarios"].items():
-        lines += [f"### {r['title']}", ""]
-        facts = [f"trainable params {r['trainable_params']:,}",
-                 f"reference logits {r.get('reference_logits_bytes', 0) / 2**30:.2f} GiB per forward (full batch)",
-                 f"prompt tokens mean {r['prompt_tokens_mean']:.1f} / max {r['prompt_tokens_max']}",
-                 f"reference batch {r['reference_rows']} rows x {r['reference_width']} tokens",
-                 f"workload {r['workload_tokens_per_step']} tokens/step", f"engine KV pool {r['kv_pool_tokens']} tokens"]
-        if "target_tokens_mean" in r:
-            facts.append(f"target tokens mean {r['target_tokens_mean']:.1f}")
-        if "shared_prefix_tokens" in r:
-            facts.append(f"shared prefix {r['shared_prefix_tokens']} tokens")
-        if r.get("single_token_candidates") is not None:
-            facts.append(f"single-token candidates: {r['single_token_candidates']}")
-        lines.append("; ".join(facts) + ".")
-        lines.append("")
-        srows = []
-        for side in ("baseline", "hf_loop", "engine", "engine_forward", "engine_no_prefix_cache"):
-            if side in r:
-                d = r[side]
-                srows.append([side, _f(d["step_s"]), _f(d["steps_per_s"]), _f(d["tokens_per_s"]),
-                              _f(d["tokens_computed_per_step"]), d["timed_steps"],
-                              ", ".join(_f(x) for x in d["step_s_all"]),
-                              ", ".join(_f(x) for x in d["warmup_s"]) or ("(first call timed)" if d["first_call_timed"] else "—"),
-                              _mb(d["memory"])])
-        lines += md_table(srows, ["contestant", "step s (median)", "steps/s", "tok/s", "tokens computed/step",
-                                  "timed", "all step s", "warm-up s", "peak MB"])
-        extra = []
-        if "prefix_sharing_speedup" in r:
-            extra.append(f"prefix sharing: no-cache step / cached step = {r['prefix_sharing_speedup']:.2f}x")
-        for side in ("baseline", "hf_loop", "engine", "engine_forward", "engine_no_prefix_cache"):
-            mm = r.get(side, {}).get("memory")
-            if mm:
-                extra.append(f"peak memory {side}: {mm['peak_bytes'] / MB:.0f} MB, +{mm['delta_bytes'] / MB:.0f} MB "
-                             f"over the level before the step" + (f" (measured on {mm['measured_on_examples']} "
-                             f"examples)" if mm.get("measured_on_examples") else ""))
-        mem = r.get("memory", {})
-        if "step_vs_inference_peak" in mem:
-            extra.append(f"peak memory engine step / engine inference on the same 2xB batch: "
-                         f"{mem['step_vs_inference_peak']:.3f}")
-        if "engine_vs_baseline_peak" in mem:
-            extra.append(f"peak memory engine step / reference step: {mem['engine_vs_baseline_peak']:.3f}")
-        if "engine_noise_estimate" in r:
-            est = r["engine_noise_estimate"]
-            extra.append(f"kernels.randn on this device: {est['elements_per_s']:,.0f} elements/s, so generating z once "
-                         f"for all {est['elements']:,} trainable elements takes ~{est['seconds_per_generation']:.1f} s")
-        for side in ("baseline", "engine", "engine_forward"):
-            mm = r.get(side, {}).get("memory", {})
-            ret = [x for x in mm.get("heap_retained_bytes", []) if x]
-            if ret and max(ret) > 64 * MB:
-                extra.append(f"{side}: glibc heap retained from earlier calls, trimmed before each call: "
-                             + ", ".join(f"{x / MB:.0f}" for x in mm["heap_retained_bytes"]) + " MB")
-            nc = [x for x in mm.get("noise_cache_bytes", []) if x is not None]
-            if side == "engine" and nc and max(nc) > 16 * MB:
-                extra.append("engine: kernels.noise_cache holds " + ", ".join(f"{x / MB:.0f}" for x in nc)
-                             + " MB of noise after each call (live tensors, included in its peak)")
-        extra += r.get("notes", [])
-        extra.append(f"load average before / after: {r['loadavg']['before']} / {r['loadavg']['after']}")
-        lines += [""] + [f"- {x}" for x in extra] + [""]
-    return "\n".join(lines)
-
-
-def _mem_method(p: dict[str, Any]) -> str:
     for r in p["scenarios"].values():
-        for side in ("baseline", "engine"):
-            m = r.get(side, {}).get("memory", {})
-            if m.get("method"):
-                return f"measured as {m['method']}"
-    return "not measured"
+        lines += _details(r)
+    return "\n".join(lines)
 
 
 def plot(p: dict[str, Any], path: Path) -> Path | None:

@@ -1,6 +1,7 @@
-"""One contestant of bench_mezo.py per process: it builds its side (the reference MeZO step, the engine
-step, the engine's plain forward, or the engine step without prefix cache) and then runs one call
-whenever the parent asks, reporting the call's wall time and peak memory.
+"""One contestant of bench_mezo.py per process: it builds its side (the reference MeZO step, the
+careful transformers loop, the engine step, the engine's plain forward, or the engine step without
+prefix cache) and then runs one call whenever the parent asks, reporting the call's wall time and
+peak memory.
 
 Why processes: each contestant's peak memory is its own (a fresh process per scenario and
 contestant, so peaks never mix), while the parent still interleaves the calls of all contestants
@@ -18,19 +19,41 @@ Peak memory of a call:
 - GPU: torch.cuda.max_memory_allocated after torch.cuda.reset_peak_memory_stats.
 `peak_bytes` is absolute (interpreter, weights, KV pool, temporaries); `before_bytes` the level
 just before the call.
+
+Run as a script, it is a diagnostic (CPU, Linux): where does a MeZO step's resident memory go? It
+runs N engine steps (or N plain forwards of the same 2xB requests) of one scenario in this process
+WITHOUT trimming the heap and prints, per call, RSS before, peak RSS, RSS after and the bytes held by
+the torch path's noise memo (kernels.noise_cache); then the live tensors over 16 MiB and the RSS
+after malloc_trim(0). Runs with and without a fixed glibc mmap threshold separate memory the engine
+holds from memory glibc keeps after it was freed:
+
+    python bench/mezo_worker.py lm_256 step 3
+    MALLOC_MMAP_THRESHOLD_=1048576 python bench/mezo_worker.py lm_256 step 3
+    python bench/mezo_worker.py lm_256 forward 3
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import multiprocessing as mp
+import sys
 import threading
 import time
 import traceback
-from typing import Any
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 
+if __package__ in (None, ""):  # run as a script: make the checkout importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import mezo_workloads as w  # noqa: E402
+from bench.common import bench_seconds, timed  # noqa: E402
+
 PRELOAD = ["torch", "transformers", "peft", "engine", "mezo", "bench.mezo_workloads", "bench.mezo_forkserver_warm"]
+MB = 2**20
 _ctx: Any = None
 
 
@@ -38,11 +61,9 @@ def context() -> Any:
     """The forkserver context (preloading PRELOAD); spawn where fork is unavailable."""
     global _ctx
     if _ctx is None:
-        if "forkserver" in mp.get_all_start_methods():
-            _ctx = mp.get_context("forkserver")
+        _ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+        if _ctx.get_start_method() == "forkserver":
             _ctx.set_forkserver_preload(PRELOAD)
-        else:
-            _ctx = mp.get_context("spawn")
     return _ctx
 
 
@@ -58,12 +79,9 @@ def start_server() -> None:
 def _status_bytes(field: str) -> int | None:
     try:
         with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
+            return next((int(line.split()[1]) * 1024 for line in fh if line.startswith(field + ":")), None)
     except OSError:
         return None
-    return None
 
 
 def _malloc_trim() -> bool:
@@ -86,14 +104,12 @@ def _noise_cache_bytes() -> int | None:
 
 
 class PeakMeter:
-    retained = 0
+    """`start()` returns the level before a call, `stop()` its peak (bytes; methods in the module doc)."""
 
     def __init__(self, device: str):
         self.cuda = str(device).startswith("cuda")
-        self.method = ""
+        self.method, self.retained, self._max = "", 0, 0
         self._sampler: threading.Thread | None = None
-        self._running = False
-        self._max = 0
 
     def current(self) -> int:
         if self.cuda:
@@ -125,11 +141,10 @@ class PeakMeter:
                 return before
         except OSError:
             pass
-        self.method = "RSS sampled every 2 ms (psutil)"
-        self._max, self._running = before, True
+        self.method, self._max = "RSS sampled every 2 ms (psutil)", before
 
         def sample() -> None:
-            while self._running:
+            while self._sampler is not None:
                 self._max = max(self._max, self.current())
                 time.sleep(0.002)
 
@@ -142,38 +157,34 @@ class PeakMeter:
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated()
         if self._sampler is not None:
-            self._running = False
-            self._sampler.join()
-            self._sampler = None
+            sampler, self._sampler = self._sampler, None  # the sampler loop ends when it sees None
+            sampler.join()
             return max(self._max, self.current())
         return _status_bytes("VmHWM") or 0
 
 
 # -- the contestant, inside the child --------------------------------------------------------------------
 class Side:
-    """Built from a spec: model (ModelRef fields), scenario, sizes (Sizes fields), role, and optional
-    examples (run on the first N examples only), lora_init (path to read the adapter from: baseline),
-    save_lora_init (path to write the engine's initial adapter to)."""
+    """One contestant, built from a spec: model (ModelRef fields), scenario, sizes (Sizes fields), role,
+    threads, and optional examples (run on the first N examples only), lora_init (path to read the
+    adapter from: the two transformers sides), save_lora_init (path to write the engine's initial
+    adapter to), estimate_noise (time kernels.randn, for the full-mode skip)."""
 
     def __init__(self, spec: dict[str, Any]):
-        from bench import mezo_workloads as w
-
         ref = w.ModelRef(**spec["model"])
         if spec.get("threads"):
             torch.set_num_threads(spec["threads"])
-        self.device = ref.device
-        self.role = role = spec["role"]
+        self.device, self.role = ref.device, spec["role"]
         scenario = w.SCENARIOS[spec["scenario"]]
         tok = w.load_tokenizer(ref.tokenizer_path)
         examples = w.build_examples(scenario, w.Sizes(**spec["sizes"]), tok)
-        full_encoded = w.encode_examples(tok, examples)
         k = spec.get("examples") or len(examples)
         hf = w.build_hf_model(ref)
         self.info: dict[str, Any] = {"model_params": sum(p.numel() for p in hf.parameters()),
                                      "layers": hf.config.num_hidden_layers, "hidden": hf.config.hidden_size,
                                      "examples": k}
-        if role == "baseline":
-            init = torch.load(spec["lora_init"]) if spec.get("lora_init") else None
+        init = torch.load(spec["lora_init"]) if spec.get("lora_init") else None
+        if self.role == "baseline":
             self.mezo, batch = w.build_baseline(hf, tok, ref, scenario, examples, init)
             self.batch = w.sub_batch(batch, k) if k < len(examples) else batch
             vocab = hf.get_output_embeddings().weight.shape[0]
@@ -181,22 +192,19 @@ class Side:
                              reference_logits_bytes=int(batch.input_ids.numel()) * vocab * 4,
                              workload_tokens_per_step=2 * sum(batch.lengths),
                              trainable_params=sum(p.numel() for _, p in self.mezo.params))
-            self.tokens = 2 * int(self.batch.input_ids.numel())
-        elif role == "hf_loop":
-            init = torch.load(spec["lora_init"]) if spec.get("lora_init") else None
-            self.loop, self.batch = w.build_hf_loop(hf, tok, ref, scenario, examples, init)
+        elif self.role == "hf_loop":
+            self.mezo, self.batch = w.build_hf_loop(hf, tok, ref, scenario, examples, init)
             self.info.update(rows=int(self.batch.input_ids.shape[0]), width=int(self.batch.input_ids.shape[1]),
                              attn_implementation=getattr(hf.config, "_attn_implementation", None))
-            self.tokens = 2 * int(self.batch.input_ids.numel())
         else:
+            full_encoded = w.encode_examples(tok, examples)
             self.trainer, self.encoded = w.build_engine(
-                hf, tok, ref, scenario, examples[:k], prefix_cache=role != "engine_no_prefix_cache",
+                hf, tok, ref, scenario, examples[:k], prefix_cache=self.role != "engine_no_prefix_cache",
                 cache_tokens=w.kv_tokens_needed(full_encoded))
             eng = self.trainer.engine
-            self.info.update(w.describe(scenario, full_encoded))
-            self.info.update(trainable_params=w.trainable_numel(self.trainer),
-                             kv_pool_tokens=eng.pool.num_usable_pages * eng.page_size,
-                             attention_backend=eng.backend.name)
+            self.info.update(w.describe(scenario, full_encoded), attention_backend=eng.backend.name,
+                             trainable_params=sum(t.numel() for t in self.trainer.params.values()),
+                             kv_pool_tokens=eng.pool.num_usable_pages * eng.page_size)
             if spec.get("save_lora_init") and scenario.mode == "lora":
                 torch.save({n: t.detach().cpu().clone() for n, t in self.trainer.params.items()}, spec["save_lora_init"])
             if spec.get("estimate_noise"):
@@ -205,28 +213,20 @@ class Side:
         gc.collect()
         self.meter = PeakMeter(ref.device)
 
-    def _run(self, i: int) -> int:
-        if self.role == "baseline":
+    def run(self, i: int) -> int:
+        """Call i (< 0: warm-up); returns the tokens it pushed through the model."""
+        if self.role in ("baseline", "hf_loop"):
             self.mezo.step(self.batch, seed=1000 + i)
-            return self.tokens
-        if self.role == "hf_loop":
-            self.loop.step(self.batch, seed=1000 + i)
-            return self.tokens
-        if self.role == "engine_forward":
-            from bench.mezo_workloads import plain_forward
-
-            t0 = self.trainer.engine.runner.tokens_computed
-            plain_forward(self.trainer, self.encoded)
-            return self.trainer.engine.runner.tokens_computed - t0
-        return self.trainer.step(self.encoded)["tokens_computed"]
+            return 2 * int(self.batch.input_ids.numel())
+        if self.role != "engine_forward":
+            return self.trainer.step(self.encoded)["tokens_computed"]
+        t0 = self.trainer.engine.runner.tokens_computed
+        w.plain_forward(self.trainer, self.encoded)
+        return self.trainer.engine.runner.tokens_computed - t0
 
     def call(self, i: int) -> dict[str, Any]:
-        from bench.common import bench_seconds
-
         before = self.meter.start()
-        box: dict[str, int] = {}
-        seconds = bench_seconds(lambda: box.__setitem__("tokens", self._run(i)), self.device, repeats=1)
-        tokens = box["tokens"]
+        tokens, seconds = timed(lambda: self.run(i), self.device)
         peak = self.meter.stop()
         return {"seconds": seconds, "tokens_computed": tokens, "peak_bytes": peak, "before_bytes": before,
                 "heap_retained_bytes": self.meter.retained, "noise_cache_bytes": _noise_cache_bytes(),
@@ -236,7 +236,6 @@ class Side:
 def noise_estimate(elements: int, device: str) -> dict[str, Any]:
     """Rough time to generate z once for every trainable element with kernels.randn on this device
     (a full-parameter engine step generates it at least once, in its first forward pass)."""
-    from bench.common import bench_seconds
     from kernels import randn
 
     n = 1 << 20
@@ -245,7 +244,11 @@ def noise_estimate(elements: int, device: str) -> dict[str, Any]:
     return {"elements": elements, "elements_per_s": rate, "seconds_per_generation": elements / rate}
 
 
+# -- the process and its parent-side handle ---------------------------------------------------------------
 def _serve(conn: Any) -> None:
+    """("build", spec) -> {"info"}; ("call", i) -> the call's record; ("prepare", ModelRef fields) ->
+    converts and caches the weights (one GGUF conversion, not one per worker). Errors go back to the
+    parent as {"error", "traceback"}; the loop ends when the parent closes the pipe."""
     side: Side | None = None
     while True:
         try:
@@ -255,21 +258,17 @@ def _serve(conn: Any) -> None:
         try:
             if cmd == "build":
                 side = Side(arg)
-                conn.send({"info": side.info})
+                out = {"info": side.info}
             elif cmd == "call":
-                conn.send(side.call(arg))
-            elif cmd == "prepare":  # make sure the weights are cached (one GGUF conversion, not one per worker)
-                from bench.mezo_workloads import ModelRef, build_hf_model
-
-                build_hf_model(ModelRef(**arg))
-                conn.send({"ok": True})
-            elif cmd == "quit":
-                conn.send({"ok": True})
-                return
+                out = side.call(arg)
+            elif cmd == "prepare":
+                w.build_hf_model(w.ModelRef(**arg))
+                out = {}
             else:
-                conn.send({"error": f"unknown command {cmd!r}"})
+                raise ValueError(f"unknown command {cmd!r}")
         except BaseException as err:  # report to the parent, never hang it
-            conn.send({"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=12)})
+            out = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=12)}
+        conn.send(out)
 
 
 class Worker:
@@ -298,13 +297,47 @@ class Worker:
         return out
 
     def close(self) -> None:
-        if self.proc.is_alive():
-            try:
-                self.conn.send(("quit", None))
-                self.proc.join(timeout=30)
-            except (OSError, BrokenPipeError):
-                pass
+        self.conn.close()  # the child's recv() ends with EOFError and it returns
+        self.proc.join(timeout=30)
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join()
-        self.conn.close()
+
+
+# -- the memory diagnostic --------------------------------------------------------------------------------
+def probe(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("scenario", choices=list(w.SCENARIOS))
+    ap.add_argument("what", choices=["step", "forward"])
+    ap.add_argument("calls", type=int, nargs="?", default=3)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    side = Side({"model": asdict(w.ModelRef(args.model, None, "float32", "cpu")), "scenario": args.scenario,
+                 "sizes": asdict(w.Sizes()), "threads": args.threads,
+                 "role": "engine" if args.what == "step" else "engine_forward"})
+    rss = lambda: _status_bytes("VmRSS") / MB  # noqa: E731
+    for i in range(args.calls):
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        before = rss()
+        side.run(i)
+        gc.collect()
+        print(f"{args.what} {i}: RSS before {before:.0f} MB, peak {_status_bytes('VmHWM') / MB:.0f} MB, "
+              f"after {rss():.0f} MB; noise cache {(_noise_cache_bytes() or 0) / MB:.0f} MB", flush=True)
+    live = {}
+    with warnings.catch_warnings():  # isinstance() on some lazily deprecated objects warns
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and obj.numel() * obj.element_size() > 16 * MB:
+                live[obj.untyped_storage().data_ptr()] = (tuple(obj.shape), obj.untyped_storage().nbytes() / MB)
+    eng = side.trainer.engine
+    print(f"live tensors > 16 MiB: {sorted(live.values())}")
+    print(f"model parameters {sum(p.numel() * p.element_size() for p in eng.model.parameters()) / MB:.0f} MB, "
+          f"KV pool {sum(t.numel() * t.element_size() for t in eng.pool.k_pools + eng.pool.v_pools) / MB:.0f} MB")
+    _malloc_trim()
+    print(f"RSS after malloc_trim(0): {rss():.0f} MB")
+
+
+if __name__ == "__main__":
+    probe()

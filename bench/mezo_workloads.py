@@ -1,40 +1,132 @@
-"""Workloads of bench_mezo.py, built inside each contestant's process: the model (one set of weights
-for every contestant), the scenarios' examples, the reference MeZO step on transformers+PEFT and the
-engine's MeZOTrainer built on them, and the engine's plain unperturbed forward of the same 2xB
-sequences. Everything is deterministic given (model, scenario, sizes), so every process rebuilds
-exactly the same workload.
+"""Workloads of bench_mezo.py (and of profile_mezo_step.py, bench_sign_agreement.py, bench_distributed.py):
+the scenarios and their sizes, the model (one set of weights for every contestant), the scenarios'
+examples, the reference MeZO step on transformers+PEFT, the careful transformers loop, and the
+engine's MeZOTrainer built on the same weights, plus the engine's plain unperturbed forward of the
+same 2xB sequences. Everything is deterministic given (model, scenario, sizes), so every contestant
+process rebuilds exactly the same workload. Cheap to import (transformers and peft load lazily).
+
+Machines without SmolLM2's tokenizer or the BBC corpus (the GPU machine) use synthetic workloads:
+token ids written as text ("17 845 77") go through every builder unchanged (`SyntheticTokenizer`
+maps such text to ids, BOS prepended like a real tokenizer, and back), in the BBC scenarios' shapes:
+~16-token prompts with 5 single-token candidates, the same behind a shared >= 512-token prompt, and
+128 + 128-token LM windows. Throughput does not depend on token values.
 """
 from __future__ import annotations
 
 import copy
 import functools
 import hashlib
+import os
+import random
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from bench.synthetic import SyntheticTokenizer, examples as synthetic_examples
 from bench.baselines.hf_loop import HFLoopMeZO, ScoredBatch, build_scored_batch
 from bench.baselines.reference_mezo import RefBatch, ReferenceMeZO, build_batch
+from bench.common import DTYPES, LLAMA_SHAPES, random_llama
 from engine import Engine
 from mezo import MeZOConfig
 from mezo.data import (BBC_TOPICS, ClassificationExample, LMExample, bbc_article_lines, bbc_news_rows,
                        bbc_split, load_examples)
-from mezo.objectives import EncodedExample, example_loss, scoring_requests
+from mezo.objectives import EncodedExample, encode, example_loss, scoring_requests
 from mezo.trainer import MeZOTrainer
 
-# SCENARIOS, ModelRef, Sizes are re-exported for the contestant processes (bench/mezo_worker.py).
-from bench.mezo_scenarios import CACHE_ROOT, FULL_MODE_MODULES, RANDOM_CONFIGS, VOCAB, ModelRef, Scenario  # noqa: F401
-from bench.mezo_scenarios import SCENARIOS, Sizes  # noqa: F401
+RANDOM_CONFIGS = LLAMA_SHAPES  # random-weight shapes; all use SmolLM2's tokenizer, so vocab is 49152
+VOCAB = 49152
+CACHE_ROOT = Path(tempfile.gettempdir()) / "mezo_bench_cache"
+FULL_MODE_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    objective: str  # "classification" | "lm"
+    mode: str  # "lora" | "full"
+    preset: str  # MeZOConfig preset: lr/eps of both sides
+
+
+SCENARIOS: dict[str, Scenario] = {s.key: s for s in (
+    Scenario("cls", "1. BBC headline classification (LoRA)", "classification", "lora", "opt-lora"),
+    Scenario("cls_16shot", "2. BBC classification, 16-shot shared prompt (LoRA)", "classification", "lora", "opt-lora"),
+    Scenario("lm_256", "3. LM loss, 256-token BBC article windows (LoRA)", "lm", "lora", "opt-lora"),
+    Scenario("cls_full", "4. BBC headline classification, full-parameter", "classification", "full", "opt-full"),
+)}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    batch_size: int = 16
+    shots: int = 16
+    lm_prompt_tokens: int = 128
+    lm_target_tokens: int = 128
+
+
+@dataclass
+class ModelRef:
+    """How to (re)build the same transformers model: a built-in name or a random config + seed."""
+
+    model: str | None
+    random_config: str | None
+    dtype: str
+    device: str
+    seed: int = 0
+    tokenizer_path: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.model or f"random-{self.random_config}"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
 
 
 def mezo_config(scenario: Scenario) -> MeZOConfig:
     return MeZOConfig.preset(scenario.preset, objective=scenario.objective, steps=1000)
 
 
+# -- examples ---------------------------------------------------------------------------------------
+class SyntheticTokenizer:
+    """What the engine and the baselines need of a tokenizer, over ids spelled as decimal text
+    (pad 0, bos 1, eos 2; content ids start at 3)."""
+
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [int(t) for t in text.split()]
+        return [self.bos_token_id] + ids if add_special_tokens else ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return " ".join(str(int(i)) for i in ids if not (skip_special_tokens and int(i) < 3))
+
+
+def synthetic_examples(scenario_key: str, sizes: Sizes, vocab: int, seed: int = 0) -> list:
+    """The scenario's batch in the BBC workloads' shapes (a shot is ~40 tokens), random ids."""
+    rng = random.Random(seed)
+    text = lambda n: " ".join(str(rng.randrange(8, vocab)) for _ in range(n))  # noqa: E731 - clear of the labels
+    candidates = [f" {3 + i}" for i in range(5)]  # five single-token labels
+    b = sizes.batch_size
+    if scenario_key in ("cls", "cls_full"):
+        return [ClassificationExample(text(rng.randint(10, 22)), candidates, i % 5) for i in range(b)]
+    if scenario_key == "cls_16shot":
+        prefix = text(max(512, 40 * sizes.shots)) + " "
+        return [ClassificationExample(prefix + text(rng.randint(30, 50)), candidates, i % 5) for i in range(b)]
+    if scenario_key == "lm_256":
+        return [LMExample(text(sizes.lm_prompt_tokens), " " + text(sizes.lm_target_tokens)) for _ in range(b)]
+    raise ValueError(f"unknown scenario {scenario_key!r}")
 @functools.lru_cache(maxsize=1)
 def _bbc_train_articles() -> list[tuple[str, str]]:
     """(topic, full text) of the fixed bbc_news train split, in the order of `bbc_news_rows('train')`."""
@@ -55,8 +147,7 @@ def fewshot_prefix(batch_size: int, shots: int) -> str:
 def build_examples(scenario: Scenario, sizes: Sizes, tokenizer: Any) -> list[ClassificationExample | LMExample]:
     b = sizes.batch_size
     if isinstance(tokenizer, SyntheticTokenizer):  # no tokenizer / corpus on this machine: random ids
-        return synthetic_examples(scenario.key, b, sizes.shots, (sizes.lm_prompt_tokens, sizes.lm_target_tokens),
-                                  len(tokenizer))
+        return synthetic_examples(scenario.key, sizes, len(tokenizer))
     if scenario.key in ("cls", "cls_full"):
         return load_examples("bbc_news", "classification", limit=b)
     if scenario.key == "cls_16shot":
@@ -95,7 +186,7 @@ def _tokenizer_dir() -> Path:
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(path: str | None = None) -> Any:
     """SmolLM2's tokenizer (or the one saved at `path`), from a save_pretrained copy of the GGUF's;
-    path "synthetic": token ids spelled as text (bench/synthetic.py), for machines without either."""
+    path "synthetic": token ids spelled as text (SyntheticTokenizer), for machines without either."""
     from transformers import AutoTokenizer
 
     if path == "synthetic":
@@ -113,16 +204,11 @@ def build_hf_model(ref: ModelRef) -> Any:
     Built-in/GGUF models are dequantized once and cached as a torch file (the GGUF conversion takes
     about a minute on 2 cores); random configs are rebuilt from the seed (same weights every time).
     """
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     dtype = ref.torch_dtype
     if ref.random_config is not None:
-        cfg = LlamaConfig(**RANDOM_CONFIGS[ref.random_config], vocab_size=VOCAB, max_position_embeddings=8192,
-                          rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-        torch.manual_seed(ref.seed)
-        with torch.device(ref.device):
-            model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
-        return model.eval()
+        return random_llama(ref.random_config, VOCAB, 8192, dtype, ref.device, ref.seed)
     cache = _weights_file(ref.model, ref.dtype)
     if cache.is_file():
         from transformers import CONFIG_MAPPING
@@ -169,20 +255,10 @@ def build_engine(hf: Any, tok: Any, ref: ModelRef, scenario: Scenario, examples:
     return trainer, trainer.encode(examples)
 
 
-class _TokenizerOnly:
-    """What `mezo.objectives.encode` needs of an engine: `encode` and `tokenizer`."""
-
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text))
-
-
 def encode_examples(tok: Any, examples: list) -> list[EncodedExample]:
-    from mezo.objectives import encode
-
-    return [encode(_TokenizerOnly(tok), ex) for ex in examples]  # type: ignore[arg-type]
+    """The examples as the engine encodes them (`mezo.objectives.encode` needs only these two of an engine)."""
+    like_engine = SimpleNamespace(tokenizer=tok, encode=lambda text: list(tok.encode(text)))
+    return [encode(like_engine, ex) for ex in examples]  # type: ignore[arg-type]
 
 
 def _peft_name(engine_key: str) -> str:
@@ -228,9 +304,7 @@ def build_hf_loop(hf: Any, tok: Any, ref: ModelRef, scenario: Scenario, examples
 
 def build_baseline(hf: Any, tok: Any, ref: ModelRef, scenario: Scenario, examples: list,
                    lora_init: dict[str, torch.Tensor] | None = None) -> tuple[ReferenceMeZO, RefBatch]:
-    """ReferenceMeZO on a copy of the transformers model: PEFT LoRA with the engine's adapter values
-    (`lora_init`, keyed as the engine names them), or every decoder projection weight trainable
-    (full mode: the same tensors the engine's full-parameter mode perturbs)."""
+    """ReferenceMeZO (bench/baselines/reference_mezo.py) on the same weights and adapter."""
     cfg = mezo_config(scenario)
     model = _trainable_copy(hf, scenario, lora_init)
     mezo = ReferenceMeZO(model, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
@@ -244,10 +318,7 @@ def build_baseline(hf: Any, tok: Any, ref: ModelRef, scenario: Scenario, example
 def sub_batch(batch: RefBatch, examples: int) -> RefBatch:
     """The rows of the first `examples` examples, at the full batch's padded width (so a row costs what
     it costs in the full batch and the full step time is the sub-batch's × B / examples)."""
-    if batch.num_options is None:
-        rows = examples
-    else:
-        rows = sum(batch.num_options[:examples])
+    rows = examples if batch.num_options is None else sum(batch.num_options[:examples])
     return RefBatch(batch.input_ids[:rows], batch.attention_mask[:rows], batch.lengths[:rows],
                     batch.target_lens[:rows],
                     None if batch.labels is None else batch.labels[:examples],
@@ -279,13 +350,5 @@ def describe(scenario: Scenario, encoded: list[EncodedExample]) -> dict[str, Any
     }
     if scenario.objective == "lm":
         facts["target_tokens_mean"] = sum(len(e.target or []) for e in encoded) / len(encoded)
-    common = encoded[0].prompt
-    for e in encoded[1:]:
-        n = next((i for i, (x, y) in enumerate(zip(common, e.prompt)) if x != y), min(len(common), len(e.prompt)))
-        common = common[:n]
-    facts["shared_prefix_tokens"] = len(common)
+    facts["shared_prefix_tokens"] = len(os.path.commonprefix([e.prompt for e in encoded]))
     return facts
-
-
-def trainable_numel(trainer: MeZOTrainer) -> int:
-    return sum(t.numel() for t in trainer.params.values())

@@ -4,24 +4,147 @@
     mezo-engine bench --device cpu            # the CPU figures (SmolLM2-135M fp32; ~1 h on 2 cores)
     mezo-engine bench --device cuda           # the GPU figures (random 1B bf16); see also bench/gpu_suite.py
 
-Each stage is a bench/ script in its own process with a time budget; results (JSON + markdown with
-command, commit, date, device and versions) and one log per stage go under --out (default
-bench/results/, or ./bench-results outside a checkout). A table of the headline figures prints last.
+Each stage is a bench/ script (or pytest) in its own process with a time budget: a crash or an
+overrun never takes the suite down (an overrun is killed, the suite goes on and the table still
+prints). Results (JSON + markdown with command, commit, date, device and versions) and one log per
+stage go under --out (default bench/results/, or ./bench-results outside a checkout). A table of the
+headline figures prints last, each read back from the JSON its stage wrote. The stage runner here
+is shared with bench/gpu_suite.py.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.stages import REPO_ROOT, Stage, Target, run_stages, summary  # noqa: E402
+from bench.common import REPO_ROOT, dotted, meets  # noqa: E402
 
 
-def default_out() -> Path:
-    inside = (REPO_ROOT / "bench" / "results").is_dir() and (REPO_ROOT / ".git").exists()
-    return REPO_ROOT / "bench" / "results" if inside else Path.cwd() / "bench-results"
+@dataclass
+class Target:
+    """One figure a stage reports: where it is in the stage's JSON and what it should reach."""
+
+    label: str
+    json_glob: str          # file under the out dir, e.g. "kernels_*.json"
+    path: str               # dotted path inside it, e.g. "figures.fused_over_plain_r8"
+    op: str = ""            # ">=" | "<=" | "" (reported only)
+    threshold: float | None = None
+
+    def evaluate(self, out_dir: Path, since: float = 0.0) -> tuple[Any, bool | None]:
+        """(value, met) from the newest matching file written after `since` (epoch s): never a stale one."""
+        files = sorted((p for p in out_dir.glob(self.json_glob) if p.stat().st_mtime >= since),
+                       key=lambda p: p.stat().st_mtime)
+        if not files:
+            return None, None
+        value = dotted(json.loads(files[-1].read_text()), self.path)
+        return value, meets(value, self.op, self.threshold)
+
+
+@dataclass
+class Stage:
+    name: str
+    argv: list[str]                       # run from the repository root
+    budget_s: float
+    targets: list[Target] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str                           # "ok" | "failed (rc N)" | "over budget ..., stopped"
+    seconds: float
+    log: str
+    started: float = 0.0                  # epoch seconds
+
+
+def run_stage(stage: Stage, log_dir: Path) -> StageResult:
+    """Run one stage; its output goes to <log_dir>/<name>.log."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{stage.name}.log"
+    t0, started = time.perf_counter(), time.time()
+    with open(log, "w") as fh:
+        fh.write("$ " + " ".join(stage.argv) + "\n")
+        fh.flush()
+        proc = subprocess.Popen(stage.argv, cwd=REPO_ROOT, stdout=fh, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **stage.env}, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=stage.budget_s)
+            status = "ok" if rc == 0 else f"failed (rc {rc})"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)  # the stage's own process group: it and its workers, nothing else
+            proc.wait()
+            status = f"over budget ({stage.budget_s:.0f} s), stopped"
+    return StageResult(stage.name, status, time.perf_counter() - t0, str(log), started)
+
+
+def run_stages(stages: list[Stage], out_dir: Path, progress: bool = True) -> list[StageResult]:
+    from tqdm.auto import tqdm
+
+    results = []
+    bar = tqdm(stages, desc="bench", unit="stage", disable=not progress, file=sys.stderr)
+    for stage in bar:
+        bar.set_postfix_str(stage.name)
+        results.append(run_stage(stage, out_dir / "logs"))
+    return results
+
+
+def summary(stages: list[Stage], results: list[StageResult], out_dir: Path,
+            judge: bool = True) -> tuple[str, list[dict[str, Any]]]:
+    """A one-screen table: each figure, its target, met / MISSED / not measured (judge=False: toy
+    figures, shown without a verdict); then each stage's status."""
+    by_name = {r.name: r for r in results}
+    rows: list[dict[str, Any]] = []
+    for st in stages:
+        res = by_name.get(st.name)
+        for t in st.targets:
+            value, met = t.evaluate(out_dir, res.started) if res is not None else (None, None)
+            rows.append({"stage": st.name, "figure": t.label, "value": value,
+                         "target": f"{t.op} {t.threshold:g}" if t.threshold is not None else "",
+                         "result": ({True: "met", False: "MISSED", None: "—"}[met] if judge else "(toy size)")
+                         if value is not None else "not measured"})
+    w = max([len(r["figure"]) for r in rows] + [6])
+    lines = [f"{'figure':<{w}}  {'value':>10}  {'target':>8}  result", "-" * (w + 36)]
+    for r in rows:
+        vs = f"{r['value']:10.4g}" if isinstance(r["value"], (int, float)) else f"{'—':>10}"
+        lines.append(f"{r['figure']:<{w}}  {vs}  {r['target']:>8}  {r['result']}")
+    lines += ["", "stages: " + "; ".join(f"{r.name} {r.status} in {r.seconds:.0f} s" for r in results)]
+    return "\n".join(lines), rows
+
+
+def select(todo: list[Stage], only: str | None) -> list[Stage]:
+    """The stages named in --only (comma-separated), all without it."""
+    if not only:
+        return todo
+    names = [s.strip() for s in only.split(",") if s.strip()]
+    unknown = sorted(set(names) - {s.name for s in todo})
+    if unknown:
+        raise ValueError(f"--only: unknown stages {unknown}; choose from {[s.name for s in todo]}")
+    return [s for s in todo if s.name in names]
+
+
+# -- the figures both suites read back -------------------------------------------------------------------
+def kernel_targets(stem: str) -> list[Target]:
+    f = f"{stem}_*.json"
+    return [Target("noisy LoRA fused / x@W.T (K=N=4096, M=8192, r 8)", f, "figures.fused_over_plain_r8", "<=", 1.15),
+            Target("noisy LoRA unfused torch / fused (r 8)", f, "figures.unfused_over_fused_r8", ">=", 2.0)]
+
+
+def attention_targets(stem: str) -> list[Target]:
+    f = f"{stem}_*.json"
+    return [Target("decode B64 ctx2048 page16: % of copy bandwidth", f, "figures.decode_b64_ctx2048_pct_copy", ">=", 60),
+            Target("extend 1024 cached + 64 new vs recompute 1088", f, "figures.extend_min_speedup_vs_recompute", ">=", 5)]
+
+
+def generate_target(glob: str, threshold: float | None = 3.0) -> Target:
+    return Target("generation: engine / transformers tok/s", glob, "ratio_engine_over_transformers", ">=", threshold)
 
 
 def stages(device: str, quick: bool, out: Path) -> list[Stage]:
@@ -34,39 +157,25 @@ def stages(device: str, quick: bool, out: Path) -> list[Stage]:
             Stage("attention", [py, "bench/bench_attention.py", "--quick", *o], 120,
                   [Target("paged torch decode, ms (B 4, ctx 512)", "attention-quick_*.json", "figures.decode_torch_b4_ctx512_ms")]),
             Stage("generate", [py, "bench/bench_generate.py", "--quick", "--random-config", "tiny", "--device", device,
-                               "--threads", "1", *o], 180,
-                  [Target("generation: engine / transformers tok/s", "generate_*-quick*.json", "ratio_engine_over_transformers")]),
+                               "--threads", "1", *o], 180, [generate_target("generate_*-quick*.json", None)]),
             Stage("mezo", [py, "bench/profile_mezo_step.py", "--random-config", "tiny", "--batch-size", "2",
                            "--rounds", "1", "--top", "0", *o], 240,
                   [Target("MeZO step: engine vs careful transformers loop", "mezo_step_profile_*.json",
                           "engine_speedup_vs_hf_loop")]),
         ]
     dev = ["--device", device]
+    mezo = "mezo_*.json"
     return [
-        Stage("kernels", [py, "bench/bench_kernels.py", *dev, *o], 600,
-              [Target("fused noisy LoRA / x@W.T (r 8)", "kernels_*.json", "figures.fused_over_plain_r8", "<=", 1.15),
-               Target("unfused torch / fused (r 8)", "kernels_*.json", "figures.unfused_over_fused_r8", ">=", 2.0)]
-              if gpu else []),
-        Stage("attention", [py, "bench/bench_attention.py", *o], 900,
-              [Target("decode B64 ctx2048: % of copy bandwidth", "attention_*.json", "figures.decode_b64_ctx2048_pct_copy", ">=", 60),
-               Target("extend 1024+64 vs recompute (min over B)", "attention_*.json",
-                      "figures.extend_min_speedup_vs_recompute", ">=", 5)] if gpu else []),
+        Stage("kernels", [py, "bench/bench_kernels.py", *dev, *o], 600, kernel_targets("kernels") if gpu else []),
+        Stage("attention", [py, "bench/bench_attention.py", *o], 900, attention_targets("attention") if gpu else []),
         Stage("generate", [py, "bench/bench_generate.py", *dev, *o], 3600,
-              [Target("generation: engine / transformers tok/s", "generate_*.json", "ratio_engine_over_transformers",
-                      ">=", 3.0 if gpu else 1.0)]),
-        Stage("mezo", [py, "bench/bench_mezo.py", *dev, "--out-dir", str(out)], 7200,
-              [Target("MeZO step vs reference (B 16)", "mezo_*.json", "scenarios.cls.speedup", ">=", 4.0 if gpu else 1.5),
-               Target("MeZO step vs careful loop (B 16)", "mezo_*.json", "scenarios.cls.speedup_vs_hf_loop", ">=", 1.5),
-               Target("MeZO, 16-shot prompt vs reference", "mezo_*.json", "scenarios.cls_16shot.speedup", ">=",
+              [generate_target("generate_*.json", 3.0 if gpu else 1.0)]),
+        Stage("mezo", [py, "bench/bench_mezo.py", *dev, *o], 7200,
+              [Target("MeZO step vs reference (B 16)", mezo, "scenarios.cls.speedup", ">=", 4.0 if gpu else 1.5),
+               Target("MeZO step vs careful loop (B 16)", mezo, "scenarios.cls.speedup_vs_hf_loop", ">=", 1.5),
+               Target("MeZO, 16-shot prompt vs reference", mezo, "scenarios.cls_16shot.speedup", ">=",
                       10.0 if gpu else 5.0)]),
     ]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="mezo-engine bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(ap)
-    return run(ap.parse_args(argv))
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -83,20 +192,21 @@ def run(args: argparse.Namespace) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible to torch")
-    out = (args.out or default_out()).resolve()
+    inside = (REPO_ROOT / "bench" / "results").is_dir() and (REPO_ROOT / ".git").exists()
+    out = (args.out or (REPO_ROOT / "bench" / "results" if inside else Path.cwd() / "bench-results")).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    todo = stages(device, args.quick, out)
-    if args.only:
-        names = [s.strip() for s in args.only.split(",") if s.strip()]
-        unknown = sorted(set(names) - {s.name for s in todo})
-        if unknown:
-            raise ValueError(f"--only: unknown stages {unknown}; choose from {[s.name for s in todo]}")
-        todo = [s for s in todo if s.name in names]
+    todo = select(stages(device, args.quick, out), args.only)
     results = run_stages(todo, out, progress=not args.no_progress)
-    table, _ = summary(todo, results, out)
-    print(table)
+    print(summary(todo, results, out)[0])
     print(f"results and logs: {out}")
     return 0 if all(r.status == "ok" for r in results) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="mezo-engine bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.stages import Stage, Target, run_stages, summary  # noqa: E402
+from bench.suite import Stage, Target, run_stages, summary  # noqa: E402
 from engine.cli import build_parser  # noqa: E402
 
 
