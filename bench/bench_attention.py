@@ -22,7 +22,7 @@ import itertools
 import math
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,13 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, **kw) 
                                               scale=scale, **kw)
 
 
+def measure(impls: dict[str, Callable[[], torch.Tensor]], dev: str,
+            error: Callable[[torch.Tensor], float]) -> Iterator[tuple[str, float, float]]:
+    """(name, median ms, error of its fp32 output) for each implementation in turn."""
+    for name, fn in impls.items():
+        yield name, bench_ms(fn, dev, min_run_s=0.05), error(fn().float())
+
+
 def decode_case(args, dev: str, bsz: int, ctx: int, gen) -> list[dict]:
     h, hkv, d, dtype = args.heads, args.kv_heads, args.head_dim, args.dtype
     scale = d ** -0.5
@@ -94,9 +101,7 @@ def decode_case(args, dev: str, bsz: int, ctx: int, gen) -> list[dict]:
         impls["flash_attn_paged256"] = lambda: decode_attention_flash(q, k256, v256, pt256, seq_lens, scale)
     ref = impls["sdpa_contiguous"]().float()   # errors are relative to SDPA on the same inputs
     rows = []
-    for name, fn in impls.items():
-        ms = bench_ms(fn, dev, min_run_s=0.05)
-        err = (fn().float() - ref).abs().max().item()
+    for name, ms, err in measure(impls, dev, lambda out: (out - ref).abs().max().item()):
         gbps = kv_bytes / (ms * 1e-3) / 1e9
         pct = 100 * gbps / args.peak_gbps if dev == "cuda" else None
         pct_copy = 100 * gbps / args.copy_gbps if args.copy_gbps else None
@@ -142,12 +147,9 @@ def extend_case(args, dev: str, bsz: int, prefix: int, new: int, gen) -> list[di
         k256, v256, pt256 = paged_copy(k, v, 256, gen)
         impls["flash_attn_paged256"] = lambda: extend_attention_flash(q_new, k256, v256, pt256, qo, pre, scale)
     base_ms = None
-    for name, fn in impls.items():
-        ms = bench_ms(fn, dev, min_run_s=0.05)
-        out = fn().float()
-        if out.dim() == 4:  # [B, H, new, D] from SDPA -> [B*new, H, D]
-            out = out.transpose(1, 2).reshape(bsz * new, h, d)
-        err = (out - ref).abs().max().item()
+    # SDPA returns [B, H, new, D]: compared as [B*new, H, D]
+    flat = lambda out: out.transpose(1, 2).reshape(bsz * new, h, d) if out.dim() == 4 else out  # noqa: E731
+    for name, ms, err in measure(impls, dev, lambda out: (flat(out) - ref).abs().max().item()):
         base_ms = ms if name == "sdpa_recompute_all" else base_ms
         rows.append({"kind": "extend", "impl": name, "batch": bsz, "prefix": prefix, "new": new, "ms": ms,
                      "tflops_useful": flops / (ms * 1e-3) / 1e12, "speedup_vs_recompute": base_ms / ms,

@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import bench_seconds, loadavg, md_table, write_results  # noqa: E402
+from bench.mezo_workloads import ModelRef, build_hf_model, encode_examples, kv_tokens_needed, load_tokenizer  # noqa: E402
 
 TARGET_SCALING = 1.8
 
@@ -32,7 +33,7 @@ TARGET_SCALING = 1.8
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="built-in model (ignored with --random-config)")
-    p.add_argument("--random-config", default=None, help="a random-weight shape of bench/model_shapes.py (GPU runs)")
+    p.add_argument("--random-config", default=None, help="a random-weight shape of bench.common.LLAMA_SHAPES (GPU runs)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=5, help="timed steps per contestant")
     p.add_argument("--warmup", type=int, default=1)
@@ -47,22 +48,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _model_ref(args: argparse.Namespace):
-    from bench.mezo_scenarios import ModelRef
-
-    device = args.device
+def _model_ref(args: argparse.Namespace, device: str) -> ModelRef:
     if device.startswith("cuda") and "LOCAL_RANK" in os.environ:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    model = None if args.random_config else args.model
-    return ModelRef(model=model, random_config=args.random_config, dtype=args.dtype, device=device)
+    return ModelRef(None if args.random_config else args.model, args.random_config, args.dtype, device)
 
 
 def worker(args: argparse.Namespace) -> None:
     """One rank: build the engine and trainer, warm up, time `trainer.step` on the global batch."""
     import torch
+    import torch.distributed as dist
 
     torch.set_num_threads(args.threads)
-    from bench.mezo_workloads import build_hf_model, encode_examples, kv_tokens_needed, load_tokenizer
     from engine import Engine
     from mezo import MeZOConfig, load_examples
     from mezo.distributed import current_context, init_from_env, launched_by_torchrun, make_trainer
@@ -70,7 +67,7 @@ def worker(args: argparse.Namespace) -> None:
     if launched_by_torchrun():
         init_from_env(args.device, args.backend)
     ctx = current_context()
-    ref = _model_ref(args)
+    ref = _model_ref(args, args.device)
     hf, tok = build_hf_model(ref), load_tokenizer()
     examples = load_examples("bbc_news", "classification", limit=args.batch_size)
     engine = Engine.from_hf(hf, tok, dtype=ref.torch_dtype, device=ref.device,
@@ -80,8 +77,6 @@ def worker(args: argparse.Namespace) -> None:
     batch = trainer.encode(examples)
     waits: list[float] = []
     if ctx is not None:  # time the step's all_reduce: a rank's wait there is its peers' extra work + the transfer
-        import torch.distributed as dist
-
         all_reduce = dist.all_reduce
 
         def timed_all_reduce(*a, **kw):
@@ -94,8 +89,6 @@ def worker(args: argparse.Namespace) -> None:
     for _ in range(args.warmup):
         trainer.step(batch)
     if ctx is not None:
-        import torch.distributed as dist
-
         dist.barrier()
     times, records = [], []
     waits.clear()
@@ -112,8 +105,6 @@ def worker(args: argparse.Namespace) -> None:
             "steps_per_s": 1.0 / statistics.median(times), "tokens_computed_per_step": record["tokens_computed"],
             "loss_last": record["loss"]}))
     if ctx is not None:
-        import torch.distributed as dist
-
         dist.destroy_process_group()
 
 
@@ -159,12 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.batch_size < max(args.ranks):
         raise SystemExit(f"--batch-size {args.batch_size} is smaller than the largest world size {max(args.ranks)}")
-    from bench.mezo_workloads import build_hf_model, load_tokenizer
-
     load_tokenizer()  # fill the caches once, so the contestants load in seconds
     if not args.random_config:
-        del_model = build_hf_model(_model_ref(argparse.Namespace(**{**vars(args), "device": "cpu"})))
-        del del_model
+        build_hf_model(_model_ref(args, "cpu"))
     load_start = loadavg()
     rows = []
     for world in args.ranks:

@@ -15,7 +15,6 @@ those tests/test_aot_compile.py asserts. Run without TRITON_INTERPRET (it is rem
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -27,13 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import run_metadata  # noqa: E402
-from bench.model_shapes import LLAMA_SHAPES  # noqa: E402
+from bench.common import LLAMA_SHAPES, loadavg, md_table, run_metadata, write_results  # noqa: E402
 from kernels.aot import (CompileSpec, check_rows, compile_all, decode_specs, dedupe, extend_specs,  # noqa: E402
                          noisy_linear_specs, randn_specs, zo_update_specs)
 from kernels.attention import choose_num_kv_splits  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ARCHS = (90, 80)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SEED64, SEED32 = (1 << 40) + 12345, 12345  # seeds >= 2^31 reach the kernels as i64
@@ -112,48 +109,42 @@ def all_specs(archs: tuple[int, ...] = ARCHS, bench_only: bool = False) -> list[
     return specs
 
 
-def run(archs: tuple[int, ...], jobs: int, bench_only: bool = False,
-        argv: list[str] | None = None) -> tuple[list[dict], dict]:
-    start = time.perf_counter()
-    load_before = os.getloadavg()
+def run(archs: tuple[int, ...], jobs: int, bench_only: bool = False) -> tuple[list[dict], dict]:
+    start, load_before = time.perf_counter(), loadavg()
     requested = all_specs(archs, bench_only)
     unique = dedupe(requested)
     dedupe_s = time.perf_counter() - start
     rows = compile_all(unique, jobs)
-    meta = {**run_metadata("cpu", __file__, argv), "archs": list(archs), "launcher_cases": len(requested),
-            "configurations": len(rows), "wall_s": round(time.perf_counter() - start, 1),
-            "dedupe_s": round(dedupe_s, 1), "jobs": jobs, "cpus": os.cpu_count(),
-            "loadavg_1m": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-            "compile_s_sum": round(sum(r.get("compile_s", 0.0) for r in rows), 1)}
-    return rows, meta
+    settings = {"archs": list(archs), "launcher_cases": len(requested), "configurations": len(rows),
+                "wall_s": round(time.perf_counter() - start, 1), "dedupe_s": round(dedupe_s, 1), "jobs": jobs,
+                "cpus": os.cpu_count(), "loadavg_1m": [load_before and load_before[0], (loadavg() or [None])[0]],
+                "compile_s_sum": round(sum(r.get("compile_s", 0.0) for r in rows), 1)}
+    return rows, settings
 
 
 def _summary(rows: list[dict], arch: int) -> list[str]:
-    lines = [f"### sm_{arch}: per kernel", "", "| kernel | configurations | launcher cases | max regs | max stack B "
-             "| spill stores B (max) | configs that spill | max shared KiB | wgmma | mma |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    table = []
     for kernel in sorted({r["kernel"] for r in rows if r["arch"] == arch}):
         sel = [r for r in rows if r["arch"] == arch and r["kernel"] == kernel and r["ok"]]
         failed = sum(1 for r in rows if r["arch"] == arch and r["kernel"] == kernel and not r["ok"])
         if not sel:
-            lines.append(f"| {kernel} | {failed} FAILED | | | | | | | | |")
+            table.append([kernel, f"{failed} FAILED"] + [""] * 8)
             continue
-        lines.append(f"| {kernel} | {len(sel)}{f' (+{failed} FAILED)' if failed else ''} | "
-                     f"{sum(r['launcher_cases'] for r in sel)} | {max(r['registers'] for r in sel)} | "
-                     f"{max(r['stack_frame'] for r in sel)} | {max(r['spill_stores'] for r in sel)} | "
-                     f"{sum(1 for r in sel if r['spill_stores'])} | {max(r['shared'] for r in sel) / 1024:.1f} | "
-                     f"{sum(1 for r in sel if r['wgmma'])}/{len(sel)} | {sum(1 for r in sel if r['mma'])}/{len(sel)} |")
-    return lines + [""]
+        table.append([kernel, f"{len(sel)}{f' (+{failed} FAILED)' if failed else ''}",
+                      sum(r["launcher_cases"] for r in sel), max(r["registers"] for r in sel),
+                      max(r["stack_frame"] for r in sel), max(r["spill_stores"] for r in sel),
+                      sum(1 for r in sel if r["spill_stores"]), f"{max(r['shared'] for r in sel) / 1024:.1f}",
+                      f"{sum(1 for r in sel if r['wgmma'])}/{len(sel)}", f"{sum(1 for r in sel if r['mma'])}/{len(sel)}"])
+    return [f"### sm_{arch}: per kernel", "", *md_table(table, [
+        "kernel", "configurations", "launcher cases", "max regs", "max stack B", "spill stores B (max)",
+        "configs that spill", "max shared KiB", "wgmma", "mma"]), ""]
 
 
-def _md(rows: list[dict], meta: dict, problems: list[str]) -> str:
-    load = meta["loadavg_1m"]
-    lines = ["# Triton kernels compiled ahead of time: resources per configuration", "",
-             f"`{meta['command']}` — {meta['date']}, commit {meta['commit']}, Triton {meta['triton']}, torch {meta['torch']}. "
-             f"{meta['launcher_cases']} launcher cases -> {meta['configurations']} distinct compiles for "
-             f"sm_{' / sm_'.join(map(str, meta['archs']))} in {meta['wall_s']} s wall with {meta['jobs']} processes "
-             f"on {meta['cpus']} CPUs (1-minute load average {load[0]} before, {load[1]} after; "
-             f"{meta['compile_s_sum']} s summed compile time). Tests: `tests/test_aot_compile.py` runs the same.", "",
+def _md(rows: list[dict], s: dict, problems: list[str]) -> str:
+    lines = [f"{s['launcher_cases']} launcher cases -> {s['configurations']} distinct compiles for "
+             f"sm_{' / sm_'.join(map(str, s['archs']))} in {s['wall_s']} s wall with {s['jobs']} processes "
+             f"on {s['cpus']} CPUs (1-minute load average {s['loadavg_1m'][0]} before, {s['loadavg_1m'][1]} after; "
+             f"{s['compile_s_sum']} s summed compile time). Tests: `tests/test_aot_compile.py` runs the same.", "",
              "Matrix: the benchmarks' shapes (bench/bench_kernels.py, bench/bench_attention.py) and the "
              "SmolLM2-135M / LLaMA-1B / LLaMA-8B shapes; token rows 1-4096; dtype fp32/bf16/fp16 (fp32 "
              "weights under 16-bit activations too); LoRA r 8/64; full-weight noise on/off; head_dim 64/128; "
@@ -183,42 +174,34 @@ def _md(rows: list[dict], meta: dict, problems: list[str]) -> str:
         lines += ["All checks pass: every configuration compiles, fits shared memory, uses the expected "
                   "tensor-core instructions, and no benchmark configuration spills.", ""]
     lines += ["## Summary", ""]
-    for arch in meta["archs"]:
+    for arch in s["archs"]:
         lines += _summary(rows, arch)
-    for arch in meta["archs"]:
-        sel = [r for r in rows if r["arch"] == arch]
-        lines += [f"## sm_{arch}", "", "| kernel | config | regs | stack B | spill st/ld B | shared KiB | wgmma | mma "
-                  "| bench | cases |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in sorted(sel, key=lambda r: (r["kernel"], not r["benchmark"], r["config"])):
-            if not r["ok"]:
-                lines.append(f"| {r['kernel']} | {r['config']} | FAILED | | | | | | | {r['error'][:80]} |")
-                continue
-            lines.append(f"| {r['kernel']} | {r['config']} | {r['registers']} | {r['stack_frame']} | "
-                         f"{r['spill_stores']}/{r['spill_loads']} | {r['shared'] / 1024:.1f} | {r['wgmma']} | "
-                         f"{r['mma']} | {'yes' if r['benchmark'] else ''} | {r['cases']} ({r['launcher_cases']}) |")
-        lines.append("")
+    for arch in s["archs"]:
+        table = [[r["kernel"], r["config"], "FAILED", "", "", "", "", "", "", r["error"][:80]] if not r["ok"] else
+                 [r["kernel"], r["config"], r["registers"], r["stack_frame"], f"{r['spill_stores']}/{r['spill_loads']}",
+                  f"{r['shared'] / 1024:.1f}", r["wgmma"], r["mma"], "yes" if r["benchmark"] else "",
+                  f"{r['cases']} ({r['launcher_cases']})"]
+                 for r in sorted((r for r in rows if r["arch"] == arch),
+                                 key=lambda r: (r["kernel"], not r["benchmark"], r["config"]))]
+        lines += [f"## sm_{arch}", "", *md_table(table, ["kernel", "config", "regs", "stack B", "spill st/ld B",
+                                                         "shared KiB", "wgmma", "mma", "bench", "cases"]), ""]
     return "\n".join(lines)
-
-
-def write_report(rows: list[dict], meta: dict, out: Path, name: str = "kernels_sm90_resources") -> list[str]:
-    problems = check_rows(rows)
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {"meta": meta, "problems": problems, "rows": rows}
-    (out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
-    (out / f"{name}.md").write_text(_md(rows, meta, problems))
-    return problems
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--bench-only", action="store_true", help="only the GPU benchmarks' configurations")
     ap.add_argument("--arch", type=int, action="append", help="compute capability (default: 90 and 80)")
     args = ap.parse_args(argv)
-    rows, meta = run(tuple(args.arch or ARCHS), args.jobs, args.bench_only, argv)
-    problems = write_report(rows, meta, args.out)
-    print(f"{meta['configurations']} configurations in {meta['wall_s']} s -> {args.out}/kernels_sm90_resources.md")
+    rows, settings = run(tuple(args.arch or ARCHS), args.jobs, args.bench_only)
+    problems = check_rows(rows)
+    meta = {**run_metadata("cpu", __file__, argv), **settings}  # the JSON's "meta" also holds the run's settings
+    _, mpath = write_results("kernels_sm90_resources", {"problems": problems, "rows": rows}, _md(rows, meta, problems),
+                             device="cpu", script=__file__, argv=argv, out_dir=args.out, stem="kernels_sm90_resources",
+                             meta=meta, title="Triton kernels compiled ahead of time: resources per configuration")
+    print(f"{settings['configurations']} configurations in {settings['wall_s']} s -> {mpath}")
     for p in problems:
         print("PROBLEM:", p)
     return 1 if problems else 0

@@ -61,7 +61,7 @@ def summary_table(scenarios: dict[str, Any]) -> str:
 
 
 def _details(r: dict[str, Any]) -> list[str]:
-    """One scenario: its batch's facts, a row per contestant, then what else was measured."""
+    """One scenario: its batch's facts, a row per contestant (time, then memory), then what else was measured."""
     facts = [f"trainable params {r['trainable_params']:,}",
              f"reference logits {r.get('reference_logits_bytes', 0) / 2**30:.2f} GiB per forward (full batch)",
              f"prompt tokens mean {r['prompt_tokens_mean']:.1f} / max {r['prompt_tokens_max']}",
@@ -73,19 +73,15 @@ def _details(r: dict[str, Any]) -> list[str]:
         facts.append(f"shared prefix {r['shared_prefix_tokens']} tokens")
     if r.get("single_token_candidates") is not None:
         facts.append(f"single-token candidates: {r['single_token_candidates']}")
+    mbs = lambda xs: ", ".join(f"{x / MB:.0f}" for x in xs if x is not None) or "—"  # noqa: E731
     srows = [[side, d["step_s"], d["steps_per_s"], d["tokens_per_s"], d["tokens_computed_per_step"], d["timed_steps"],
               ", ".join(_f(x) for x in d["step_s_all"]),
               ", ".join(_f(x) for x in d["warmup_s"]) or ("(first call timed)" if d["first_call_timed"] else "—"),
-              _mb(d["memory"])] for side, d in ((s, r[s]) for s in SIDES if s in r)]
+              _mb(d["memory"]), f"+{d['memory']['delta_bytes'] / MB:.0f}", mbs(d["memory"]["heap_retained_bytes"]),
+              mbs(d["memory"]["noise_cache_bytes"])] for side, d in ((s, r[s]) for s in SIDES if s in r)]
     extra = []
     if "prefix_sharing_speedup" in r:
         extra.append(f"prefix sharing: no-cache step / cached step = {r['prefix_sharing_speedup']:.2f}x")
-    for side in SIDES:
-        mm = r.get(side, {}).get("memory")
-        if mm:
-            extra.append(f"peak memory {side}: {mm['peak_bytes'] / MB:.0f} MB, +{mm['delta_bytes'] / MB:.0f} MB "
-                         f"over the level before the step" + (f" (measured on {mm['measured_on_examples']} "
-                         f"examples)" if mm.get("measured_on_examples") else ""))
     mem = r.get("memory", {})
     if "step_vs_inference_peak" in mem:
         extra.append(f"peak memory engine step / engine inference on the same 2xB batch: "
@@ -96,19 +92,12 @@ def _details(r: dict[str, Any]) -> list[str]:
         est = r["engine_noise_estimate"]
         extra.append(f"kernels.randn on this device: {est['elements_per_s']:,.0f} elements/s, so generating z once "
                      f"for all {est['elements']:,} trainable elements takes ~{est['seconds_per_generation']:.1f} s")
-    for side in ("baseline", "engine", "engine_forward"):
-        mm = r.get(side, {}).get("memory", {})
-        if max([x or 0 for x in mm.get("heap_retained_bytes", [])], default=0) > 64 * MB:
-            extra.append(f"{side}: glibc heap retained from earlier calls, trimmed before each call: "
-                         + ", ".join(f"{x / MB:.0f}" for x in mm["heap_retained_bytes"]) + " MB")
-        nc = [x for x in mm.get("noise_cache_bytes", []) if x is not None]
-        if side == "engine" and nc and max(nc) > 16 * MB:
-            extra.append("engine: kernels.noise_cache holds " + ", ".join(f"{x / MB:.0f}" for x in nc)
-                         + " MB of noise after each call (live tensors, included in its peak)")
     extra += r.get("notes", []) + [f"load average before / after: {r['loadavg']['before']} / {r['loadavg']['after']}"]
     return [f"### {r['title']}", "", "; ".join(facts) + ".", "",
             *md_table(srows, ["contestant", "step s (median)", "steps/s", "tok/s", "tokens computed/step", "timed",
-                              "all step s", "warm-up s", "peak MB"]), "", *[f"- {x}" for x in extra], ""]
+                              "all step s", "warm-up s", "peak MB", "MB over the level before the step",
+                              "glibc heap trimmed before each call, MB", "kernels.noise_cache after each call, MB"]),
+            "", *[f"- {x}" for x in extra], ""]
 
 
 def to_markdown(p: dict[str, Any]) -> str:
