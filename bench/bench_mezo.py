@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import loadavg, resolve_device, run_metadata, write_results  # noqa: E402
 from bench.mezo_report import evaluate_targets, plot, summary_table, to_markdown  # noqa: E402
-from bench.mezo_worker import Worker, start_server  # noqa: E402
+from bench.mezo_worker import Worker, build_side, call_side, prepare_weights, start_server  # noqa: E402
 from bench.mezo_workloads import RANDOM_CONFIGS, SCENARIOS, ModelRef, Sizes  # noqa: E402
 
 MACHINE_KEYS = ("device", "device_name", "device_slug", "cpu_model", "cpu_cores", "cpu_cores_usable", "torch_threads",
@@ -133,7 +133,7 @@ class Contestant:
     info: dict[str, Any] = field(default_factory=dict)
 
     def call(self, i: int) -> dict[str, Any]:
-        return self.worker.ask("call", i)
+        return self.worker.ask(call_side, i)
 
 
 def run_rounds(contestants: list[Contestant], steps: int, warmup: int, slow_s: float) -> None:
@@ -172,7 +172,7 @@ def side_stats(c: Contestant, workload_tokens: int, batch_size: int) -> dict[str
            "tokens_computed_per_step": computed, "computed_tokens_per_s": computed / step,
            "memory": {"peak_bytes": peak["peak_bytes"], "before_bytes": peak["before_bytes"],
                       "delta_bytes": max(0, peak["peak_bytes"] - peak["before_bytes"]),
-                      "method": peak["memory_method"], "pid": c.worker.proc.pid,
+                      "method": peak["memory_method"], "pid": c.info["pid"],
                       "heap_retained_bytes": [x["heap_retained_bytes"] for x in c.warmups + c.calls],
                       "noise_cache_bytes": [x["noise_cache_bytes"] for x in c.warmups + c.calls]}}
     if c.scale != 1.0:
@@ -197,7 +197,7 @@ def run_scenario(key: str, ref: ModelRef, args: argparse.Namespace, sizes: Sizes
             t0 = time.perf_counter()
             c = Contestant(name, Worker(f"{key}-{name}"), scale)
             contestants.append(c)
-            c.info = c.worker.ask("build", {**base_spec, "role": name, **extra})["info"]
+            c.info = c.worker.ask(build_side, {**base_spec, "role": name, **extra})
             c.info["build_s"] = time.perf_counter() - t0
             return c
 
@@ -273,7 +273,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     load = {"start": loadavg()}
     prep = Worker("prepare")  # one GGUF conversion, cached for every worker
     try:
-        prep.ask("prepare", asdict(ref))
+        prep.ask(prepare_weights, asdict(ref))
     finally:
         prep.close()
     setup_s = time.perf_counter() - t_start

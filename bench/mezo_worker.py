@@ -36,14 +36,17 @@ from __future__ import annotations
 import argparse
 import gc
 import multiprocessing as mp
+import os
+import signal
 import sys
 import threading
 import time
-import traceback
 import warnings
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -245,63 +248,47 @@ def noise_estimate(elements: int, device: str) -> dict[str, Any]:
 
 
 # -- the process and its parent-side handle ---------------------------------------------------------------
-def _serve(conn: Any) -> None:
-    """("build", spec) -> {"info"}; ("call", i) -> the call's record; ("prepare", ModelRef fields) ->
-    converts and caches the weights (one GGUF conversion, not one per worker). Errors go back to the
-    parent as {"error", "traceback"}; the loop ends when the parent closes the pipe."""
-    side: Side | None = None
-    while True:
-        try:
-            cmd, arg = conn.recv()
-        except EOFError:
-            return
-        try:
-            if cmd == "build":
-                side = Side(arg)
-                out = {"info": side.info}
-            elif cmd == "call":
-                out = side.call(arg)
-            elif cmd == "prepare":
-                w.build_hf_model(w.ModelRef(**arg))
-                out = {}
-            else:
-                raise ValueError(f"unknown command {cmd!r}")
-        except BaseException as err:  # report to the parent, never hang it
-            out = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=12)}
-        conn.send(out)
+_side: Side | None = None  # in a contestant process: its side, kept between calls
+
+
+def build_side(spec: dict[str, Any]) -> dict[str, Any]:
+    global _side
+    _side = Side(spec)
+    return {**_side.info, "pid": os.getpid()}
+
+
+def call_side(i: int) -> dict[str, Any]:
+    return _side.call(i)
+
+
+def prepare_weights(ref: dict[str, Any]) -> None:
+    """Convert and cache the weights once, not once per contestant (the GGUF conversion is slow)."""
+    w.build_hf_model(w.ModelRef(**ref))
 
 
 class Worker:
-    """Parent-side handle of one contestant process."""
+    """Parent-side handle of one contestant process: a one-process pool forked from the forkserver.
+    Errors raised in the child come back with its traceback."""
 
     def __init__(self, name: str):
-        ctx = context()
-        self.name = name
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child,), daemon=True, name=f"mezo-bench-{name}")
-        self.proc.start()
-        child.close()
+        self.name, self.pid = name, None
+        self.pool = ProcessPoolExecutor(max_workers=1, mp_context=context())
 
-    def ask(self, cmd: str, arg: Any = None, timeout_s: float = 3600.0) -> dict[str, Any]:
-        self.conn.send((cmd, arg))
-        if not self.conn.poll(timeout_s):
-            self.close()
-            raise TimeoutError(f"{self.name}: {cmd} took more than {timeout_s:.0f} s")
+    def ask(self, fn: Callable[[Any], Any], arg: Any, timeout_s: float = 3600.0) -> Any:
         try:
-            out = self.conn.recv()
-        except EOFError:
-            raise RuntimeError(f"{self.name}: the process died during {cmd!r} (exit code {self.proc.exitcode}; "
-                               f"out of memory?)") from None
-        if "error" in out:
-            raise RuntimeError(f"{self.name}: {cmd} failed: {out['error']}\n{out.get('traceback', '')}")
+            out = self.pool.submit(fn, arg).result(timeout=timeout_s)
+        except BrokenProcessPool:
+            raise RuntimeError(f"{self.name}: the process died during {fn.__name__} (out of memory?)") from None
+        except TimeoutError:
+            self.close(kill=True)
+            raise TimeoutError(f"{self.name}: {fn.__name__} took more than {timeout_s:.0f} s") from None
+        self.pid = out.get("pid", self.pid) if isinstance(out, dict) else self.pid
         return out
 
-    def close(self) -> None:
-        self.conn.close()  # the child's recv() ends with EOFError and it returns
-        self.proc.join(timeout=30)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join()
+    def close(self, kill: bool = False) -> None:
+        if kill and self.pid is not None:
+            os.kill(self.pid, signal.SIGKILL)
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 # -- the memory diagnostic --------------------------------------------------------------------------------
