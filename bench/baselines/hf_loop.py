@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from mezo.data import ClassificationExample, LMExample
 
@@ -76,12 +77,8 @@ def build_scored_batch(examples: Sequence[ClassificationExample | LMExample], en
             for j, tok in enumerate(c):
                 row.append(len(rows) - 1), col.append(len(prompt) - 1 + j), target.append(tok), seq.append(n_seq)
             n_seq += 1
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
+    ids = pad_sequence([torch.tensor(r, dtype=torch.long) for r in rows], batch_first=True, padding_value=pad_id)
+    mask = pad_sequence([torch.ones(len(r), dtype=torch.long) for r in rows], batch_first=True)
     cls = bool(labels)
     as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
     return ScoredBatch(ids, mask, as_long(row), as_long(col), as_long(target), as_long(seq), n_seq,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from mezo.data import ClassificationExample, LMExample
 
@@ -66,12 +67,9 @@ def build_batch(examples: Sequence[ClassificationExample | LMExample], encode: E
     for i, (ids, k) in enumerate(rows):
         if k < 1 or k >= len(ids):
             raise ValueError(f"row {i}: continuation is {k} tokens of {len(ids)}; need 1 <= k < length")
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, _) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        mask[i, : len(ids)] = 1
+    input_ids = pad_sequence([torch.tensor(ids, dtype=torch.long) for ids, _ in rows], batch_first=True,
+                             padding_value=pad_id)
+    mask = pad_sequence([torch.ones(len(ids), dtype=torch.long) for ids, _ in rows], batch_first=True)
     cls = isinstance(examples[0], ClassificationExample)
     return RefBatch(input_ids, mask, [len(ids) for ids, _ in rows], [k for _, k in rows],
                     torch.tensor(labels) if cls else None, num_options if cls else None)
