@@ -3,7 +3,7 @@
 For --seeds step seeds, the projected gradient g = (L+ − L−) / 2ε of one batch is computed by an fp32
 engine and by a bf16 engine over the same weights and adapter (LoRA B made nonzero, so both LoRA
 factors matter); the figure is the share of seeds where the signs agree (GPU target >= 0.9). Random
-weights and synthetic token ids (bench/synthetic.py), so it runs on any machine.
+weights and synthetic token ids (bench/mezo_workloads.py), so it runs on any machine.
 
     python bench/bench_sign_agreement.py --random-config 1b --device cuda    # GPU suite
     python bench/bench_sign_agreement.py --quick                              # tiny, CPU
