@@ -13,11 +13,13 @@ tile, so rows of both branches (and unperturbed rows) share every tile.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from ._triton import tl, triton  # a stand-in when Triton is not installed
 
 from .launch_config import lora_down_config, noisy_linear_config, target_of
-from .lora_ref import lora_noise, noisy_lora_linear_ref
+from .lora_ref import Eps, Seeds, lora_noise, noisy_lora_linear_ref
 
 __all__ = ["noisy_lora_linear", "noisy_lora_linear_ref", "lora_noise"]
 
@@ -160,22 +162,30 @@ def _noisy_lora_linear_triton(x, weight, lora_a, lora_b, signs, seed_a, seed_b, 
 
 
 def noisy_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor | None,
-                      lora_b: torch.Tensor | None, *, signs: torch.Tensor, seed_a: int, seed_b: int,
-                      eps: float, scale: float, bias: torch.Tensor | None = None,
-                      weight_seed: int | None = None, impl: str = "auto") -> torch.Tensor:
-    """Linear layer with LoRA where each row runs at θ + σ_i ε Z (σ_i = signs[i] ∈ {-1, 0, +1}).
+                      lora_b: torch.Tensor | None, *, signs: torch.Tensor, seed_a: Seeds, seed_b: Seeds,
+                      eps: Eps, scale: float, bias: torch.Tensor | None = None,
+                      weight_seed: Seeds | None = None, perturbation_ids: torch.Tensor | None = None,
+                      rows_by_id: Sequence[torch.Tensor] | None = None, impl: str = "auto") -> torch.Tensor:
+    """Linear layer with LoRA where row i runs at θ + σ_i ε_{p_i} Z_{p_i} (σ_i = signs[i] ∈ {-1, 0, +1}).
 
     x [..., K] (fp32/bf16/fp16), weight [N, K], lora_a [r, K] and lora_b [N, r] (fp32, or both None),
-    signs [M] with M = x.numel() // K. Z_A = randn(seed_a, A.shape), Z_B = randn(seed_b, B.shape) and,
-    when ``weight_seed`` is given (full-parameter mode), Z_W = randn(weight_seed, W.shape).
+    signs [M] with M = x.numel() // K. Perturbation p has Z_A = randn(seed_a[p], A.shape),
+    Z_B = randn(seed_b[p], B.shape), and, when ``weight_seed`` is given (full-parameter mode),
+    Z_W = randn(weight_seed[p], W.shape); each of these and ``eps`` is one value or P values.
+    ``perturbation_ids`` int [M] picks each row's p (None: all rows p = 0, P must be 1);
+    ``rows_by_id`` optionally gives the torch path each p's active rows (see `rows_by_perturbation`).
     Returns [..., N] in x.dtype. impl: "torch" (materialized noise), "triton", or "auto" (triton on CUDA).
     """
     if impl == "auto":
         impl = "triton" if x.is_cuda else "torch"
     if impl == "torch":
         return noisy_lora_linear_ref(x, weight, lora_a, lora_b, signs=signs, seed_a=seed_a, seed_b=seed_b,
-                                     eps=eps, scale=scale, bias=bias, weight_seed=weight_seed)
+                                     eps=eps, scale=scale, bias=bias, weight_seed=weight_seed,
+                                     perturbation_ids=perturbation_ids, rows_by_id=rows_by_id)
     if impl != "triton":
         raise ValueError(f"unknown impl {impl!r}")
+    if perturbation_ids is not None or any(isinstance(v, (list, tuple, torch.Tensor))
+                                           for v in (seed_a, seed_b, eps, weight_seed)):
+        raise NotImplementedError("per-row perturbation ids in the Triton kernel: being built (issue 14)")
     return _noisy_lora_linear_triton(x, weight, lora_a, lora_b, signs, seed_a, seed_b, eps, scale, bias,
                                      weight_seed)
