@@ -20,6 +20,7 @@ from ._triton import tl, triton  # a stand-in when Triton is not installed
 
 from .launch_config import lora_down_config, noisy_linear_config, target_of
 from .lora_ref import Eps, Seeds, lora_noise, noisy_lora_linear_ref
+from .lora_tables import perturbation_tables, row_ids
 
 __all__ = ["noisy_lora_linear", "noisy_lora_linear_ref", "lora_noise"]
 
@@ -29,32 +30,58 @@ __all__ = ["noisy_lora_linear", "noisy_lora_linear_ref", "lora_noise"]
 F32_DOT_PRECISION = "tf32x3"
 
 
-@triton.jit(do_not_specialize=["M", "R", "seed_a"])
-def _lora_down_kernel(x_ptr, a_ptr, t_ptr, tn_ptr, M, K, R, sxm, sxk, seed_a,
-                      PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr):
-    """T = x Aᵀ and T_noise = x Z_Aᵀ for BLOCK_M rows; Z_A tiles generated in registers."""
+@triton.jit
+def _row_perturbations(sign_ptr, id_ptr, eps_ptr, rm, M, P, id_stride):
+    """Per row: (active = σ != 0, id, σ ε_id as float32), and the id range [p_lo, p_hi] of the active
+    rows (empty when none is active). Ids outside [0, P) are clamped out of the range (no noise)."""
+    m_ok = rm < M
+    sign = tl.load(sign_ptr + rm, mask=m_ok, other=0).to(tl.float32)
+    ids = tl.load(id_ptr + rm * id_stride, mask=m_ok, other=0)
+    active = m_ok & (sign != 0.0) & (ids >= 0) & (ids < P)
+    eps = tl.load(eps_ptr + ids, mask=active, other=0.0)
+    p_lo = tl.min(tl.where(active, ids, P), axis=0)
+    p_hi = tl.max(tl.where(active, ids, -1), axis=0)
+    return active, ids, sign * eps, p_lo, p_hi
+
+
+@triton.jit(do_not_specialize=["M", "R", "P", "id_stride"])
+def _lora_down_kernel(x_ptr, a_ptr, t_ptr, tn_ptr, sign_ptr, id_ptr, seed_a_ptr, eps_ptr, M, K, R, P, sxm, sxk,
+                      id_stride, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                      R_PAD: tl.constexpr):
+    """T = x Aᵀ and T_noise[i] = x_i Z_{A,p_i}ᵀ (0 for σ = 0 rows) for BLOCK_M rows; each Z_A tile is
+    generated in registers once per perturbation id present among the program's active rows."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, R_PAD)
+    m_ok = rm < M
+    active, ids, se, p_lo, p_hi = _row_perturbations(sign_ptr, id_ptr, eps_ptr, rm, M, P, id_stride)
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    acc_n = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk,
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0).to(tl.float32)
-        a_idx = rr[None, :] * K + rk[:, None]  # [BLOCK_K, R_PAD]: flat index of A[r, k], also the counter
-        a = tl.load(a_ptr + a_idx, mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
-        z = tl.randn(seed_a, a_idx)  # past K it meets x == 0; padded columns are never stored
+                    mask=m_ok[:, None] & (rk[None, :] < K), other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + rr[None, :] * K + rk[:, None], mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
         acc = tl.dot(x, a, acc, input_precision=PREC)
-        acc_n = tl.dot(x, z, acc_n, input_precision=PREC)
+    # rows of different ids are disjoint, so one accumulator holds x_i Z_{A,p_i}ᵀ for every row
+    acc_n = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for p in range(p_lo, p_hi + 1):
+        sel = active & (ids == p)
+        if tl.max(sel.to(tl.int32), axis=0) > 0:  # only ids present: none at all for σ = 0 programs
+            seed = tl.load(seed_a_ptr + p)
+            for k0 in range(0, K, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk,
+                            mask=sel[:, None] & (rk[None, :] < K), other=0.0).to(tl.float32)
+                z = tl.randn(seed, rr[None, :] * K + rk[:, None])  # Z_A[r, k]; past K it meets x == 0
+                acc_n = tl.dot(x, z, acc_n, input_precision=PREC)
     idx = rm[:, None] * R + rr[None, :]
-    mask = (rm[:, None] < M) & (rr[None, :] < R)
+    mask = m_ok[:, None] & (rr[None, :] < R)
     tl.store(t_ptr + idx, acc, mask=mask)
     tl.store(tn_ptr + idx, acc_n, mask=mask)
 
 
-@triton.jit(do_not_specialize=["M", "R", "seed_b", "seed_w"])
-def _noisy_linear_kernel(x_ptr, w_ptr, bias_ptr, t_ptr, tn_ptr, b_ptr, sign_ptr, out_ptr,
-                         M, N, K, R, sxm, sxk, swn, swk, som, son, seed_b, seed_w, eps, scale,
+@triton.jit(do_not_specialize=["M", "R", "P", "id_stride"])
+def _noisy_linear_kernel(x_ptr, w_ptr, bias_ptr, t_ptr, tn_ptr, b_ptr, sign_ptr, id_ptr, seed_b_ptr, seed_w_ptr,
+                         eps_ptr, out_ptr, M, N, K, R, P, sxm, sxk, swn, swk, som, son, id_stride, scale,
                          HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_WNOISE: tl.constexpr,
                          LOW_PREC: tl.constexpr, PREC: tl.constexpr, GROUP_M: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -73,9 +100,8 @@ def _noisy_linear_kernel(x_ptr, w_ptr, bias_ptr, t_ptr, tn_ptr, b_ptr, sign_ptr,
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
-    se = tl.load(sign_ptr + rm, mask=m_ok, other=0).to(tl.float32) * eps  # σ_i ε
+    active, ids, se, p_lo, p_hi = _row_perturbations(sign_ptr, id_ptr, eps_ptr, rm, M, P, id_stride)  # se: σ_i ε_{p_i}
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_z = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < K
@@ -85,45 +111,70 @@ def _noisy_linear_kernel(x_ptr, w_ptr, bias_ptr, t_ptr, tn_ptr, b_ptr, sign_ptr,
             acc = tl.dot(x, w, acc)
         else:
             acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision=PREC)
-        if HAS_WNOISE:
-            z = tl.randn(seed_w, rn[None, :] * K + rk[:, None])  # Z_W[n, k] as a [BLOCK_K, BLOCK_N] tile
-            if LOW_PREC:
-                # x is exact in 16 bits; z = hi + lo keeps ~16 (bf16) / 22 (fp16) bits of z on tensor cores
-                z_hi = z.to(x.dtype)
-                z_lo = (z - z_hi.to(tl.float32)).to(x.dtype)
-                acc_z = tl.dot(x, z_hi, acc_z)
-                acc_z = tl.dot(x, z_lo, acc_z)
-            else:
-                acc_z = tl.dot(x.to(tl.float32), z, acc_z, input_precision=PREC)
     if HAS_WNOISE:
+        # acc_z[i] = x_i Z_{W,p_i}ᵀ: one Z_W tile per (K step, id present); the row scale σ_i ε_{p_i} is
+        # applied after the loop, so the 16-bit hi/lo split below multiplies exact operands
+        acc_z = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for p in range(p_lo, p_hi + 1):
+            sel = active & (ids == p)
+            if tl.max(sel.to(tl.int32), axis=0) > 0:
+                seed_w = tl.load(seed_w_ptr + p)
+                for k0 in range(0, K, BLOCK_K):
+                    rk = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = rk < K
+                    x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk, mask=sel[:, None] & k_ok[None, :],
+                                other=0.0)
+                    z = tl.randn(seed_w, rn[None, :] * K + rk[:, None])  # Z_W[n, k] as a [BLOCK_K, BLOCK_N] tile
+                    if LOW_PREC:
+                        # x is exact in 16 bits; z = hi + lo keeps ~16 (bf16) / 22 (fp16) bits of z on tensor cores
+                        z_hi = z.to(x.dtype)
+                        z_lo = (z - z_hi.to(tl.float32)).to(x.dtype)
+                        acc_z = tl.dot(x, z_hi, acc_z)
+                        acc_z = tl.dot(x, z_lo, acc_z)
+                    else:
+                        acc_z = tl.dot(x.to(tl.float32), z, acc_z, input_precision=PREC)
         acc += se[:, None] * acc_z
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA:
-        # scale * (t Bᵀ + σε t Z_Bᵀ), accumulated straight into acc, R_CHUNK ranks at a time: the B and
-        # Z_B tiles are [R_CHUNK, BLOCK_N], so a large rank costs loop trips, not registers (no spills).
+        # scale * t Bᵀ with t_i = x_i Aᵀ + σ_i ε x_i Z_{A,p_i}ᵀ, accumulated straight into acc, R_CHUNK ranks
+        # at a time: the B and Z_B tiles are [R_CHUNK, BLOCK_N], so a large rank costs loop trips, not
+        # registers (no spills). tn is 0 on σ = 0 rows.
         for r0 in range(0, R, R_CHUNK):
             rr = r0 + tl.arange(0, R_CHUNK)
             t_idx = rm[:, None] * R + rr[None, :]
             t_mask = m_ok[:, None] & (rr[None, :] < R)
             t = tl.load(t_ptr + t_idx, mask=t_mask, other=0.0) + se[:, None] * tl.load(tn_ptr + t_idx, mask=t_mask,
                                                                                         other=0.0)
-            t = t * scale
-            b_idx = rn[None, :] * R + rr[:, None]  # [R_CHUNK, BLOCK_N]: flat index of B[n, r]
-            b = tl.load(b_ptr + b_idx, mask=n_ok[None, :] & (rr[:, None] < R), other=0.0)
-            z_b = tl.randn(seed_b, b_idx)  # ranks past R meet t == 0
-            acc = tl.dot(t, b, acc, input_precision=PREC)
-            acc = tl.dot(t * se[:, None], z_b, acc, input_precision=PREC)
+            b = tl.load(b_ptr + rn[None, :] * R + rr[:, None], mask=n_ok[None, :] & (rr[:, None] < R), other=0.0)
+            acc = tl.dot(t * scale, b, acc, input_precision=PREC)
+        # + scale * σ_i ε t_i Z_{B,p_i}ᵀ: one Z_B tile per (rank chunk, id present), rows of other ids masked
+        for p in range(p_lo, p_hi + 1):
+            sel = active & (ids == p)
+            if tl.max(sel.to(tl.int32), axis=0) > 0:
+                seed_b = tl.load(seed_b_ptr + p)
+                for r0 in range(0, R, R_CHUNK):
+                    rr = r0 + tl.arange(0, R_CHUNK)
+                    t_idx = rm[:, None] * R + rr[None, :]
+                    t_mask = sel[:, None] & (rr[None, :] < R)
+                    t = tl.load(t_ptr + t_idx, mask=t_mask, other=0.0) + se[:, None] * tl.load(
+                        tn_ptr + t_idx, mask=t_mask, other=0.0)
+                    b_idx = rn[None, :] * R + rr[:, None]  # [R_CHUNK, BLOCK_N]: flat index of B[n, r]
+                    z_b = tl.randn(seed_b, b_idx)  # ranks past R meet t == 0
+                    acc = tl.dot(t * scale * se[:, None], z_b, acc, input_precision=PREC)
     tl.store(out_ptr + rm[:, None] * som + rn[None, :] * son, acc.to(out_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _noisy_lora_linear_triton(x, weight, lora_a, lora_b, signs, seed_a, seed_b, eps, scale, bias, weight_seed):
+def _noisy_lora_linear_triton(x, weight, lora_a, lora_b, signs, seed_a, seed_b, eps, scale, bias, weight_seed,
+                              perturbation_ids):
     k = x.shape[-1]
     n = weight.shape[0]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
+    tabs = perturbation_tables(seed_a, seed_b, eps, weight_seed, x.device)
+    ids, id_stride = row_ids(perturbation_ids, m, tabs.num, x.device)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out.reshape(*lead, n)
@@ -147,14 +198,14 @@ def _noisy_lora_linear_triton(x, weight, lora_a, lora_b, signs, seed_a, seed_b, 
         tn = torch.empty_like(t)
         dc = lora_down_config(m, k, r, x.dtype, target)
         _lora_down_kernel[dc.grid(m)](
-            x2, a, t, tn, m, k, r, x2.stride(0), x2.stride(1), int(seed_a),
-            PREC=F32_DOT_PRECISION, BLOCK_M=dc.block_m, BLOCK_K=dc.block_k, R_PAD=dc.r_pad,
+            x2, a, t, tn, signs, ids, tabs.seed_a, tabs.eps, m, k, r, tabs.num, x2.stride(0), x2.stride(1),
+            id_stride, PREC=F32_DOT_PRECISION, BLOCK_M=dc.block_m, BLOCK_K=dc.block_k, R_PAD=dc.r_pad,
             num_warps=dc.num_warps, num_stages=dc.num_stages)
     cfg = noisy_linear_config(m, n, k, r, x.dtype, weight.dtype, wnoise, target)
     _noisy_linear_kernel[cfg.grid(m, n)](
-        x2, weight, bias if bias is not None else out, t, tn, b, signs, out,
-        m, n, k, max(r, 1), x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
-        out.stride(1), int(seed_b), int(weight_seed) if wnoise else 0, float(eps), float(scale),
+        x2, weight, bias if bias is not None else out, t, tn, b, signs, ids, tabs.seed_b, tabs.seed_w, tabs.eps,
+        out, m, n, k, max(r, 1), tabs.num, x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
+        out.stride(0), out.stride(1), id_stride, float(scale),
         HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_WNOISE=wnoise, LOW_PREC=cfg.low_prec,
         PREC=F32_DOT_PRECISION, GROUP_M=cfg.group_m, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, R_CHUNK=cfg.r_chunk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -184,8 +235,5 @@ def noisy_lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tenso
                                      perturbation_ids=perturbation_ids, rows_by_id=rows_by_id)
     if impl != "triton":
         raise ValueError(f"unknown impl {impl!r}")
-    if perturbation_ids is not None or any(isinstance(v, (list, tuple, torch.Tensor))
-                                           for v in (seed_a, seed_b, eps, weight_seed)):
-        raise NotImplementedError("per-row perturbation ids in the Triton kernel: being built (issue 14)")
     return _noisy_lora_linear_triton(x, weight, lora_a, lora_b, signs, seed_a, seed_b, eps, scale, bias,
-                                     weight_seed)
+                                     weight_seed, perturbation_ids)
