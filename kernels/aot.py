@@ -201,38 +201,43 @@ def _attention_case(num_heads: int, num_kv_heads: int, head_dim: int, dtype: tor
 
 def noisy_linear_specs(m: int, n: int, k: int, r: int, x_dtype: torch.dtype, w_dtype: torch.dtype,
                        full_weight_noise: bool, arch: int, seed: int, has_bias: bool = False,
-                       label: str = "", benchmark: bool = False) -> list[CompileSpec]:
+                       label: str = "", benchmark: bool = False,
+                       perturbations: tuple[int, ...] = (1, 4)) -> list[CompileSpec]:
     """The kernels `noisy_lora_linear(impl="triton")` launches for x [m, k], W [n, k], LoRA rank r
-    (0: none): the LoRA down kernel (r > 0) and the noisy linear kernel."""
+    (0: none): the LoRA down kernel (r > 0) and the noisy linear kernel, once per entry of
+    `perturbations`: P = 1 is the id-less call (one zero id read with stride 0), P > 1 a launch with
+    per-row ids (stride 1). P, M, R and the id stride are not specialized and the seeds and ε live in
+    int64 / float32 tables (`seed` only labels the case), so all of these are one compile."""
     target = cuda_target(arch)
-    case = (("m", m), ("n", n), ("k", k), ("r", r), ("x_dtype", _DTYPE_NAMES[x_dtype]),
-            ("w_dtype", _DTYPE_NAMES[w_dtype]), ("full_weight_noise", full_weight_noise), ("seed_bits", _bits(seed)))
     prec = "tf32x3"  # kernels.lora.F32_DOT_PRECISION
+    i64, i32, f32 = torch.int64, torch.int32, torch.float32
     specs = []
     rr = max(r, 1)
-    if r > 0:
-        dc = lora_down_config(m, k, r, x_dtype, target)
+    for num_p in perturbations:
+        case = (("m", m), ("n", n), ("k", k), ("r", r), ("x_dtype", _DTYPE_NAMES[x_dtype]),
+                ("w_dtype", _DTYPE_NAMES[w_dtype]), ("full_weight_noise", full_weight_noise),
+                ("seed_bits", _bits(seed)), ("perturbations", num_p))
+        id_stride = 0 if num_p == 1 else 1
+        if r > 0:
+            dc = lora_down_config(m, k, r, x_dtype, target)
+            specs.append(CompileSpec(
+                "lora:_lora_down_kernel",
+                (_ptr(x_dtype), _ptr(f32), _ptr(f32), _ptr(f32), _ptr(f32), _ptr(i32), _ptr(i64), _ptr(f32),
+                 ("int", m), ("int", k), ("int", r), ("int", num_p), ("int", k), ("int", 1), ("int", id_stride)),
+                (("PREC", prec), ("BLOCK_M", dc.block_m), ("BLOCK_K", dc.block_k), ("R_PAD", dc.r_pad)),
+                dc.num_warps, dc.num_stages, arch, label, benchmark, case))
+        cfg = noisy_linear_config(m, n, k, r, x_dtype, w_dtype, full_weight_noise, target)
         specs.append(CompileSpec(
-            "lora:_lora_down_kernel",
-            (_ptr(x_dtype), _ptr(torch.float32), _ptr(torch.float32), _ptr(torch.float32),
-             ("int", m), ("int", k), ("int", r), ("int", k), ("int", 1), ("int", seed)),
-            (("PREC", prec), ("BLOCK_M", dc.block_m), ("BLOCK_K", dc.block_k), ("R_PAD", dc.r_pad)),
-            dc.num_warps, dc.num_stages, arch, label, benchmark, case))
-    cfg = noisy_linear_config(m, n, k, r, x_dtype, w_dtype, full_weight_noise, target)
-    specs.append(CompileSpec(
-        "lora:_noisy_linear_kernel",
-        (_ptr(x_dtype), _ptr(w_dtype), _ptr(w_dtype if has_bias else x_dtype), _ptr(torch.float32),
-         _ptr(torch.float32), _ptr(torch.float32), _ptr(torch.float32), _ptr(x_dtype),
-         ("int", m), ("int", n), ("int", k), ("int", rr), ("int", k), ("int", 1), ("int", k), ("int", 1),
-         ("int", n), ("int", 1), ("int", seed), ("int", seed if full_weight_noise else 0),
-         ("float", 1e-3), ("float", 2.0)),
-        (("HAS_BIAS", has_bias), ("HAS_LORA", r > 0), ("HAS_WNOISE", full_weight_noise), ("LOW_PREC", cfg.low_prec),
-         ("PREC", prec), ("GROUP_M", cfg.group_m), ("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n),
-         ("BLOCK_K", cfg.block_k), ("R_CHUNK", cfg.r_chunk)),
-        cfg.num_warps, cfg.num_stages, arch, label, benchmark, case))
+            "lora:_noisy_linear_kernel",
+            (_ptr(x_dtype), _ptr(w_dtype), _ptr(w_dtype if has_bias else x_dtype), _ptr(f32), _ptr(f32), _ptr(f32),
+             _ptr(f32), _ptr(i32), _ptr(i64), _ptr(i64), _ptr(f32), _ptr(x_dtype),
+             ("int", m), ("int", n), ("int", k), ("int", rr), ("int", num_p), ("int", k), ("int", 1), ("int", k),
+             ("int", 1), ("int", n), ("int", 1), ("int", id_stride), ("float", 2.0)),
+            (("HAS_BIAS", has_bias), ("HAS_LORA", r > 0), ("HAS_WNOISE", full_weight_noise),
+             ("LOW_PREC", cfg.low_prec), ("PREC", prec), ("GROUP_M", cfg.group_m), ("BLOCK_M", cfg.block_m),
+             ("BLOCK_N", cfg.block_n), ("BLOCK_K", cfg.block_k), ("R_CHUNK", cfg.r_chunk)),
+            cfg.num_warps, cfg.num_stages, arch, label, benchmark, case))
     return specs
-
-
 
 
 def extend_specs(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, page_size: int,

@@ -23,7 +23,8 @@ import torch
 
 __all__ = ["LaunchTarget", "INTERPRETER", "cuda_target", "target_of", "next_pow2", "NoisyLinearConfig",
            "noisy_linear_config", "LoraDownConfig", "lora_down_config", "ExtendConfig", "extend_attention_config",
-           "DecodeConfig", "decode_attention_config", "ElementwiseConfig", "zo_update_config", "randn_config"]
+           "DecodeConfig", "decode_attention_config", "ElementwiseConfig", "zo_update_config", "randn_config",
+           "NoiseNormConfig", "noise_norm_config"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -269,3 +270,19 @@ def randn_config(numel: int, target: LaunchTarget) -> ElementwiseConfig:
     """_randn_kernel writing `numel` normals."""
     _check_positive(numel=numel)
     return ElementwiseConfig(1024, 4)
+
+
+@dataclass(frozen=True)
+class NoiseNormConfig:
+    """_sq_sum_kernel (kernels/noise_norm.py): each program sums randn² over `chunk` consecutive
+    counters of one tensor, `block` at a time."""
+
+    block: int
+    chunk: int
+    num_warps: int
+
+
+def noise_norm_config(target: LaunchTarget) -> NoiseNormConfig:
+    """One program per 64k counters on CUDA (~8k programs for 5e8 noise elements: the float32
+    partial of a program sums <= 64 terms per lane); 16k in the interpreter (tests use tiny tensors)."""
+    return NoiseNormConfig(1024, 1 << 16, 4) if target.is_cuda else NoiseNormConfig(1024, 1 << 14, 4)

@@ -32,16 +32,15 @@ F32_DOT_PRECISION = "tf32x3"
 
 @triton.jit
 def _row_perturbations(sign_ptr, id_ptr, eps_ptr, rm, M, P, id_stride):
-    """Per row: (active = σ != 0, id, σ ε_id as float32), and the id range [p_lo, p_hi] of the active
-    rows (empty when none is active). Ids outside [0, P) are clamped out of the range (no noise)."""
+    """Per row: (active = σ != 0 and id in [0, P), id, σ ε_id as float32), and p_lo, the smallest id
+    among the active rows (P when none is: the id loops below then run no trip, no noise at all)."""
     m_ok = rm < M
     sign = tl.load(sign_ptr + rm, mask=m_ok, other=0).to(tl.float32)
     ids = tl.load(id_ptr + rm * id_stride, mask=m_ok, other=0)
     active = m_ok & (sign != 0.0) & (ids >= 0) & (ids < P)
     eps = tl.load(eps_ptr + ids, mask=active, other=0.0)
     p_lo = tl.min(tl.where(active, ids, P), axis=0)
-    p_hi = tl.max(tl.where(active, ids, -1), axis=0)
-    return active, ids, sign * eps, p_lo, p_hi
+    return active, ids, sign * eps, p_lo
 
 
 @triton.jit(do_not_specialize=["M", "R", "P", "id_stride"])
@@ -53,7 +52,7 @@ def _lora_down_kernel(x_ptr, a_ptr, t_ptr, tn_ptr, sign_ptr, id_ptr, seed_a_ptr,
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, R_PAD)
     m_ok = rm < M
-    active, ids, se, p_lo, p_hi = _row_perturbations(sign_ptr, id_ptr, eps_ptr, rm, M, P, id_stride)
+    active, ids, se, p_lo = _row_perturbations(sign_ptr, id_ptr, eps_ptr, rm, M, P, id_stride)
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
@@ -63,16 +62,17 @@ def _lora_down_kernel(x_ptr, a_ptr, t_ptr, tn_ptr, sign_ptr, id_ptr, seed_a_ptr,
         acc = tl.dot(x, a, acc, input_precision=PREC)
     # rows of different ids are disjoint, so one accumulator holds x_i Z_{A,p_i}ᵀ for every row
     acc_n = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for p in range(p_lo, p_hi + 1):
+    p = p_lo
+    while p < P:  # the ids present among the active rows, in increasing order
         sel = active & (ids == p)
-        if tl.max(sel.to(tl.int32), axis=0) > 0:  # only ids present: none at all for σ = 0 programs
-            seed = tl.load(seed_a_ptr + p)
-            for k0 in range(0, K, BLOCK_K):
-                rk = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk,
-                            mask=sel[:, None] & (rk[None, :] < K), other=0.0).to(tl.float32)
-                z = tl.randn(seed, rr[None, :] * K + rk[:, None])  # Z_A[r, k]; past K it meets x == 0
-                acc_n = tl.dot(x, z, acc_n, input_precision=PREC)
+        seed = tl.load(seed_a_ptr + p)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk,
+                        mask=sel[:, None] & (rk[None, :] < K), other=0.0).to(tl.float32)
+            z = tl.randn(seed, rr[None, :] * K + rk[:, None])  # Z_A[r, k]; past K it meets x == 0
+            acc_n = tl.dot(x, z, acc_n, input_precision=PREC)
+        p = tl.min(tl.where(active & (ids > p), ids, P), axis=0)
     idx = rm[:, None] * R + rr[None, :]
     mask = m_ok[:, None] & (rr[None, :] < R)
     tl.store(t_ptr + idx, acc, mask=mask)
@@ -100,7 +100,7 @@ def _noisy_linear_kernel(x_ptr, w_ptr, bias_ptr, t_ptr, tn_ptr, b_ptr, sign_ptr,
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
-    active, ids, se, p_lo, p_hi = _row_perturbations(sign_ptr, id_ptr, eps_ptr, rm, M, P, id_stride)  # se: σ_i ε_{p_i}
+    active, ids, se, p_lo = _row_perturbations(sign_ptr, id_ptr, eps_ptr, rm, M, P, id_stride)  # se: σ_i ε_{p_i}
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
@@ -115,24 +115,25 @@ def _noisy_linear_kernel(x_ptr, w_ptr, bias_ptr, t_ptr, tn_ptr, b_ptr, sign_ptr,
         # acc_z[i] = x_i Z_{W,p_i}ᵀ: one Z_W tile per (K step, id present); the row scale σ_i ε_{p_i} is
         # applied after the loop, so the 16-bit hi/lo split below multiplies exact operands
         acc_z = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for p in range(p_lo, p_hi + 1):
+        p = p_lo
+        while p < P:  # the ids present among the active rows, in increasing order
             sel = active & (ids == p)
-            if tl.max(sel.to(tl.int32), axis=0) > 0:
-                seed_w = tl.load(seed_w_ptr + p)
-                for k0 in range(0, K, BLOCK_K):
-                    rk = k0 + tl.arange(0, BLOCK_K)
-                    k_ok = rk < K
-                    x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk, mask=sel[:, None] & k_ok[None, :],
-                                other=0.0)
-                    z = tl.randn(seed_w, rn[None, :] * K + rk[:, None])  # Z_W[n, k] as a [BLOCK_K, BLOCK_N] tile
-                    if LOW_PREC:
-                        # x is exact in 16 bits; z = hi + lo keeps ~16 (bf16) / 22 (fp16) bits of z on tensor cores
-                        z_hi = z.to(x.dtype)
-                        z_lo = (z - z_hi.to(tl.float32)).to(x.dtype)
-                        acc_z = tl.dot(x, z_hi, acc_z)
-                        acc_z = tl.dot(x, z_lo, acc_z)
-                    else:
-                        acc_z = tl.dot(x.to(tl.float32), z, acc_z, input_precision=PREC)
+            seed_w = tl.load(seed_w_ptr + p)
+            for k0 in range(0, K, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                k_ok = rk < K
+                x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk, mask=sel[:, None] & k_ok[None, :],
+                            other=0.0)
+                z = tl.randn(seed_w, rn[None, :] * K + rk[:, None])  # Z_W[n, k] as a [BLOCK_K, BLOCK_N] tile
+                if LOW_PREC:
+                    # x is exact in 16 bits; z = hi + lo keeps ~16 (bf16) / 22 (fp16) bits of z on tensor cores
+                    z_hi = z.to(x.dtype)
+                    z_lo = (z - z_hi.to(tl.float32)).to(x.dtype)
+                    acc_z = tl.dot(x, z_hi, acc_z)
+                    acc_z = tl.dot(x, z_lo, acc_z)
+                else:
+                    acc_z = tl.dot(x.to(tl.float32), z, acc_z, input_precision=PREC)
+            p = tl.min(tl.where(active & (ids > p), ids, P), axis=0)
         acc += se[:, None] * acc_z
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -146,22 +147,17 @@ def _noisy_linear_kernel(x_ptr, w_ptr, bias_ptr, t_ptr, tn_ptr, b_ptr, sign_ptr,
             t_mask = m_ok[:, None] & (rr[None, :] < R)
             t = tl.load(t_ptr + t_idx, mask=t_mask, other=0.0) + se[:, None] * tl.load(tn_ptr + t_idx, mask=t_mask,
                                                                                         other=0.0)
-            b = tl.load(b_ptr + rn[None, :] * R + rr[:, None], mask=n_ok[None, :] & (rr[:, None] < R), other=0.0)
-            acc = tl.dot(t * scale, b, acc, input_precision=PREC)
-        # + scale * σ_i ε t_i Z_{B,p_i}ᵀ: one Z_B tile per (rank chunk, id present), rows of other ids masked
-        for p in range(p_lo, p_hi + 1):
-            sel = active & (ids == p)
-            if tl.max(sel.to(tl.int32), axis=0) > 0:
-                seed_b = tl.load(seed_b_ptr + p)
-                for r0 in range(0, R, R_CHUNK):
-                    rr = r0 + tl.arange(0, R_CHUNK)
-                    t_idx = rm[:, None] * R + rr[None, :]
-                    t_mask = sel[:, None] & (rr[None, :] < R)
-                    t = tl.load(t_ptr + t_idx, mask=t_mask, other=0.0) + se[:, None] * tl.load(
-                        tn_ptr + t_idx, mask=t_mask, other=0.0)
-                    b_idx = rn[None, :] * R + rr[:, None]  # [R_CHUNK, BLOCK_N]: flat index of B[n, r]
-                    z_b = tl.randn(seed_b, b_idx)  # ranks past R meet t == 0
-                    acc = tl.dot(t * scale * se[:, None], z_b, acc, input_precision=PREC)
+            t = t * scale
+            b_idx = rn[None, :] * R + rr[:, None]  # [R_CHUNK, BLOCK_N]: flat index of B[n, r]
+            b = tl.load(b_ptr + b_idx, mask=n_ok[None, :] & (rr[:, None] < R), other=0.0)
+            acc = tl.dot(t, b, acc, input_precision=PREC)
+            # + σ_i ε_{p_i} t_i Z_{B,p_i}ᵀ: one Z_B tile per id present, rows of other ids zeroed
+            ts = t * se[:, None]
+            p = p_lo
+            while p < P:
+                z_b = tl.randn(tl.load(seed_b_ptr + p), b_idx)  # ranks past R meet t == 0
+                acc = tl.dot(tl.where((ids == p)[:, None], ts, 0.0), z_b, acc, input_precision=PREC)
+                p = tl.min(tl.where(active & (ids > p), ids, P), axis=0)
     tl.store(out_ptr + rm[:, None] * som + rn[None, :] * son, acc.to(out_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 
