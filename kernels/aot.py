@@ -30,11 +30,11 @@ import torch
 
 from .attention import _dot_precision, _is_pow2, _page_shift
 from .launch_config import (cuda_target, decode_attention_config, extend_attention_config, lora_down_config,
-                            noisy_linear_config, randn_config, zo_update_config)
+                            noise_norm_config, noisy_linear_config, randn_config, zo_update_config)
 
 __all__ = ["CompileSpec", "Resources", "compile_spec", "SHARED_LIMIT", "noisy_linear_specs", "extend_specs",
-           "decode_specs", "zo_update_specs", "randn_specs", "specialization_key", "resources_row", "Distinct",
-           "dedupe", "compile_all", "expected_dot", "check_rows"]
+           "decode_specs", "zo_update_specs", "randn_specs", "noise_norm_specs", "specialization_key", "resources_row",
+           "Distinct", "dedupe", "compile_all", "expected_dot", "check_rows"]
 
 # Max dynamic shared memory per block (opt-in), bytes: sm_90 227 KiB, sm_80 163 KiB (CUDA guide, table 21).
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
@@ -309,6 +309,14 @@ def randn_specs(numel: int, seed: int, arch: int, label: str = "", benchmark: bo
         (("numel", numel), ("seed_bits", _bits(seed))))]
 
 
+def noise_norm_specs(arch: int, label: str = "", benchmark: bool = False) -> list[CompileSpec]:
+    """The kernel `perturbation_norms(impl="triton")` launches (one configuration for every input)."""
+    cfg = noise_norm_config(cuda_target(arch))
+    return [CompileSpec(
+        "noise_norm:_sq_sum_kernel", (_ptr(torch.int64), _ptr(torch.int32), _ptr(torch.int32), _ptr(torch.float32)),
+        (("BLOCK", cfg.block),), cfg.num_warps, 3, arch, label, benchmark, (("chunk", cfg.chunk),))]
+
+
 def resources_row(spec: CompileSpec, res: Resources) -> dict:
     seeds = ",".join(f"{k}:{v}" for k, v in res.signature.items() if k.startswith("seed") and v != "constexpr")
     config = spec.describe() + (f" {{{seeds}}}" if seeds else "")
@@ -380,7 +388,7 @@ def expected_dot(row: dict) -> tuple[str | None, str]:
     tensor-core dot, and why (where sm_90 gets mma instead of wgmma the reason is part of the row)."""
     const = row["constexprs"]
     kernel, arch = row["kernel"], row["arch"]
-    if kernel in ("_zo_update_kernel", "_randn_kernel", "_decode_merge_kernel"):
+    if kernel in ("_zo_update_kernel", "_randn_kernel", "_decode_merge_kernel", "_sq_sum_kernel"):
         return None, "no matrix multiply"
     if const.get("DOT_PRECISION") == "ieee":
         return None, "fp32 attention uses exact IEEE dots (FMA, no tensor cores) by design"

@@ -160,3 +160,13 @@ def test_benchmark_configurations_do_not_spill(report, arch):
     spills = [f"{r['kernel']} sm_{r['arch']} {r['config']}: {r['spill_stores']} B" for r in bench if r["spill_stores"]]
     assert not spills, "\n".join(spills)
     assert report["problems"] == []
+
+
+def test_noise_norm_kernel_compiles():
+    """perturbation_norms' kernel (not yet in the report's matrix): compiles for sm_90 and sm_80, no spills."""
+    code = ("import json; from kernels.aot import noise_norm_specs, compile_spec; "
+            "print(json.dumps([[s.arch, compile_spec(s).spill_stores] for a in (90, 80) for s in noise_norm_specs(a)]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [[90, 0], [80, 0]]
