@@ -4,7 +4,8 @@ A launch carries P perturbations; the kernels read perturbation p's Philox seeds
 from four device tables indexed by p, and each row's p from an int32 id tensor. The tables come from:
 
 - device tensors given by the caller (e.g. a per-step [tensors, P] seed table built once): used as
-  they are, no copy and no host sync;
+  they are, no copy and no host sync (start them 16-byte aligned, e.g. rows of an even P, or Triton
+  compiles the kernels once more for the unaligned pointers);
 - host values (ints, floats, lists, CPU tensors): packed into ONE int64 buffer, copied to the device
   in one transfer, and kept in a small LRU keyed by the values, so repeated launches with the same
   seeds (every unperturbed forward, both branches' layers across micro-batches) copy nothing.

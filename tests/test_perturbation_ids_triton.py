@@ -187,3 +187,18 @@ def test_bad_ids_are_refused(device):
         _run(p, "triton", False, perturbation_ids=torch.zeros(8))
     with pytest.raises(ValueError, match="lengths"):
         _run(p, "triton", False, seed_a=[1, 2, 3])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16/fp16 tensor-core paths need a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("r,full", [(8, False), (0, True), (64, True)])
+def test_low_precision_mixed_launch_on_gpu(dtype, r, full):
+    """The real CUDA tiles (64/128-row programs) with 4 ids interleaved and grouped, against the twin."""
+    for layout in ("interleaved", "grouped"):
+        p = _problem(300, 576, 1000, r, "cuda", layout)
+        p = {k: (v.to(dtype) if k in ("x", "weight", "bias") else v) for k, v in p.items()}
+        ref = _run(p, "torch", full)
+        got = _run(p, "triton", full)
+        rel = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
+        torch.testing.assert_close(got, ref, rtol=rel, atol=rel * 0.2 * float(ref.float().abs().max()))
