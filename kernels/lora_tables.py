@@ -71,6 +71,9 @@ def perturbation_tables(seed_a: Seeds, seed_b: Seeds, eps: Eps, weight_seed: See
     """The four device tables for one launch. Each argument is one value or P values; a tensor on
     ``device`` is used without a copy (broadcast on the device when it has one entry). ValueError when
     two arguments give different P > 1, or one gives none."""
+    if all(isinstance(v, (int, float)) for v in (seed_a, seed_b, eps)) and isinstance(weight_seed, (int, type(None))):
+        # the id-less launch (one perturbation, host scalars): straight to the cached table
+        return _packed(device, (_signed64(seed_a),), (_signed64(seed_b),), (_signed64(weight_seed or 0),), (float(eps),))
     given = {"seed_a": seed_a, "seed_b": seed_b, "eps": eps, "weight_seed": 0 if weight_seed is None else weight_seed}
     on_device = {k: isinstance(v, torch.Tensor) and v.device == device for k, v in given.items()}
     lengths = {k: (v.numel() if isinstance(v, torch.Tensor) else len(v) if isinstance(v, (list, tuple)) else 1)
