@@ -20,7 +20,7 @@ import torch
 
 from .lora_ref import Eps, Seeds
 
-__all__ = ["PerturbationTables", "perturbation_tables", "row_ids"]
+__all__ = ["PerturbationTables", "perturbation_tables", "row_ids", "host_to_device"]
 
 _M64 = (1 << 64) - 1
 _CACHE_SIZE = 1024  # distinct host tables kept on the device (a few hundred bytes each)
@@ -35,6 +35,15 @@ class PerturbationTables:
     seed_w: torch.Tensor
     eps: torch.Tensor
     num: int  # P
+
+
+def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small host tensor to ``device`` without a host sync: a plain (pageable, blocking) copy
+    makes torch synchronize the stream; a pinned non_blocking one is only queued (the caching host
+    allocator keeps the pinned block alive until the copy has run)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def _signed64(seed: int) -> int:
@@ -62,7 +71,7 @@ def _packed(device: torch.device, seeds_a: tuple, seeds_b: tuple, seeds_w: tuple
     host[1, :p] = torch.tensor(seeds_b, dtype=torch.int64)
     host[2, :p] = torch.tensor(seeds_w, dtype=torch.int64)
     host[3].view(torch.float32)[:p] = torch.tensor(eps, dtype=torch.float32)
-    dev = host.to(device)
+    dev = host_to_device(host, device)
     return PerturbationTables(dev[0], dev[1], dev[2], dev[3].view(torch.float32), p)
 
 
@@ -93,7 +102,7 @@ def perturbation_tables(seed_a: Seeds, seed_b: Seeds, eps: Eps, weight_seed: See
         if on_device[k]:
             t = v.reshape(-1).to(dtype)
         else:  # a host value next to device tables: a (small) copy of its own
-            t = torch.tensor(_host_values(v, float if k == "eps" else _signed64), dtype=dtype).to(device)
+            t = host_to_device(torch.tensor(_host_values(v, float if k == "eps" else _signed64), dtype=dtype), device)
         out[k] = (t.expand(p) if t.numel() == 1 else t).contiguous()
     return PerturbationTables(out["seed_a"], out["seed_b"], out["weight_seed"], out["eps"], p)
 
@@ -120,4 +129,6 @@ def row_ids(perturbation_ids: torch.Tensor | None, m: int, num: int, device: tor
     if ids.device.type == "cpu" and m and (int(ids.min()) < 0 or int(ids.max()) >= num):
         raise ValueError(f"perturbation_ids must lie in [0, {num}), got values in "
                          f"[{int(ids.min())}, {int(ids.max())}]")
+    if ids.device.type == "cpu":
+        return host_to_device(ids.to(torch.int32).contiguous(), device), 1
     return ids.to(device=device, dtype=torch.int32).contiguous(), 1

@@ -15,6 +15,7 @@ import torch
 
 from ._triton import tl, triton  # a stand-in when Triton is not installed
 from .launch_config import noise_norm_config, target_of
+from .lora_tables import host_to_device
 from .noise import randn
 
 __all__ = ["perturbation_norms"]
@@ -73,7 +74,7 @@ def _sq_sums_triton(tensor_seeds: Sequence[Sequence[int]], numels: Sequence[int]
     prog_count = torch.tensor(counts, dtype=torch.int32).repeat(num_p)
     partial = torch.empty(num_p * c, dtype=torch.float32, device=device)
     cfg = noise_norm_config(target_of(device))
-    _sq_sum_kernel[(num_p * c,)](prog_seed.to(device), prog_start.to(device), prog_count.to(device), partial,
+    _sq_sum_kernel[(num_p * c,)](*(host_to_device(t, device) for t in (prog_seed, prog_start, prog_count)), partial,
                                  BLOCK=cfg.block, num_warps=cfg.num_warps)
     return partial.view(num_p, c).double().sum(dim=1)
 
