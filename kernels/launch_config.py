@@ -119,6 +119,10 @@ def lora_down_config(m: int, k: int, r: int, x_dtype: torch.dtype, target: Launc
     # fp32 accumulators, and tf32x3 keeps hi/lo halves of each operand. On sm_90 BLOCK_K 64 spilled
     # at r 16 (108 B) and r 64 (2.7 KB); a BLOCK_K x R_PAD noise tile of <= 1024 elements does not.
     block_k = max(16, min(64, 512 // r_pad))
+    if target.arch < 90:
+        # sm_80 (mma.sync operands in registers): with the per-row perturbation ids, fp32 x at r <= 16
+        # and BLOCK_K 32 spilled 20 B (128 registers); BLOCK_K 16 does not (116)
+        block_k = max(16, min(64, 256 // r_pad))
     # BLOCK_M fixed at 64 (one Hopper warpgroup MMA): smaller row tiles would only add compiled
     # variants; x is tiny next to the noise tile, so padding rows costs nothing measurable.
     return LoraDownConfig(64, block_k, r_pad, 8 if r_pad >= 128 else 4, 3)
