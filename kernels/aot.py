@@ -30,11 +30,11 @@ import torch
 
 from .attention import _dot_precision, _is_pow2, _page_shift
 from .launch_config import (cuda_target, decode_attention_config, extend_attention_config, lora_down_config,
-                            noisy_linear_config, randn_config, zo_update_config)
+                            noise_norm_config, noisy_linear_config, randn_config, zo_update_config)
 
 __all__ = ["CompileSpec", "Resources", "compile_spec", "SHARED_LIMIT", "noisy_linear_specs", "extend_specs",
-           "decode_specs", "zo_update_specs", "randn_specs", "specialization_key", "resources_row", "Distinct",
-           "dedupe", "compile_all", "expected_dot", "check_rows"]
+           "decode_specs", "zo_update_specs", "randn_specs", "noise_norm_specs", "specialization_key", "resources_row",
+           "Distinct", "dedupe", "compile_all", "expected_dot", "check_rows"]
 
 # Max dynamic shared memory per block (opt-in), bytes: sm_90 227 KiB, sm_80 163 KiB (CUDA guide, table 21).
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
@@ -201,38 +201,43 @@ def _attention_case(num_heads: int, num_kv_heads: int, head_dim: int, dtype: tor
 
 def noisy_linear_specs(m: int, n: int, k: int, r: int, x_dtype: torch.dtype, w_dtype: torch.dtype,
                        full_weight_noise: bool, arch: int, seed: int, has_bias: bool = False,
-                       label: str = "", benchmark: bool = False) -> list[CompileSpec]:
+                       label: str = "", benchmark: bool = False,
+                       perturbations: tuple[int, ...] = (1, 4)) -> list[CompileSpec]:
     """The kernels `noisy_lora_linear(impl="triton")` launches for x [m, k], W [n, k], LoRA rank r
-    (0: none): the LoRA down kernel (r > 0) and the noisy linear kernel."""
+    (0: none): the LoRA down kernel (r > 0) and the noisy linear kernel, once per entry of
+    `perturbations`: P = 1 is the id-less call (one zero id read with stride 0), P > 1 a launch with
+    per-row ids (stride 1). P, M, R and the id stride are not specialized and the seeds and ε live in
+    int64 / float32 tables (`seed` only labels the case), so all of these are one compile."""
     target = cuda_target(arch)
-    case = (("m", m), ("n", n), ("k", k), ("r", r), ("x_dtype", _DTYPE_NAMES[x_dtype]),
-            ("w_dtype", _DTYPE_NAMES[w_dtype]), ("full_weight_noise", full_weight_noise), ("seed_bits", _bits(seed)))
     prec = "tf32x3"  # kernels.lora.F32_DOT_PRECISION
+    i64, i32, f32 = torch.int64, torch.int32, torch.float32
     specs = []
     rr = max(r, 1)
-    if r > 0:
-        dc = lora_down_config(m, k, r, x_dtype, target)
+    for num_p in perturbations:
+        case = (("m", m), ("n", n), ("k", k), ("r", r), ("x_dtype", _DTYPE_NAMES[x_dtype]),
+                ("w_dtype", _DTYPE_NAMES[w_dtype]), ("full_weight_noise", full_weight_noise),
+                ("seed_bits", _bits(seed)), ("perturbations", num_p))
+        id_stride = 0 if num_p == 1 else 1
+        if r > 0:
+            dc = lora_down_config(m, k, r, x_dtype, target)
+            specs.append(CompileSpec(
+                "lora:_lora_down_kernel",
+                (_ptr(x_dtype), _ptr(f32), _ptr(f32), _ptr(f32), _ptr(f32), _ptr(i32), _ptr(i64), _ptr(f32),
+                 ("int", m), ("int", k), ("int", r), ("int", num_p), ("int", k), ("int", 1), ("int", id_stride)),
+                (("PREC", prec), ("BLOCK_M", dc.block_m), ("BLOCK_K", dc.block_k), ("R_PAD", dc.r_pad)),
+                dc.num_warps, dc.num_stages, arch, label, benchmark, case))
+        cfg = noisy_linear_config(m, n, k, r, x_dtype, w_dtype, full_weight_noise, target)
         specs.append(CompileSpec(
-            "lora:_lora_down_kernel",
-            (_ptr(x_dtype), _ptr(torch.float32), _ptr(torch.float32), _ptr(torch.float32),
-             ("int", m), ("int", k), ("int", r), ("int", k), ("int", 1), ("int", seed)),
-            (("PREC", prec), ("BLOCK_M", dc.block_m), ("BLOCK_K", dc.block_k), ("R_PAD", dc.r_pad)),
-            dc.num_warps, dc.num_stages, arch, label, benchmark, case))
-    cfg = noisy_linear_config(m, n, k, r, x_dtype, w_dtype, full_weight_noise, target)
-    specs.append(CompileSpec(
-        "lora:_noisy_linear_kernel",
-        (_ptr(x_dtype), _ptr(w_dtype), _ptr(w_dtype if has_bias else x_dtype), _ptr(torch.float32),
-         _ptr(torch.float32), _ptr(torch.float32), _ptr(torch.float32), _ptr(x_dtype),
-         ("int", m), ("int", n), ("int", k), ("int", rr), ("int", k), ("int", 1), ("int", k), ("int", 1),
-         ("int", n), ("int", 1), ("int", seed), ("int", seed if full_weight_noise else 0),
-         ("float", 1e-3), ("float", 2.0)),
-        (("HAS_BIAS", has_bias), ("HAS_LORA", r > 0), ("HAS_WNOISE", full_weight_noise), ("LOW_PREC", cfg.low_prec),
-         ("PREC", prec), ("GROUP_M", cfg.group_m), ("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n),
-         ("BLOCK_K", cfg.block_k), ("R_CHUNK", cfg.r_chunk)),
-        cfg.num_warps, cfg.num_stages, arch, label, benchmark, case))
+            "lora:_noisy_linear_kernel",
+            (_ptr(x_dtype), _ptr(w_dtype), _ptr(w_dtype if has_bias else x_dtype), _ptr(f32), _ptr(f32), _ptr(f32),
+             _ptr(f32), _ptr(i32), _ptr(i64), _ptr(i64), _ptr(f32), _ptr(x_dtype),
+             ("int", m), ("int", n), ("int", k), ("int", rr), ("int", num_p), ("int", k), ("int", 1), ("int", k),
+             ("int", 1), ("int", n), ("int", 1), ("int", id_stride), ("float", 2.0)),
+            (("HAS_BIAS", has_bias), ("HAS_LORA", r > 0), ("HAS_WNOISE", full_weight_noise),
+             ("LOW_PREC", cfg.low_prec), ("PREC", prec), ("GROUP_M", cfg.group_m), ("BLOCK_M", cfg.block_m),
+             ("BLOCK_N", cfg.block_n), ("BLOCK_K", cfg.block_k), ("R_CHUNK", cfg.r_chunk)),
+            cfg.num_warps, cfg.num_stages, arch, label, benchmark, case))
     return specs
-
-
 
 
 def extend_specs(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, page_size: int,
@@ -302,6 +307,14 @@ def randn_specs(numel: int, seed: int, arch: int, label: str = "", benchmark: bo
         "noise:_randn_kernel", (_ptr(torch.float32), ("int", seed), ("int", 0), ("int", numel)),
         (("BLOCK", cfg.block),), cfg.num_warps, 3, arch, label, benchmark,
         (("numel", numel), ("seed_bits", _bits(seed))))]
+
+
+def noise_norm_specs(arch: int, label: str = "", benchmark: bool = False) -> list[CompileSpec]:
+    """The kernel `perturbation_norms(impl="triton")` launches (one configuration for every input)."""
+    cfg = noise_norm_config(cuda_target(arch))
+    return [CompileSpec(
+        "noise_norm:_sq_sum_kernel", (_ptr(torch.int64), _ptr(torch.int32), _ptr(torch.int32), _ptr(torch.float32)),
+        (("BLOCK", cfg.block),), cfg.num_warps, 3, arch, label, benchmark, (("chunk", cfg.chunk),))]
 
 
 def resources_row(spec: CompileSpec, res: Resources) -> dict:
@@ -375,7 +388,7 @@ def expected_dot(row: dict) -> tuple[str | None, str]:
     tensor-core dot, and why (where sm_90 gets mma instead of wgmma the reason is part of the row)."""
     const = row["constexprs"]
     kernel, arch = row["kernel"], row["arch"]
-    if kernel in ("_zo_update_kernel", "_randn_kernel", "_decode_merge_kernel"):
+    if kernel in ("_zo_update_kernel", "_randn_kernel", "_decode_merge_kernel", "_sq_sum_kernel"):
         return None, "no matrix multiply"
     if const.get("DOT_PRECISION") == "ieee":
         return None, "fp32 attention uses exact IEEE dots (FMA, no tensor cores) by design"

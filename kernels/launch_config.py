@@ -23,7 +23,8 @@ import torch
 
 __all__ = ["LaunchTarget", "INTERPRETER", "cuda_target", "target_of", "next_pow2", "NoisyLinearConfig",
            "noisy_linear_config", "LoraDownConfig", "lora_down_config", "ExtendConfig", "extend_attention_config",
-           "DecodeConfig", "decode_attention_config", "ElementwiseConfig", "zo_update_config", "randn_config"]
+           "DecodeConfig", "decode_attention_config", "ElementwiseConfig", "zo_update_config", "randn_config",
+           "NoiseNormConfig", "noise_norm_config"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -118,6 +119,10 @@ def lora_down_config(m: int, k: int, r: int, x_dtype: torch.dtype, target: Launc
     # fp32 accumulators, and tf32x3 keeps hi/lo halves of each operand. On sm_90 BLOCK_K 64 spilled
     # at r 16 (108 B) and r 64 (2.7 KB); a BLOCK_K x R_PAD noise tile of <= 1024 elements does not.
     block_k = max(16, min(64, 512 // r_pad))
+    if target.arch < 90:
+        # sm_80 (mma.sync operands in registers): with the per-row perturbation ids, fp32 x at r <= 16
+        # and BLOCK_K 32 spilled 20 B (128 registers); BLOCK_K 16 does not (116)
+        block_k = max(16, min(64, 256 // r_pad))
     # BLOCK_M fixed at 64 (one Hopper warpgroup MMA): smaller row tiles would only add compiled
     # variants; x is tiny next to the noise tile, so padding rows costs nothing measurable.
     return LoraDownConfig(64, block_k, r_pad, 8 if r_pad >= 128 else 4, 3)
@@ -269,3 +274,19 @@ def randn_config(numel: int, target: LaunchTarget) -> ElementwiseConfig:
     """_randn_kernel writing `numel` normals."""
     _check_positive(numel=numel)
     return ElementwiseConfig(1024, 4)
+
+
+@dataclass(frozen=True)
+class NoiseNormConfig:
+    """_sq_sum_kernel (kernels/noise_norm.py): each program sums randn² over `chunk` consecutive
+    counters of one tensor, `block` at a time."""
+
+    block: int
+    chunk: int
+    num_warps: int
+
+
+def noise_norm_config(target: LaunchTarget) -> NoiseNormConfig:
+    """One program per 64k counters on CUDA (~8k programs for 5e8 noise elements: the float32
+    partial of a program sums <= 64 terms per lane); 16k in the interpreter (tests use tiny tensors)."""
+    return NoiseNormConfig(1024, 1 << 16, 4) if target.is_cuda else NoiseNormConfig(1024, 1 << 14, 4)

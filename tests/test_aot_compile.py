@@ -5,10 +5,11 @@ bench/kernels_aot_report.py: each kernel at the configurations its launcher choo
 triton.compile(ASTSource, GPUTarget) and measured with the wheel's ptxas; the tests below assert on its
 JSON. That is the whole matrix of the issue (benchmark shapes and the SmolLM2 / LLaMA-1B / LLaMA-8B
 shapes, fp32/bf16/fp16, r 8/64, full-weight noise on/off, head_dim 64/128, groups 1-8, pages 1/16/64,
-every split count, 32- and 64-bit seeds) for sm_90 and sm_80: ~5,800 launcher cases that Triton
-specializes into 150 distinct compiles, done in a pool of 2 processes (~2-3 minutes on a quiet 2-core
-machine, see the header of bench/results/kernels_sm90_resources.md). The committed table comes from
-the same script.
+every split count, 32- and 64-bit seeds, launches with and without per-row perturbation ids) for sm_90
+and sm_80: ~11,800 launcher cases that Triton specializes into 142 distinct compiles (the seeds live in
+int64 tables, and P, M, R and the id stride are not specialized, so neither the seed width nor the ids
+add a compile), done in a pool of 2 processes (~2-3 minutes on a quiet 2-core machine, see the header
+of bench/results/kernels_sm90_resources.md). The committed table comes from the same script.
 """
 from __future__ import annotations
 
@@ -85,7 +86,13 @@ def test_matrix_covers_the_issue(report, arch):
     assert {("*fp32", "*fp32"), ("*bf16", "*bf16"), ("*fp16", "*fp16"), ("*bf16", "*fp32"), ("*fp16", "*fp32")} <= ptr_types
     modes = {(r["constexprs"]["HAS_LORA"], r["constexprs"]["HAS_WNOISE"]) for r in lin}
     assert {(True, False), (False, True), (True, True)} <= modes
-    assert {"i32", "i64"} <= {r["signature"]["seed_b"] for r in lin}  # 64-bit seeds (and 32-bit ones)
+    assert {r["signature"][k] for r in lin for k in ("seed_b_ptr", "seed_w_ptr")} == {"*i64"}  # seed tables
+    assert {32, 64} <= _covered(ok, "_noisy_linear_kernel", "seed_bits")  # 64-bit seeds (and 32-bit ones)
+    # every noisy-linear compile serves the id-less launch (P = 1) and a launch with ids (P = 4) alike
+    for r in ok:
+        if r["kernel"] in ("_noisy_linear_kernel", "_lora_down_kernel"):
+            assert r["covers"]["perturbations"] == [1, 4], r["config"]
+            assert r["signature"]["id_ptr"] == "*i32" and r["signature"]["P"] == "i32"
     assert {8, 64} <= _covered(ok, "_lora_down_kernel", "r") and {16, 64} <= {
         r["constexprs"]["R_PAD"] for r in ok if r["kernel"] == "_lora_down_kernel"}
     assert {1, 16, 64, 4096} <= _covered(ok, "_noisy_linear_kernel", "m")
@@ -114,7 +121,8 @@ def test_benchmark_matrix(report):
     """Even the default run covers both seed widths and both LoRA ranks of the benchmarks."""
     ok = [r for r in report["rows"] if r["ok"] and r["benchmark"]]
     lin = [r for r in ok if r["kernel"] == "_noisy_linear_kernel"]
-    assert {"i32", "i64"} <= {r["signature"]["seed_b"] for r in lin}
+    assert {32, 64} <= _covered(ok, "_noisy_linear_kernel", "seed_bits")
+    assert {1, 4} <= _covered(ok, "_noisy_linear_kernel", "perturbations")
     assert {(True, False), (False, True)} <= {(r["constexprs"]["HAS_LORA"], r["constexprs"]["HAS_WNOISE"]) for r in lin}
     assert {16, 64} <= {r["constexprs"]["R_PAD"] for r in ok if r["kernel"] == "_lora_down_kernel"}
     assert {2, 8, 32} <= _covered(ok, "_decode_merge_kernel", "num_kv_splits")
@@ -152,3 +160,13 @@ def test_benchmark_configurations_do_not_spill(report, arch):
     spills = [f"{r['kernel']} sm_{r['arch']} {r['config']}: {r['spill_stores']} B" for r in bench if r["spill_stores"]]
     assert not spills, "\n".join(spills)
     assert report["problems"] == []
+
+
+def test_noise_norm_kernel_compiles():
+    """perturbation_norms' kernel (not yet in the report's matrix): compiles for sm_90 and sm_80, no spills."""
+    code = ("import json; from kernels.aot import noise_norm_specs, compile_spec; "
+            "print(json.dumps([[s.arch, compile_spec(s).spill_stores] for a in (90, 80) for s in noise_norm_specs(a)]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [[90, 0], [80, 0]]

@@ -79,6 +79,7 @@ def test_interpreter_and_cuda_configs_differ_where_intended():
                                                     cuda_target(90)).low_prec
     assert lora_down_config(4096, 4096, 64, torch.bfloat16, cuda_target(90)).block_k == 16
     assert lora_down_config(4096, 4096, 8, torch.bfloat16, cuda_target(90)).block_k == 32
+    assert lora_down_config(4096, 4096, 8, torch.float32, cuda_target(80)).block_k == 16  # 32 spilled on sm_80
     assert extend_attention_config(4, 128, torch.bfloat16, 16, cuda_target(90)).block_m == 32
     # CUDA: one merge variant for every split count the launcher chooses; the interpreter pads tightly
     assert {decode_attention_config(4, 128, torch.bfloat16, 16, s, cuda_target(90)).splits_pad
