@@ -26,7 +26,7 @@ class PerturbationTable:
                              f"and {len(self.eps)} eps")
         for p, seed in enumerate(self.seeds):
             if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-                raise ValueError(f"perturbation {p}: seed={seed!r} must be an int in [0, 2**63)")
+                raise ValueError(f"perturbation {p}: step_seed={seed!r} (its sample seed) must be an int in [0, 2**63)")
         for p, eps in enumerate(self.eps):
             if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps):
                 raise ValueError(f"perturbation {p}: eps={eps!r} must be a finite number")

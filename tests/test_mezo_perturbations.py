@@ -242,7 +242,7 @@ def test_bad_input():
         launch_plan("fzoo", [1, 2], 1e-2)
     with pytest.raises(ValueError, match="as many eps as seeds"):
         PerturbationTable((1, 2), (1e-2,))
-    with pytest.raises(ValueError, match=r"perturbation 1: seed=-3"):
+    with pytest.raises(ValueError, match=r"perturbation 1: step_seed=-3"):
         PerturbationTable((1, -3), (1e-2, 1e-2))
 
     engine = make_engine()
