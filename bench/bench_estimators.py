@@ -42,6 +42,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=None, help="B (default 16; --quick 2)")
     ap.add_argument("--prefix-tokens", type=int, default=None, help="shared prompt length (default 256; --quick 32)")
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per side (default 3; --quick 1)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's; 1 on a shared machine avoids OpenMP stalls)")
     ap.add_argument("--quick", action="store_true", help="tiny random model, small batch (CI smoke test)")
     ap.add_argument("--out-dir", default=None, help="default bench/results/")
     args = ap.parse_args(argv)
@@ -112,7 +114,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     args.device = str(resolve_device(args.device))
-    payload = run(args)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        payload = run(args)
+    finally:
+        torch.set_num_threads(threads)  # a caller in the same process (the smoke test) keeps its own
     md = "\n".join(md_table(payload["table"], ["", "seconds", "steps/s (n perturbations)", "launches"]))
     md += (f"\n\nOne {args.n}-perturbation step costs {payload['cost_ratio_n_vs_1']:.2f}x a 1-perturbation step "
            f"({payload['speedup_vs_separate']:.2f}x faster than {args.n} separate steps); B = {args.batch_size}, "
