@@ -10,10 +10,10 @@ import torch
 
 from engine import Engine
 from engine.adapters import LoraSpec, lora_modules
+from engine.forward_batch import PerturbationTable
 from kernels import derive_seed, randn, zo_update_
 from kernels.noise_cache import clear_noise_cache, set_noise_cache_limit
 from kernels.noise_norm import perturbation_norms
-from engine.forward_batch import PerturbationTable
 
 from .config import MeZOConfig
 from .data import ClassificationExample, LMExample, load_examples
