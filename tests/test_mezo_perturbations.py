@@ -51,10 +51,16 @@ def _bound(encoded) -> int:
                                                           if len(c) > 1)
 
 
+_REF: dict[str, MeZOTrainer] = {}
+
+
 def _alone_losses(trainer: MeZOTrainer, encoded, theta, z, scale: float) -> list[float]:
     """Each example's loss run alone, unperturbed, on a torch-kernels engine at θ + scale·z."""
-    ref = make_engine(kernels="torch")
-    ref_trainer = MeZOTrainer(ref, trainer.config)
+    mode = trainer.config.mode
+    if mode not in _REF:  # one torch-kernels reference engine per mode, its trainable tensors set each time
+        _REF[mode] = MeZOTrainer(make_engine(kernels="torch"), MeZOConfig(mode=mode))
+    ref_trainer = _REF[mode]
+    ref = ref_trainer.engine
     ref.set_trainable({k: theta[k] + scale * z[k] for k in theta})
     out = []
     for ex in encoded:
@@ -70,7 +76,7 @@ def test_mixed_launch_rows_equal_explicit_perturbation(mode, kernels):
     per prefix depth, and every row's loss is that of the example alone at θ + σ ε_p z_p."""
     trainer = _trainer(mode, kernels)
     engine = trainer.engine
-    encoded = trainer.encode(_examples())
+    encoded = trainer.encode(_examples(2))
     branches = tuple((p, s) for p in range(4) for s in (1.0, -1.0)) + ((0, 0.0), (2, 0.0))
     plan = LaunchPlan(PerturbationTable(tuple(SEEDS), tuple(EPS)), branches)
     theta = snapshot(engine)
