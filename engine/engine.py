@@ -15,6 +15,7 @@ from .adapter_api import AdapterMixin
 from .attention_backend import AttentionBackend
 from .candidates import candidate_requests, candidate_token_logprobs
 from .kernel_choice import resolve_kernels
+from .forward_batch import PerturbationTable
 from .kv_pool import KVPool
 from .loader import load_config, load_state_dict, load_tokenizer, resolve_model
 from .model import CausalLM
@@ -415,27 +416,34 @@ class Engine(AdapterMixin):
         self.last_requests = reqs
         return [r.logits.cpu() for r in reqs]
 
-    def run_requests(self, requests: Sequence[Request], perturbation: tuple[int, float] | None = None) -> None:
-        """Run prepared requests to completion, optionally under a MeZO perturbation (step_seed, eps)
-        applied with each request's `sign`. Used by the MeZO trainer. ValueError (before anything runs)
-        for a step_seed outside [0, 2^63) (noise seeds are int64 Philox keys) or a non-finite eps."""
+    def run_requests(self, requests: Sequence[Request],
+                     perturbation: PerturbationTable | tuple[int, float] | None = None) -> None:
+        """Run prepared requests to completion, optionally under MeZO perturbations applied with each
+        request's `sign` and `perturbation_id`: a PerturbationTable (P sample seeds and eps), or one
+        perturbation as (step_seed, eps). Used by the MeZO trainer; submit requests grouped by
+        perturbation id (rows of one id then share the kernels' tiles). ValueError (before anything
+        runs) for a seed outside [0, 2^63) (noise seeds are int64 Philox keys), a non-finite eps, or
+        a request whose perturbation_id is not in [0, P)."""
+        table = None
         if perturbation is not None:
-            seed, eps = perturbation
-            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-                raise ValueError(f"perturbation step_seed={seed!r} must be an int in [0, 2**63)")
-            if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps):
-                raise ValueError(f"perturbation eps={eps!r} must be a finite number")
+            table = PerturbationTable.of(perturbation)
+            for i, req in enumerate(requests):
+                pid = req.perturbation_id
+                if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < table.size:
+                    raise ValueError(f"requests[{i}].perturbation_id={pid!r} must be an int in [0, {table.size}) "
+                                     f"(the launch carries {table.size} perturbation(s))")
         try:
             with self._abort_on_error():
                 for req in requests:
                     self.scheduler.add(req)
-                self.runner.perturbation = perturbation
+                self.runner.perturbation = table
                 self._run_to_completion(len(requests), use_tqdm=False)
         finally:
             self.runner.perturbation = None
 
     def new_request(self, ids: list[int], params: SamplingParams | None = None, **fields: Any) -> Request:
-        """A request in the current weight namespace (fields: score_from, keep_logits, sign, namespace)."""
+        """A request in the current weight namespace (fields: score_from, keep_logits, sign, perturbation_id,
+        namespace)."""
         score_from = fields.pop("score_from", None)
         req = self._make_request(ids, params or SamplingParams(max_tokens=1, temperature=0.0), score_from)
         for k, v in fields.items():

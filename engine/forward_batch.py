@@ -1,23 +1,86 @@
 """Metadata of one ragged, flattened forward pass (DESIGN §7)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 
-@dataclass
-class Perturbation:
-    """A MeZO perturbation carried by a forward pass: every row gets sign σ ∈ {+1, -1, 0}.
+@dataclass(frozen=True)
+class PerturbationTable:
+    """The perturbations of one launch (issue 14): perturbation p has sample seed ``seeds[p]`` (each
+    trainable tensor j perturbs by z = randn(derive_seed(seeds[p], j))) and step size ``eps[p]``.
 
-    The noise itself is never stored: each trainable tensor regenerates it from
-    `kernels.derive_seed(step_seed, tensor_index)` inside the matmul.
+    One entry is MeZO's two-branch launch; several carry n-SPSA samples or one-sided copies, each
+    request naming its own by ``Request.perturbation_id``.
     """
 
-    step_seed: int
-    eps: float
+    seeds: tuple[int, ...]
+    eps: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.seeds) != len(self.eps) or not self.seeds:
+            raise ValueError(f"PerturbationTable needs as many eps as seeds (>= 1), got {len(self.seeds)} seeds "
+                             f"and {len(self.eps)} eps")
+        for p, seed in enumerate(self.seeds):
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+                raise ValueError(f"perturbation {p}: step_seed={seed!r} (its sample seed) must be an int in [0, 2**63)")
+        for p, eps in enumerate(self.eps):
+            if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps):
+                raise ValueError(f"perturbation {p}: eps={eps!r} must be a finite number")
+
+    @property
+    def size(self) -> int:
+        return len(self.seeds)
+
+    @classmethod
+    def of(cls, spec: "PerturbationTable | tuple[int, float]") -> "PerturbationTable":
+        """A table from itself or from the single-perturbation form (seed, eps)."""
+        if isinstance(spec, cls):
+            return spec
+        if isinstance(spec, (tuple, list)) and len(spec) == 2:
+            seed, eps = spec
+            return cls((seed,), (eps,))
+        raise TypeError(f"perturbation must be a PerturbationTable or a (seed, eps) pair, got {spec!r}")
+
+
+@dataclass
+class Perturbation:
+    """The MeZO perturbations a forward pass carries: row t runs at θ + σ_t ε_{p_t} z_{p_t}.
+
+    The noise itself is never stored: trainable tensor j regenerates z_p from
+    `kernels.derive_seed(sample_seeds[p], j)` inside the matmul. With one perturbation ``token_ids``
+    and ``rows_by_id`` are None (every row is perturbation 0: the two-branch launch the Triton kernel
+    has always run); with P > 1 they say which rows use which.
+    """
+
+    sample_seeds: tuple[int, ...]  # [P]
+    eps: tuple[float, ...]  # [P]
     token_signs: torch.Tensor  # [T] float32, the sign of the sequence each token belongs to
+    token_ids: torch.Tensor | None = None  # [T] int32 perturbation id of each token (None: P == 1)
+    rows_by_id: list[torch.Tensor] | None = None  # P int64 tensors: rows with id p and σ != 0 (host-built)
+    _seeds: dict = field(default_factory=dict, repr=False)  # tensor index -> its P Philox seeds (per launch)
+
+    @property
+    def num_perturbations(self) -> int:
+        return len(self.sample_seeds)
+
+    @property
+    def step_seed(self) -> int:
+        """The sample seed of perturbation 0 (the single-perturbation name)."""
+        return self.sample_seeds[0]
+
+    def tensor_seeds(self, index: int) -> list[int]:
+        """derive_seed(seed_p, index) for every perturbation p, computed once per launch (the
+        attention and MLP linears of every layer ask for theirs on every forward)."""
+        seeds = self._seeds.get(index)
+        if seeds is None:
+            from kernels import derive_seed  # deferred: kernels loads triton
+
+            seeds = self._seeds[index] = [derive_seed(s, index) for s in self.sample_seeds]
+        return seeds
 
 
 @dataclass
@@ -59,11 +122,16 @@ def build_forward_batch(
     signs: list[float] | None = None,
     step_seed: int = 0,
     eps: float = 0.0,
+    perturbation_ids: list[int] | None = None,
+    table: PerturbationTable | None = None,
 ) -> ForwardBatch:
     """Flatten per-sequence new tokens into a ForwardBatch.
 
     `tokens[b]` are the NEW tokens of sequence b (their positions start at prefix_lens[b]);
     `logits_rows[b]` are indices into tokens[b] whose logits the caller needs.
+    With `signs`, the batch carries a perturbation: `table` (or the single (step_seed, eps)) and
+    each sequence's id in it (`perturbation_ids`, default all 0). The per-id row lists are built
+    here on the host, so no layer reads the ids back. ValueError for an id outside the table.
     """
     input_ids: list[int] = []
     positions: list[int] = []
@@ -71,6 +139,12 @@ def build_forward_batch(
     qo_indptr = [0]
     logits_indices: list[int] = []
     token_signs: list[float] = []
+    token_pids: list[int] = []
+    ptable = table if table is not None else PerturbationTable((int(step_seed),), (float(eps),))
+    pids = perturbation_ids if perturbation_ids is not None else [0] * len(tokens)
+    bad = [p for p in pids if not 0 <= p < ptable.size]
+    if signs is not None and bad:
+        raise ValueError(f"perturbation id {bad[0]} is outside the launch's table of {ptable.size} perturbations")
     for b, new in enumerate(tokens):
         start = prefix_lens[b]
         table = page_tables[b]
@@ -84,6 +158,7 @@ def build_forward_batch(
         qo_indptr.append(base + len(new))
         if signs is not None:
             token_signs.extend([signs[b]] * len(new))
+            token_pids.extend([pids[b]] * len(new))
     max_pages = max((len(t) for t in page_tables), default=1) or 1
     table_t = torch.zeros((len(tokens), max_pages), dtype=torch.int32)
     for b, table in enumerate(page_tables):
@@ -98,7 +173,15 @@ def build_forward_batch(
 
     perturbation = None
     if signs is not None:
-        perturbation = Perturbation(step_seed, eps, as_tensor(token_signs, torch.float32))
+        ids = rows = None
+        if ptable.size > 1:  # one perturbation keeps the id-less launch (every row is perturbation 0)
+            ids = as_tensor(token_pids, torch.int32)
+            active: list[list[int]] = [[] for _ in range(ptable.size)]
+            for t, (sign, p) in enumerate(zip(token_signs, token_pids)):
+                if sign != 0:
+                    active[p].append(t)
+            rows = [as_tensor(r, torch.int64) for r in active]
+        perturbation = Perturbation(ptable.seeds, ptable.eps, as_tensor(token_signs, torch.float32), ids, rows)
     return ForwardBatch(
         mode=mode,
         input_ids=as_tensor(input_ids, torch.int64),

@@ -11,7 +11,8 @@ class AdaptableLinear(torch.nn.Module):
     """y = x Wᵀ + b (+ s·x Aᵀ Bᵀ), with the noise of a perturbation added inside the kernel.
 
     Trainable tensors (LoRA A/B, or W itself in full-parameter mode) are fp32 and carry a global
-    `index` each: the noise seed of a tensor is `derive_seed(step_seed, index)`, nothing else.
+    `index` each: under perturbation p the noise seed of a tensor is `derive_seed(sample_seed_p, index)`,
+    nothing else.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
@@ -65,24 +66,34 @@ class AdaptableLinear(torch.nn.Module):
         return y
 
     def _noisy(self, x: torch.Tensor, perturbation: Perturbation | None) -> torch.Tensor:
-        from kernels import derive_seed, noisy_lora_linear  # deferred: triton loads only when needed
+        from kernels import noisy_lora_linear  # deferred: triton loads only when needed
 
         if perturbation is None:  # unperturbed: every row has σ = 0 (the noise terms vanish exactly)
             signs = torch.zeros(x.numel() // x.shape[-1], dtype=torch.float32, device=x.device)
-            step, eps = 0, 0.0
-        else:
-            signs, step, eps = perturbation.token_signs, perturbation.step_seed, perturbation.eps
+            return noisy_lora_linear(x, self.weight, self.lora_a, self.lora_b, signs=signs, seed_a=0, seed_b=0,
+                                     eps=0.0, scale=self.lora_scale, bias=self.bias, impl=self.kernels)
+        p = perturbation
+
+        def seeds(index: int) -> int | list[int]:
+            if index < 0:
+                return 0
+            s = p.tensor_seeds(index)
+            return s[0] if p.token_ids is None else s  # one perturbation: the id-less launch
+
+        eps = p.eps[0] if p.token_ids is None else list(p.eps)
         return noisy_lora_linear(
             x,
             self.weight,
             self.lora_a,
             self.lora_b,
-            signs=signs,
-            seed_a=derive_seed(step, self.index_a) if self.index_a >= 0 else 0,
-            seed_b=derive_seed(step, self.index_b) if self.index_b >= 0 else 0,
+            signs=p.token_signs,
+            seed_a=seeds(self.index_a),
+            seed_b=seeds(self.index_b),
             eps=eps,
             scale=self.lora_scale,
             bias=self.bias,
-            weight_seed=derive_seed(step, self.index_w) if self.index_w >= 0 and perturbation is not None else None,
+            weight_seed=seeds(self.index_w) if self.index_w >= 0 else None,
+            perturbation_ids=p.token_ids,
+            rows_by_id=p.rows_by_id,
             impl=self.kernels,
         )

@@ -24,6 +24,7 @@ class Request:
     namespace: Hashable = None
     score_from: int | None = None
     sign: float = 0.0  # MeZO branch of this sequence: +1, -1, or 0 (unperturbed)
+    perturbation_id: int = 0  # which perturbation of the launch's table (engine.forward_batch.PerturbationTable)
     keep_logits: bool = False  # scoring only: also keep the fp32 logits rows (tests, debugging)
     output_ids: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .attention_backend import AttentionBackend
-from .forward_batch import ForwardBatch, build_forward_batch
+from .forward_batch import ForwardBatch, PerturbationTable, build_forward_batch
 from .kv_pool import KVPool
 from .model import CausalLM
 from .scheduler import ScheduledBatch
@@ -17,7 +17,7 @@ class ModelRunner:
         self.model, self.pool, self.backend, self.device = model, pool, backend, device
         self.tokens_computed = 0
         self.forward_passes = 0
-        self.perturbation: tuple[int, float] | None = None  # (step_seed, eps) while MeZO branches run
+        self.perturbation: PerturbationTable | None = None  # the launch's perturbations while MeZO runs
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """fp32 logits of `batch.logits_indices`, in order."""
@@ -39,6 +39,7 @@ class ModelRunner:
                 rows.append(list(range(first - start, end)))
             else:
                 rows.append([len(new) - 1])
+        table = self.perturbation
         batch = build_forward_batch(
             scheduled.mode,
             tokens,
@@ -47,9 +48,9 @@ class ModelRunner:
             self.pool.page_size,
             rows,
             self.device,
-            signs=[r.sign for r in scheduled.requests] if self.perturbation is not None else None,
-            step_seed=self.perturbation[0] if self.perturbation is not None else 0,
-            eps=self.perturbation[1] if self.perturbation is not None else 0.0,
+            signs=[r.sign for r in scheduled.requests] if table is not None else None,
+            perturbation_ids=[r.perturbation_id for r in scheduled.requests] if table is not None else None,
+            table=table,
         )
         logits = self.forward(batch)
         out, offset = [], 0

@@ -33,6 +33,12 @@ class TrajectoryRecord:
     seeds: list[int] | None = None  # version >= 1: every sample seed of the step, one per gradient
     noise_version: int = NOISE_VERSION  # how seeds map to noise (mezo.seeds); lines without it are 0
     skipped: bool = False  # the run did not update at this step (non-finite loss or projected gradient)
+    # issue 14: what apply_update got (one per seed; older logs: None, the projected gradients were it),
+    # the estimator, its per-branch losses (launch order, mezo/estimators.py) and ‖z_k‖ when normalized
+    coefficients: list[float] | None = None
+    estimator: str = "spsa"
+    branch_losses: list[float] | None = None
+    norms: list[float] | None = None
 
 
 def drop_torn_tail(path: PathLike) -> None:

@@ -21,7 +21,12 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--eps", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--n-spsa", type=int, default=None)
+    p.add_argument("--n-spsa", type=int, default=None, help="perturbations per step (all in one launch)")
+    p.add_argument("--estimator", default=None, choices=["spsa", "one_sided"],
+                   help="spsa: MeZO's n-SPSA; one_sided: FZOO's batched one-sided estimate")
+    p.add_argument("--one-sided-std-scaling", action="store_true", default=None,
+                   help="one_sided: divide the step by the std of the perturbed losses (FZOO)")
+    p.add_argument("--normalize-perturbations", action="store_true", default=None, help="perturb by z/||z||")
     p.add_argument("--objective", default=None, choices=["classification", "lm", "accuracy", "f1"])
     p.add_argument("--eval-size", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=None)
@@ -41,7 +46,7 @@ def build_config(args: argparse.Namespace):
 
     overrides = dict(DEMO_OVERRIDES) if args.demo else {}
     for field in ("steps", "lr", "eps", "batch_size", "n_spsa", "objective", "eval_size", "eval_every",
-                  "checkpoint_every", "seed"):
+                  "checkpoint_every", "seed", "estimator", "one_sided_std_scaling", "normalize_perturbations"):
         value = getattr(args, field)
         if value is not None:
             overrides[field] = value

@@ -20,6 +20,7 @@ SCHEDULES = ("constant", "linear", "cosine")
 MODES = ("lora", "full")
 OBJECTIVES = ("classification", "lm", "accuracy", "f1")
 DTYPES = ("float32", "bfloat16", "float16")
+ESTIMATORS = ("spsa", "one_sided")  # mezo/estimators.py implements them
 
 
 def _is_int(v: Any) -> bool:
@@ -63,6 +64,10 @@ class MeZOConfig:
     seed: int = 0
     max_nonfinite: int = 5
     dtype: str = "float32"
+    estimator: str = "spsa"
+    one_sided_std_scaling: bool = False
+    one_sided_std_floor: float = 1e-6
+    normalize_perturbations: bool = False
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -91,6 +96,17 @@ class MeZOConfig:
                               ("objective", OBJECTIVES), ("dtype", DTYPES)):
             if getattr(self, name) not in choices:
                 raise bad(name, f"must be one of {choices}")
+        if self.estimator not in ESTIMATORS:
+            raise bad("estimator", f"unknown estimator; choose one of {ESTIMATORS}")
+        for name in ("one_sided_std_scaling", "normalize_perturbations"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be True or False")
+        if not _is_real(self.one_sided_std_floor) or self.one_sided_std_floor <= 0:
+            raise bad("one_sided_std_floor", "must be a finite number > 0")
+        if self.one_sided_std_scaling and (self.estimator != "one_sided" or self.n_spsa < 2):
+            raise bad("one_sided_std_scaling", f"needs estimator='one_sided' and n_spsa >= 2 (the std of the "
+                                               f"perturbed losses), got estimator={self.estimator!r}, "
+                                               f"n_spsa={self.n_spsa}")
         if self.objective in ("accuracy", "f1") and self.max_new_tokens < 1:
             raise bad("max_new_tokens", f"must be >= 1 for the generation objective {self.objective!r}")
 

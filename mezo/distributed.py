@@ -1,15 +1,16 @@
 """Data-parallel MeZO on torch.distributed (DESIGN §13): every rank holds the model, takes a contiguous
-shard of each step's global batch, runs both branches of its shard in one launch, and ONE all_reduce of
-a small float64 vector gives every rank the same L+ and L− (hence the same projected gradient g); the
-update, regenerated from the shared seeds, is then bit-identical on every rank.
+shard of each step's global batch, runs every branch of its shard (all perturbations of the step's
+estimator, mezo/estimators.py) in one launch, and ONE all_reduce of a small float64 vector gives every
+rank the same branch losses (hence the same projected gradients); the update, regenerated from the
+shared seeds, is then bit-identical on every rank.
 
-The vector has one slot per (SPSA sample, branch, global example): each rank fills its own examples'
+The vector has one slot per (branch, global example): each rank fills its own examples'
 slots and leaves the rest zero, so the reduced vector holds exactly the per-example losses a single
 process computes, and the batch mean is then taken in the same order as on one process (uneven shards
 are weighted correctly by construction; x + 0 is exact). Two more slots carry the example count (a check
 that the shards tile the batch) and a non-finite flag.
 
-n-SPSA is NOT spread over ranks: each rank runs every SPSA sample on its shard, so the result does not
+Perturbations are NOT spread over ranks: each rank runs every branch on its shard, so the result does not
 depend on the number of ranks, and a run checkpointed with N ranks resumes with M ranks.
 
 Only checkpoints add a collective (the consistency guard); evaluation adds one per evaluation.
@@ -30,6 +31,7 @@ from engine import Engine
 from kernels.noise_cache import clear_noise_cache
 
 from .config import MeZOConfig
+from .estimators import LaunchPlan
 from .objectives import EncodedExample, candidate_scores, generation_request, scoring_requests
 from .trainer import MeZOTrainer
 
@@ -197,35 +199,35 @@ class DistributedMeZOTrainer(MeZOTrainer):
         self.ctx = ctx
 
     # -- the step's one collective ----------------------------------------------------------------
-    def spsa_losses(self, encoded: list[EncodedExample], seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        n, batch = len(seeds), len(encoded)
+    def launch_losses(self, encoded: list[EncodedExample], plan: LaunchPlan) -> torch.Tensor:
+        """Every branch's batch-mean loss over the GLOBAL batch: this rank runs all branches of its
+        shard in one launch, then one all_reduce gathers the per-example losses of every branch."""
+        branches, batch = len(plan.branches), len(encoded)
         if batch < self.ctx.world_size:
             raise ValueError(f"a batch of {batch} examples cannot be sharded over {self.ctx.world_size} ranks")
         lo, hi = shard_range(batch, self.ctx.rank, self.ctx.world_size)
         shard = encoded[lo:hi]
-        # slots: [k, branch, example] losses, then tokens computed, the example count, the non-finite
+        # slots: [branch, example] losses, then tokens computed, the example count, the non-finite
         # flag, and one failure flag per rank (so a rank whose shard raised never leaves the others
         # waiting in this collective: every rank learns of it and raises)
         world = self.ctx.world_size
-        buf = torch.zeros(n * 2 * batch + 3 + world, dtype=torch.float64, device=self.ctx.comm_device)
-        slots = buf[:n * 2 * batch].view(n, 2, batch)
-        tail = buf[n * 2 * batch:]
+        buf = torch.zeros(branches * batch + 3 + world, dtype=torch.float64, device=self.ctx.comm_device)
+        slots = buf[:branches * batch].view(branches, batch)
+        tail = buf[branches * batch:]
         tokens_before = self.engine.runner.tokens_computed
         error: Exception | None = None
-        for k, seed in enumerate(seeds):
-            try:
-                per_branch = self.run_branches(shard, seed)
-                for b, sign in enumerate((1.0, -1.0)):
-                    slots[k, b, lo:hi] = self.example_losses(shard, per_branch[sign]).to(buf.device, torch.float64)
-            except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
-                error = err
-                break
-            except BaseException:  # an interrupt: torchrun stops every rank anyway
-                clear_noise_cache()
-                raise
-            finally:
-                self.engine.cache.reset()  # KV under perturbed weights is never reused, failed step or not
-        local = slots[:, :, lo:hi]
+        try:
+            per_branch = self.run_plan(shard, plan)
+            for b, reqs in enumerate(per_branch):
+                slots[b, lo:hi] = self.example_losses(shard, reqs).to(buf.device, torch.float64)
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            error = err
+        except BaseException:  # an interrupt: torchrun stops every rank anyway
+            clear_noise_cache()
+            raise
+        finally:
+            self.engine.cache.reset()  # KV under perturbed weights is never reused, failed step or not
+        local = slots[:, lo:hi]
         tail[0] = self.engine.runner.tokens_computed - tokens_before
         tail[1] = hi - lo
         tail[2] = (~torch.isfinite(local)).any().to(torch.float64)
@@ -246,8 +248,7 @@ class DistributedMeZOTrainer(MeZOTrainer):
         mean = (slots.sum(dim=-1) / batch).float() if self.config.objective in ("accuracy", "f1") \
             else slots.float().mean(dim=-1)
         losses = torch.where((tail[2] == 0) & count_ok, mean, nan)
-        device = self.engine.device
-        return losses[:, 0].to(device), losses[:, 1].to(device)
+        return losses.to(self.engine.device)
 
     def step(self, examples: Sequence[Any] | list[EncodedExample]) -> dict[str, Any]:
         """One data-parallel MeZO step on the GLOBAL batch; the record's tokens_computed counts every rank."""

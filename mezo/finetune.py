@@ -136,7 +136,10 @@ def finetune(engine: Engine, train: Any, eval: Any = None, config: MeZOConfig | 
                 trajectory.append(TrajectoryRecord(step=step, seed=record["seeds"][0],
                                                    projected_grad=record["projected_grad"], lr=record["lr"],
                                                    loss=record["loss"], seeds=list(record["seeds"]),
-                                                   noise_version=NOISE_VERSION, skipped=record["skipped"]))
+                                                   noise_version=NOISE_VERSION, skipped=record["skipped"],
+                                                   coefficients=record["coefficients"],
+                                                   estimator=record["estimator"],
+                                                   branch_losses=record["branch_losses"], norms=record["norms"]))
             if metrics_path is not None:
                 append_jsonl(metrics_path, {"kind": "train", **record})
             elapsed = time.perf_counter() - start_time
@@ -245,7 +248,11 @@ def _resume_or_start(engine: Engine, trainer: MeZOTrainer, config: MeZOConfig, c
 
 def replay_trajectory(engine: Engine, initial: dict[str, torch.Tensor], records: list[TrajectoryRecord],
                       config: MeZOConfig) -> dict[str, torch.Tensor]:
-    """Rebuild the trained tensors from the initial ones and the (seed, projected gradient) log.
+    """Rebuild the trained tensors from the initial ones and the (seed, update coefficient) log.
+
+    The coefficients are what the run gave `apply_update` (recorded since issue 14 for every
+    estimator: spsa, one_sided with or without std scaling, normalized perturbations); older records
+    carry only the projected gradients, which were their coefficients.
 
     Each record is replayed with the noise derivation it was recorded with (``noise_version``;
     version 0 logs, written before issue 12, replay exactly). ValueError for a record whose seeds
@@ -255,6 +262,8 @@ def replay_trajectory(engine: Engine, initial: dict[str, torch.Tensor], records:
     engine.set_trainable(initial)
     for rec in records:
         grads = rec.projected_grad if isinstance(rec.projected_grad, list) else [rec.projected_grad]
+        if rec.coefficients is not None:  # issue 14 logs: the update's coefficients, whatever the estimator
+            grads = list(rec.coefficients)
         if rec.skipped or not all(math.isfinite(g) for g in grads):
             continue  # the run skipped this step (older logs: only a non-finite gradient says so)
         tensor_seed = tensor_seed_fn(rec.noise_version)

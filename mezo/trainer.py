@@ -10,11 +10,14 @@ import torch
 
 from engine import Engine
 from engine.adapters import LoraSpec, lora_modules
+from engine.forward_batch import PerturbationTable
 from kernels import derive_seed, randn, zo_update_
 from kernels.noise_cache import clear_noise_cache, set_noise_cache_limit
+from kernels.noise_norm import perturbation_norms
 
 from .config import MeZOConfig
 from .data import ClassificationExample, LMExample, load_examples
+from .estimators import LaunchPlan, check_kv_budget, estimate, launch_plan
 from .seeds import step_seed  # noqa: F401  (re-exported: mezo.trainer.step_seed)
 from .objectives import (EncodedExample, encode, example_loss, generation_metric, generation_request,
                          scoring_requests, summarize)
@@ -71,12 +74,14 @@ def attach_trainable(engine: Engine, config: MeZOConfig) -> None:
 
 
 class MeZOTrainer:
-    """Zeroth-order training of the engine's trainable tensors (LoRA by default) with n-SPSA.
+    """Zeroth-order training of the engine's trainable tensors (LoRA by default).
 
-    A step draws a seed, runs the batch under +εz and −εz as ONE set of engine requests
-    (per-sequence signs; within a branch the examples share their common prompt KV through the
-    radix cache, namespaced by (seed, branch)), forms g = (L+ − L−)/2ε on the device and applies
-    p ← p − lr·(g·z + wd·p) with the in-place kernel that regenerates z.
+    A step draws n sample seeds and runs every branch its estimator needs (n-SPSA: ±εz_k for each
+    k; one_sided: +εz_k for each k and the unperturbed model) as ONE set of engine requests
+    (per-sequence perturbation id and sign; within a branch the examples share their common prompt
+    KV through the radix cache, namespaced by (seed, sign)), forms the estimate on the device
+    (mezo/estimators.py) and applies p ← p − lr·(Σ_k c_k z_k + wd·p) with the in-place kernel that
+    regenerates z.
     """
 
     def __init__(self, engine: Engine, config: MeZOConfig | None = None):
@@ -123,42 +128,52 @@ class MeZOTrainer:
 
     def branch_losses(self, examples: Sequence[Example] | list[EncodedExample], seed: int,
                       eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch-mean losses at θ+εz and θ−εz (0-d fp32 tensors), from one run of both branches."""
-        encoded = self._encoded(examples)
+        """Batch-mean losses at θ+εz and θ−εz (0-d fp32 tensors) of one perturbation, from one run of
+        both branches."""
+        eps = self.config.eps if eps is None else eps
+        plan = LaunchPlan(PerturbationTable((seed,), (float(eps),)), ((0, 1.0), (0, -1.0)))
+        losses = self.launch_losses(self._encoded(examples), plan)
+        return losses[0], losses[1]
+
+    def launch_losses(self, encoded: list[EncodedExample], plan: LaunchPlan) -> torch.Tensor:
+        """Batch-mean loss of every branch of `plan` (fp32 [len(plan.branches)], on the device), all
+        branches in ONE run of requests. The hook that data-parallel training (mezo/distributed.py)
+        overrides. The prefix cache is reset afterwards: KV under perturbed weights is never reused."""
         try:
             # run_requests aborts its requests and resets the perturbation itself if it raises
-            per_branch = self.run_branches(encoded, seed, eps)
-            losses = [self._batch_loss(encoded, per_branch[s]) for s in (1.0, -1.0)]
+            per_branch = self.run_plan(encoded, plan)
+            return torch.stack([self._batch_loss(encoded, reqs) for reqs in per_branch])
         except BaseException:
             clear_noise_cache()  # nothing of the failed step (its z) outlives it
             raise
         finally:
-            self.engine.cache.reset()  # KV under perturbed weights is never reused, failed step or not
-        return losses[0], losses[1]
+            self.engine.cache.reset()  # failed step or not
 
-    def run_branches(self, encoded: list[EncodedExample], seed: int, eps: float | None = None) -> dict[float, list]:
-        """Run both branches of `encoded` under seed's ±εz as one set of requests; returns each
-        branch's (sign ±1.0) per-example request groups. The caller resets the cache afterwards."""
-        eps = self.config.eps if eps is None else eps
-        per_branch = {}
-        all_reqs = []
-        for sign in (1.0, -1.0):
-            namespace = ("mezo", seed, sign)
+    def plan_requests(self, encoded: list[EncodedExample], plan: LaunchPlan) -> list[list[list]]:
+        """Per branch, per example, the requests of `encoded` under that branch (sign, perturbation id
+        and the branch's namespace), branches in plan order (grouped by perturbation id)."""
+        out = []
+        for b, (pid, sign) in enumerate(plan.branches):
+            namespace = plan.namespace(b)
             if self.config.objective in ("accuracy", "f1"):
-                reqs = [[generation_request(self.engine, ex, sign, namespace, self.config.max_new_tokens)]
-                        for ex in encoded]
+                groups = [[generation_request(self.engine, ex, sign, namespace, self.config.max_new_tokens)]
+                          for ex in encoded]
             else:
-                reqs = [scoring_requests(self.engine, ex, sign, namespace) for ex in encoded]
-            per_branch[sign] = reqs
-            all_reqs.extend(r for group in reqs for r in group)
-        self.engine.run_requests(all_reqs, perturbation=(seed, eps))
-        return per_branch
+                groups = [scoring_requests(self.engine, ex, sign, namespace) for ex in encoded]
+            for group in groups:
+                for req in group:
+                    req.perturbation_id = pid
+            out.append(groups)
+        return out
 
-    def spsa_losses(self, encoded: list[EncodedExample], seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """L+ and L− of the batch for each SPSA seed: two fp32 tensors of shape [len(seeds)].
-        The hook that data-parallel training (mezo/distributed.py) overrides."""
-        pairs = [self.branch_losses(encoded, seed) for seed in seeds]
-        return torch.stack([p for p, _ in pairs]), torch.stack([m for _, m in pairs])
+    def run_plan(self, encoded: list[EncodedExample], plan: LaunchPlan) -> list[list[list]]:
+        """Run every branch of `plan` over `encoded` as one set of requests (one launch per prefix
+        depth); returns `plan_requests`' groups, finished. ValueError (before anything runs) when the
+        branches' KV does not fit the pool. The caller resets the cache afterwards."""
+        per_branch = self.plan_requests(encoded, plan)
+        check_kv_budget(self.engine, per_branch, self.config)
+        self.engine.run_requests([r for groups in per_branch for g in groups for r in g], perturbation=plan.table)
+        return per_branch
 
     def _encoded(self, examples) -> list[EncodedExample]:
         if examples and isinstance(examples[0], EncodedExample):
@@ -182,26 +197,50 @@ class MeZOTrainer:
         return losses.mean()
 
     # -- one step -----------------------------------------------------------------------------
+    def perturbation_norms(self, seeds: Sequence[int]) -> torch.Tensor:
+        """float64 [len(seeds)] on the engine's device: ‖z_k‖ over all trainable tensors, by one extra
+        pass of the generator (kernels.noise_norm; the engine's kernels switch picks the path)."""
+        numels = [p.numel() for p in self.params.values()]
+        tensor_seeds = [[derive_seed(s, j) for j in range(len(numels))] for s in seeds]
+        return perturbation_norms(tensor_seeds, numels, device=self.engine.device, impl=self.engine.kernels)
+
     def step(self, examples: Sequence[Example] | list[EncodedExample]) -> dict[str, Any]:
-        """One n-SPSA MeZO step on a batch; returns the step's log record."""
+        """One MeZO step on a batch with ``config.estimator``; returns the step's log record.
+
+        The record holds what replays the step (`mezo.finetune.replay_trajectory`): the sample
+        seeds, the update ``coefficients`` given to `apply_update`, the ``estimator``, the per-branch
+        losses (launch order: spsa (k, +), (k, −) for each k; one_sided (k, +) for each k, then the
+        unperturbed copy) and, when normalized, ``norms`` (‖z_k‖).
+        """
         cfg = self.config
         if self._torn_update is not None:
             raise RuntimeError(self._torn_update)
         encoded = self._encoded(examples)
         tokens_before = self.engine.runner.tokens_computed
         seeds = [step_seed(cfg.seed, self.step_count, k) for k in range(cfg.n_spsa)]
-        loss_plus, loss_minus = self.spsa_losses(encoded, seeds)
-        g = (loss_plus - loss_minus) / (2 * cfg.eps) / cfg.n_spsa  # n-SPSA averages the n estimates
-        loss = ((loss_plus + loss_minus) / 2).mean()
+        norms = norm_values = None
+        if cfg.normalize_perturbations:
+            norms = self.perturbation_norms(seeds)
+            norm_values = norms.tolist()  # the launch takes ε/‖z_k‖ as scalars: a second host read
+        plan = launch_plan(cfg.estimator, seeds, cfg.eps, norm_values)
+        # (the place for work on the step's noise ahead of its launch: plan.table holds its seeds)
+        losses = self.launch_losses(encoded, plan)
+        est = estimate(cfg.estimator, losses, cfg.n_spsa, cfg.eps, norms, cfg.one_sided_std_scaling,
+                       cfg.one_sided_std_floor)
         lr = cfg.lr_at(self.step_count)
-        # the step's one host sync: the logged loss and projected gradients come back together
-        loss_value, *g_values = torch.cat([loss.reshape(1), g]).tolist()
-        finite = all(math.isfinite(v) for v in (loss_value, *g_values))
+        n = cfg.n_spsa
+        # the step's one host sync: the logged loss, projected gradients, coefficients and losses together
+        values = torch.cat([est.loss.reshape(1).float(), est.projected_grad.float(), est.coefficients.float(),
+                            losses.float()]).tolist()
+        loss_value, g_values, coeffs, branch_values = values[0], values[1:1 + n], values[1 + n:1 + 2 * n], values[1 + 2 * n:]
+        finite = all(math.isfinite(v) for v in (loss_value, *g_values, *coeffs))
         record = {"step": self.step_count, "seeds": seeds, "projected_grad": g_values, "lr": lr,
                   "loss": loss_value, "skipped": not finite,
-                  "tokens_computed": self.engine.runner.tokens_computed - tokens_before}
+                  "tokens_computed": self.engine.runner.tokens_computed - tokens_before,
+                  "estimator": cfg.estimator, "coefficients": coeffs, "branch_losses": branch_values,
+                  "norms": norm_values}
         if finite:
-            self.apply_update(seeds, g, lr)
+            self.apply_update(seeds, est.coefficients, lr)
             self._consecutive_nonfinite = 0
         else:
             clear_noise_cache()  # the skipped step's z is never used again either

@@ -85,14 +85,14 @@ def _three_steps(kernels: str, mode: str, few_shot: bool, device: str):
     trainer = MeZOTrainer(eng, MeZOConfig(mode=mode, eps=1e-2, lr=lr, seed=3))
     if mode == "lora":
         randomize_lora_b(eng)
-    branch, original = [], trainer.branch_losses
+    branch, original = [], trainer.launch_losses
 
     def spy(*args, **kw):
         out = original(*args, **kw)
         branch.append(tuple(float(x) for x in out))
         return out
 
-    trainer.branch_losses = spy
+    trainer.launch_losses = spy
     before = snapshot(eng)
     encoded = trainer.encode(_examples(FEW_SHOT if few_shot else ""))
     records = [trainer.step(encoded) for _ in range(3)]

@@ -27,19 +27,19 @@ def _config(**kw):
 @pytest.fixture
 def calls(monkeypatch):
     """Counts MeZO steps and branch runs (class-level: finetune builds its own trainer)."""
-    counts = {"step": 0, "branch_losses": 0}
-    step, branch = MeZOTrainer.step, MeZOTrainer.branch_losses
+    counts = {"step": 0, "launch_losses": 0}
+    step, branch = MeZOTrainer.step, MeZOTrainer.launch_losses
 
     def counting_step(self, *a, **k):
         counts["step"] += 1
         return step(self, *a, **k)
 
     def counting_branch(self, *a, **k):
-        counts["branch_losses"] += 1
+        counts["launch_losses"] += 1
         return branch(self, *a, **k)
 
     monkeypatch.setattr(MeZOTrainer, "step", counting_step)
-    monkeypatch.setattr(MeZOTrainer, "branch_losses", counting_branch)
+    monkeypatch.setattr(MeZOTrainer, "launch_losses", counting_branch)
     return counts
 
 
@@ -60,7 +60,7 @@ BAD_ROWS = {
 
 
 def _assert_nothing_started(out, counts, engine, before):
-    assert counts == {"step": 0, "branch_losses": 0}
+    assert counts == {"step": 0, "launch_losses": 0}
     assert not (out / "checkpoints").exists() and not (out / "trajectory.jsonl").exists()
     assert not (out / "adapter").exists()
     for k, v in engine.trainable_parameters().items():
@@ -144,15 +144,15 @@ def test_trainer_step_rejects_bad_examples_before_any_forward(example, message):
 
 
 def _nan_branches(monkeypatch, bad_steps, value=float("nan")):
-    """branch_losses returns non-finite losses at the given (0-based) steps, real ones otherwise."""
-    real = MeZOTrainer.branch_losses
+    """launch_losses returns non-finite losses at the given (0-based) steps, real ones otherwise."""
+    real = MeZOTrainer.launch_losses
 
-    def fake(self, examples, seed, eps=None):
+    def fake(self, encoded, plan):
         if self.step_count in bad_steps:
-            return torch.tensor(value), torch.tensor(1.0)
-        return real(self, examples, seed, eps)
+            return torch.tensor([value, 1.0])
+        return real(self, encoded, plan)
 
-    monkeypatch.setattr(MeZOTrainer, "branch_losses", fake)
+    monkeypatch.setattr(MeZOTrainer, "launch_losses", fake)
 
 
 def test_nonfinite_step_is_skipped_counted_and_aborts_after_max(monkeypatch):

@@ -31,14 +31,14 @@ def _run_step(candidates: tuple[str, ...], enable_prefix_cache: bool, device: st
     randomize_lora_b(engine)
     encoded = trainer.encode(classification_examples(long_prefix(tokenizer()), list(candidates), n=N_EXAMPLES))
     seen = []
-    original = trainer.branch_losses
+    original = trainer.launch_losses
 
     def spy(*args, **kw):
         out = original(*args, **kw)
         seen.append(tuple(float(x) for x in out))
         return out
 
-    trainer.branch_losses = spy
+    trainer.launch_losses = spy
     record = trainer.step(encoded)
     assert len(seen) == 1 and not record["skipped"]
     return record, seen[0], snapshot(engine), encoded

@@ -1,0 +1,138 @@
+"""One n-SPSA step with n perturbations in ONE launch vs n single-perturbation steps (issue 14).
+
+Both sides train the same engine weights on the same batch (B classification examples behind a
+shared few-shot prompt): "n in one launch" is one `MeZOTrainer.step` with n_spsa = n (2n branches,
+one launch per prefix depth, every weight read once per launch); "n separate" is n steps with
+n_spsa = 1 (what n perturbations cost before issue 14). Reported: seconds per call, steps/s, and the
+ratio of one n-perturbation step to one 1-perturbation step (the issue's target on a GPU: <= 1.5 at
+B = 16, n = 4). Timing: `bench.common.bench_seconds`; results: `bench.common.write_results`.
+
+    python -m bench.bench_estimators --model smollm2-135m          # a real checkpoint, B = 16, n = 4
+    python -m bench.bench_estimators --random-config smollm2       # SmolLM2-135M's shape, random weights
+    python -m bench.bench_estimators --quick                        # tiny random model (CI smoke test)
+"""
+from __future__ import annotations
+
+import argparse
+import random
+from typing import Any, Sequence
+
+import torch
+
+from bench.common import bench_seconds, md_table, resolve_device, write_results
+from bench.model_shapes import LLAMA_SHAPES
+from bench.synthetic import FIRST, SyntheticTokenizer
+from engine import Engine
+from mezo import ClassificationExample, MeZOConfig, MeZOTrainer
+
+VOCAB = 4096  # random-config models
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="built-in name or HF dir, e.g. smollm2-135m")
+    src.add_argument("--random-config", choices=sorted(LLAMA_SHAPES), default=None,
+                     help="random weights of this shape with a synthetic tokenizer")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ap.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"])
+    ap.add_argument("--mode", default="lora", choices=["lora", "full"])
+    ap.add_argument("--n", type=int, default=None, help="perturbations per step (default 4; --quick 2)")
+    ap.add_argument("--batch-size", type=int, default=None, help="B (default 16; --quick 2)")
+    ap.add_argument("--prefix-tokens", type=int, default=None, help="shared prompt length (default 256; --quick 32)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed calls per side (default 3; --quick 1)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's; 1 on a shared machine avoids OpenMP stalls)")
+    ap.add_argument("--quick", action="store_true", help="tiny random model, small batch (CI smoke test)")
+    ap.add_argument("--out-dir", default=None, help="default bench/results/")
+    args = ap.parse_args(argv)
+    if args.model is None and args.random_config is None:
+        args.random_config = "tiny" if args.quick else None
+        args.model = None if args.quick else "smollm2-135m"
+    for key, full, quick in (("n", 4, 2), ("batch_size", 16, 2), ("prefix_tokens", 256, 32), ("repeats", 3, 1)):
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
+    if min(args.n, args.batch_size, args.prefix_tokens, args.repeats) < 1:
+        ap.error("--n, --batch-size, --prefix-tokens and --repeats must be >= 1")
+    return args
+
+
+def _engine(args: argparse.Namespace) -> tuple[Engine, list[ClassificationExample]]:
+    rng = random.Random(0)
+    kw = dict(device=args.device, dtype=args.dtype, kernels=args.kernels)
+    if args.random_config is not None:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=4096, **LLAMA_SHAPES[args.random_config])
+        engine = Engine.from_hf(LlamaForCausalLM(cfg).eval(), SyntheticTokenizer(VOCAB), **kw)
+        words = lambda n: " ".join(str(rng.randrange(FIRST + 5, VOCAB)) for _ in range(n))  # noqa: E731
+        cands = [f" {FIRST + i}" for i in range(5)]
+        head, tail = words(1), ""
+    else:
+        engine = Engine(args.model, **kw)
+        vocab = ["market", "match", "film", "vote", "phone", "team", "bank", "song", "court", "chip", "goal", "law"]
+        words = lambda n: " ".join(rng.choice(vocab) for _ in range(n))  # noqa: E731
+        cands = [" business", " sport", " tech", " politics", " entertainment"]
+        head, tail = "Headline:", "\nTopic:"
+    prefix = words(args.prefix_tokens) + "\n"
+    examples = [ClassificationExample(f"{prefix}{head} {words(rng.randint(8, 16))}{tail}", cands, i % 5)
+                for i in range(args.batch_size)]
+    return engine, examples
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    engine, examples = _engine(args)
+    base = dict(mode=args.mode, eps=1e-3, lr=1e-7, batch_size=args.batch_size, steps=10**6, seed=0)
+    one_launch = MeZOTrainer(engine, MeZOConfig(n_spsa=args.n, **base))
+    single = MeZOTrainer(engine, MeZOConfig(n_spsa=1, **base))  # same engine and adapter
+    encoded = one_launch.encode(examples)
+
+    def n_in_one() -> None:
+        one_launch.step(encoded)
+
+    def one() -> None:
+        single.step(encoded)
+
+    n_in_one(), one()  # warm-up: kernel compilation, first-touch allocations
+    t_n = bench_seconds(n_in_one, engine.device, repeats=args.repeats)
+    t_1 = bench_seconds(one, engine.device, repeats=args.repeats)
+    passes = engine.runner.forward_passes
+    one_launch.step(encoded)
+    launches = engine.runner.forward_passes - passes
+    rows = [[f"{args.n} perturbations, one launch", f"{t_n:.4f}", f"{1 / t_n:.3f}", launches],
+            [f"{args.n} separate 1-perturbation steps", f"{args.n * t_1:.4f}", f"{1 / (args.n * t_1):.3f}",
+             f"{args.n} x {launches}"]]
+    return {"config": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()},
+            "device": str(engine.device), "kernels": engine.kernels, "dtype": str(engine.dtype),
+            "seconds_n_one_launch": t_n, "seconds_one_perturbation": t_1,
+            "cost_ratio_n_vs_1": t_n / t_1, "speedup_vs_separate": args.n * t_1 / t_n,
+            "launches_per_step": launches, "table": rows}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    args.device = str(resolve_device(args.device))
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        payload = run(args)
+    finally:
+        torch.set_num_threads(threads)  # a caller in the same process (the smoke test) keeps its own
+    md = "\n".join(md_table(payload["table"], ["", "seconds", "steps/s (n perturbations)", "launches"]))
+    md += (f"\n\nOne {args.n}-perturbation step costs {payload['cost_ratio_n_vs_1']:.2f}x a 1-perturbation step "
+           f"({payload['speedup_vs_separate']:.2f}x faster than {args.n} separate steps); B = {args.batch_size}, "
+           f"shared prompt {args.prefix_tokens} tokens, mode {args.mode}, kernels {payload['kernels']}.\n")
+    src = args.model or f"random {args.random_config}"
+    json_path, _ = write_results("estimators", payload, md, title=f"n-SPSA in one launch ({src})",
+                                 device=args.device, script=__file__, argv=argv, out_dir=args.out_dir,
+                                 variant="_quick" if args.quick else "")
+    print(md)
+    print(f"written: {json_path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

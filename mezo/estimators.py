@@ -1,0 +1,119 @@
+"""Zeroth-order gradient estimators over one batched launch of several perturbations (issue 14).
+
+A step draws n perturbations z_1..z_n (sample seeds, mezo/seeds.py). Every estimator runs all of its
+branches — a branch is (perturbation id, sign σ) over the whole batch — as ONE set of engine requests,
+so each weight is read once per launch, and turns the branch losses into update coefficients c_k for
+p ← p − lr·(Σ_k c_k z_k + wd·p) (`MeZOTrainer.apply_update`, z_k regenerated from its seed).
+
+- ``"spsa"``: MeZO (Malladi et al. 2023, arXiv 2305.17333), n-SPSA: branches (k, +1), (k, −1);
+  g_k = (L(θ+εz_k) − L(θ−εz_k)) / (2ε) / n.
+- ``"one_sided"``: the batched one-sided estimate of FZOO (Dang et al. 2025, arXiv 2506.09034):
+  branches (k, +1) for every k plus ONE unperturbed copy (id 0, σ = 0);
+  g_k = (L(θ+εz_k) − L(θ)) / ε / n. With ``one_sided_std_scaling`` the coefficients are divided by
+  FZOO's σ_t, the standard deviation of the n perturbed losses L(θ+εz_k) (population std,
+  divisor n), floored at ``one_sided_std_floor`` so equal losses never divide by zero.
+
+``normalize_perturbations`` (MeZO's default is off) perturbs by ε·z_k/‖z_k‖ (‖·‖ over all trainable
+tensors): the launch runs with ε_k = ε/‖z_k‖ and the update regenerates z_k, so c_k = g_k/‖z_k‖.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.forward_batch import PerturbationTable
+
+from .config import ESTIMATORS
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """The branches of one step's launch: (perturbation id, sign) each, grouped by id (dense tiles)."""
+
+    table: PerturbationTable
+    branches: tuple[tuple[int, float], ...]
+
+    def namespace(self, branch: int) -> tuple:
+        """KV namespace of a branch: KV is shared within a perturbed copy, never across copies."""
+        pid, sign = self.branches[branch]
+        return ("mezo", self.table.seeds[pid], sign)
+
+
+def check_estimator(estimator: str) -> None:
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
+
+
+def launch_plan(estimator: str, seeds: list[int], eps: float, norms: list[float] | None = None) -> LaunchPlan:
+    """The branches `estimator` runs for the step's sample seeds. ``norms`` (‖z_k‖, normalized
+    perturbations) scale each perturbation's ε to ε/‖z_k‖. ValueError for an unknown estimator."""
+    check_estimator(estimator)
+    eps_k = tuple(float(eps) / n for n in norms) if norms is not None else (float(eps),) * len(seeds)
+    table = PerturbationTable(tuple(int(s) for s in seeds), eps_k)
+    if estimator == "spsa":
+        branches = tuple((k, s) for k in range(len(seeds)) for s in (1.0, -1.0))
+    else:  # one perturbed copy per k, then the unperturbed copy (σ = 0: no noise, its own namespace)
+        branches = tuple((k, 1.0) for k in range(len(seeds))) + ((0, 0.0),)
+    return LaunchPlan(table, branches)
+
+
+@dataclass
+class Estimate:
+    """Device tensors of one step: projected gradients g [n], update coefficients [n], logged loss []."""
+
+    projected_grad: torch.Tensor
+    coefficients: torch.Tensor
+    loss: torch.Tensor
+
+
+def estimate(estimator: str, branch_losses: torch.Tensor, n: int, eps: float, norms: torch.Tensor | None = None,
+             std_scaling: bool = False, std_floor: float = 1e-6) -> Estimate:
+    """g, update coefficients and the logged loss from the plan's branch losses ([len(branches)] fp32,
+    in `launch_plan` order), all on the device (no host sync). Logged loss: the mean of the 2n SPSA
+    losses, or L(θ) for one_sided. ``norms`` float64 [n] or None."""
+    check_estimator(estimator)
+    if estimator == "spsa":
+        pm = branch_losses.reshape(n, 2)
+        g = (pm[:, 0] - pm[:, 1]) / (2 * eps) / n  # n-SPSA averages the n estimates
+        loss = pm.mean()
+        coeffs = g
+    else:
+        perturbed, base = branch_losses[:n], branch_losses[n]
+        g = (perturbed - base) / eps / n
+        loss = base
+        coeffs = g
+        if std_scaling:
+            sigma = perturbed.double().std(correction=0).clamp_min(std_floor)
+            coeffs = (g.double() / sigma).float()
+    if norms is not None:
+        coeffs = (coeffs.double() / norms.to(coeffs.device)).float()
+    return Estimate(g, coeffs, loss)
+
+
+def trie_tokens(sequences: list[list[int]]) -> int:
+    """Tokens of the prefix tree of `sequences` (shared prefixes counted once): Σ lengths minus the
+    common prefixes of neighbours in sorted order."""
+    seqs = sorted(sequences)
+    total = sum(len(s) for s in seqs)
+    for a, b in zip(seqs, seqs[1:]):
+        total -= next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return total
+
+
+def check_kv_budget(engine, per_branch: list[list[list]], config) -> None:
+    """ValueError when the KV of every branch of a launch cannot be held at once: branches ×
+    (prefix + Σ suffixes) tokens (generation adds max_new_tokens per request) against the pool's
+    capacity. Only with the prefix cache on (without it the scheduler runs the requests in turns)."""
+    if not engine.cache.enabled or not per_branch:
+        return
+    reqs = [r for group in per_branch[0] for r in group]
+    per = trie_tokens([r.prompt_ids for r in reqs])
+    per += sum(max(r.max_total_tokens() - len(r.prompt_ids), 0) for r in reqs)
+    need = per * len(per_branch)
+    capacity = engine.pool.num_usable_pages * engine.pool.page_size
+    if need > capacity:
+        raise ValueError(
+            f"one MeZO step needs {need} tokens of KV ({len(per_branch)} branches x {per} tokens of prefix + "
+            f"suffixes; estimator={config.estimator!r}, n_spsa={config.n_spsa}) but the KV pool holds {capacity} "
+            f"tokens; lower n_spsa or batch_size, or raise the engine's max_cache_tokens")
