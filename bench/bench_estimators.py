@@ -19,9 +19,8 @@ from typing import Any, Sequence
 
 import torch
 
-from bench.common import bench_seconds, md_table, resolve_device, write_results
-from bench.model_shapes import LLAMA_SHAPES
-from bench.synthetic import FIRST, SyntheticTokenizer
+from bench.common import LLAMA_SHAPES, bench_seconds, md_table, resolve_device, write_results
+from bench.mezo_workloads import FIRST, SyntheticTokenizer
 from engine import Engine
 from mezo import ClassificationExample, MeZOConfig, MeZOTrainer
 
