@@ -14,18 +14,14 @@ B = 16, n = 4). Timing: `bench.common.bench_seconds`; results: `bench.common.wri
 from __future__ import annotations
 
 import argparse
-import random
 from typing import Any, Sequence
 
 import torch
 
 from bench.common import LLAMA_SHAPES, bench_seconds, md_table, resolve_device, write_results
-from bench.mezo_workloads import FIRST, SyntheticTokenizer
+from bench.mezo_workloads import SCENARIOS, ModelRef, Sizes, build_examples, build_hf_model, load_tokenizer
 from engine import Engine
-from mezo import ClassificationExample, MeZOConfig, MeZOTrainer
-
-VOCAB = 4096  # random-config models
-
+from mezo import MeZOConfig, MeZOTrainer
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,7 +35,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--mode", default="lora", choices=["lora", "full"])
     ap.add_argument("--n", type=int, default=None, help="perturbations per step (default 4; --quick 2)")
     ap.add_argument("--batch-size", type=int, default=None, help="B (default 16; --quick 2)")
-    ap.add_argument("--prefix-tokens", type=int, default=None, help="shared prompt length (default 256; --quick 32)")
+    ap.add_argument("--scenario", default=None, choices=["cls", "cls_16shot"],
+                    help="bench_mezo's workload: headlines alone, or behind a shared 16-shot prompt (default; --quick cls)")
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per side (default 3; --quick 1)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's; 1 on a shared machine avoids OpenMP stalls)")
@@ -49,35 +46,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.model is None and args.random_config is None:
         args.random_config = "tiny" if args.quick else None
         args.model = None if args.quick else "smollm2-135m"
-    for key, full, quick in (("n", 4, 2), ("batch_size", 16, 2), ("prefix_tokens", 256, 32), ("repeats", 3, 1)):
+    for key, full, quick in (("n", 4, 2), ("batch_size", 16, 2), ("scenario", "cls_16shot", "cls"), ("repeats", 3, 1)):
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
-    if min(args.n, args.batch_size, args.prefix_tokens, args.repeats) < 1:
-        ap.error("--n, --batch-size, --prefix-tokens and --repeats must be >= 1")
+    if min(args.n, args.batch_size, args.repeats) < 1:
+        ap.error("--n, --batch-size and --repeats must be >= 1")
     return args
 
 
-def _engine(args: argparse.Namespace) -> tuple[Engine, list[ClassificationExample]]:
-    rng = random.Random(0)
-    kw = dict(device=args.device, dtype=args.dtype, kernels=args.kernels)
-    if args.random_config is not None:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=4096, **LLAMA_SHAPES[args.random_config])
-        engine = Engine.from_hf(LlamaForCausalLM(cfg).eval(), SyntheticTokenizer(VOCAB), **kw)
-        words = lambda n: " ".join(str(rng.randrange(FIRST + 5, VOCAB)) for _ in range(n))  # noqa: E731
-        cands = [f" {FIRST + i}" for i in range(5)]
-        head, tail = words(1), ""
-    else:
-        engine = Engine(args.model, **kw)
-        vocab = ["market", "match", "film", "vote", "phone", "team", "bank", "song", "court", "chip", "goal", "law"]
-        words = lambda n: " ".join(rng.choice(vocab) for _ in range(n))  # noqa: E731
-        cands = [" business", " sport", " tech", " politics", " entertainment"]
-        head, tail = "Headline:", "\nTopic:"
-    prefix = words(args.prefix_tokens) + "\n"
-    examples = [ClassificationExample(f"{prefix}{head} {words(rng.randint(8, 16))}{tail}", cands, i % 5)
-                for i in range(args.batch_size)]
+def _engine(args: argparse.Namespace) -> tuple[Engine, list]:
+    """The engine on the model and the scenario's batch (BBC headlines behind a shared 16-shot prompt by
+    default; random ids for random configs without SmolLM2's tokenizer), as bench_mezo builds them."""
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if args.device.startswith("cuda") else "float32")
+    ref = ModelRef(args.model, args.random_config, dtype, args.device)
+    tok = load_tokenizer("synthetic" if args.random_config is not None else None)
+    examples = build_examples(SCENARIOS[args.scenario], Sizes(batch_size=args.batch_size), tok)
+    engine = Engine.from_hf(build_hf_model(ref), tok, dtype=dtype, device=args.device, kernels=args.kernels)
     return engine, examples
 
 
@@ -123,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     md = "\n".join(md_table(payload["table"], ["", "seconds", "steps/s (n perturbations)", "launches"]))
     md += (f"\n\nOne {args.n}-perturbation step costs {payload['cost_ratio_n_vs_1']:.2f}x a 1-perturbation step "
            f"({payload['speedup_vs_separate']:.2f}x faster than {args.n} separate steps); B = {args.batch_size}, "
-           f"shared prompt {args.prefix_tokens} tokens, mode {args.mode}, kernels {payload['kernels']}.\n")
+           f"scenario {args.scenario}, mode {args.mode}, kernels {payload['kernels']}.\n")
     src = args.model or f"random {args.random_config}"
     json_path, _ = write_results("estimators", payload, md, title=f"n-SPSA in one launch ({src})",
                                  device=args.device, script=__file__, argv=argv, out_dir=args.out_dir,

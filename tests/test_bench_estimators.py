@@ -16,6 +16,7 @@ def test_quick_run_writes_consistent_results(tmp_path):
     assert jpath.with_suffix(".md").is_file()
     data = json.loads(jpath.read_text())
     assert data == json.loads(json.dumps(payload))  # what was returned is what was saved
-    assert data["config"]["n"] == 2 and data["launches_per_step"] == 2  # 2n branches, one launch per depth
+    # headlines share no prompt: all 2n branches of the step are one launch
+    assert data["config"]["n"] == 2 and data["launches_per_step"] == 1
     t_n, t_1 = data["seconds_n_one_launch"], data["seconds_one_perturbation"]
     assert t_n > 0 and t_1 > 0 and data["cost_ratio_n_vs_1"] == t_n / t_1
