@@ -11,7 +11,7 @@ import torch
 from engine import Engine
 from engine.adapters import LoraSpec, lora_modules
 from kernels import derive_seed, randn, zo_update_
-from kernels.noise_cache import clear_noise_cache, set_noise_cache_limit
+from kernels.noise_cache import clear_noise_cache, prefetch_step_noise, set_noise_cache_limit
 
 from .config import MeZOConfig
 from .data import ClassificationExample, LMExample, load_examples
@@ -190,6 +190,8 @@ class MeZOTrainer:
         encoded = self._encoded(examples)
         tokens_before = self.engine.runner.tokens_computed
         seeds = [step_seed(cfg.seed, self.step_count, k) for k in range(cfg.n_spsa)]
+        if self.engine.kernels == "torch":  # the torch path reads z from the memo: fill it in one batched pass
+            prefetch_step_noise(seeds, list(self.params.values()))
         loss_plus, loss_minus = self.spsa_losses(encoded, seeds)
         g = (loss_plus - loss_minus) / (2 * cfg.eps) / cfg.n_spsa  # n-SPSA averages the n estimates
         loss = ((loss_plus + loss_minus) / 2).mean()
