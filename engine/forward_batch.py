@@ -1,8 +1,9 @@
 """Metadata of one ragged, flattened forward pass (DESIGN §7)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
@@ -38,6 +39,15 @@ class ForwardBatch:
     max_extend_len: int | None = None  # most new tokens of one sequence
     max_seq_len: int | None = None  # most prefix + new tokens of one sequence
     perturbation: Perturbation | None = None
+    # values derived from this metadata alone that every layer needs (RoPE tables, the torch
+    # attention plan): built by the first layer that asks (`memo`), reused by the others
+    _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def memo(self, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()`` on the first call with ``key``, its cached result afterwards (one forward pass)."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
     @property
     def num_tokens(self) -> int:
