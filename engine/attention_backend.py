@@ -45,9 +45,16 @@ class AttentionBackend:
 
     def extend(self, q, k_pool, v_pool, batch, sm_scale: float) -> torch.Tensor:
         # the batch's host-side lengths size the launch: no .max() on device tensors in any layer
+        plan = None
+        if self.name == "torch" and q.shape[0] and batch.page_table.shape[0]:
+            # the index tensors and mask depend on the batch only: built by the first layer, reused
+            heads, kv_heads, page_size = q.shape[1], k_pool.shape[2], k_pool.shape[1]
+            plan = batch.memo(("extend_plan", heads, kv_heads, page_size), lambda: attn.extend_plan_torch(
+                q.shape[0], batch.page_table, batch.qo_indptr, batch.prefix_lens, page_size, heads, kv_heads,
+                batch.max_extend_len, batch.max_seq_len))
         return attn.extend_attention(q, k_pool, v_pool, batch.page_table, batch.qo_indptr, batch.prefix_lens,
                                      sm_scale, impl=self.name, max_extend_len=batch.max_extend_len,
-                                     max_seq_len=batch.max_seq_len)
+                                     max_seq_len=batch.max_seq_len, plan=plan)
 
     def decode(self, q, k_pool, v_pool, batch, sm_scale: float) -> torch.Tensor:
         return attn.decode_attention(q, k_pool, v_pool, batch.page_table, batch.seq_lens, sm_scale, impl=self.name,

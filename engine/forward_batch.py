@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -101,6 +102,15 @@ class ForwardBatch:
     max_extend_len: int | None = None  # most new tokens of one sequence
     max_seq_len: int | None = None  # most prefix + new tokens of one sequence
     perturbation: Perturbation | None = None
+    # values derived from this metadata alone that every layer needs (RoPE tables, the torch
+    # attention plan): built by the first layer that asks (`memo`), reused by the others
+    _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def memo(self, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()`` on the first call with ``key``, its cached result afterwards (one forward pass)."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
     @property
     def num_tokens(self) -> int:

@@ -48,7 +48,7 @@ class Attention(torch.nn.Module):
         q = self.q_proj(x, p).view(t, self.num_heads, self.head_dim)
         k = self.k_proj(x, p).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x, p).view(t, self.num_kv_heads, self.head_dim)
-        q, k = rope(batch.positions, q, k)
+        q, k = rope(batch.positions, q, k, batch.memo("rope", lambda: rope.tables(batch.positions)))
         kv.write(self.layer_idx, batch.out_cache_loc, k, v)
         k_pool, v_pool = kv.k_pools[self.layer_idx], kv.v_pools[self.layer_idx]
         if batch.mode == "decode":

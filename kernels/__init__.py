@@ -15,10 +15,10 @@ from ._triton import HAS_TRITON, TritonUnavailableError, require_triton, triton_
 _LAZY = {
     "derive_seed": "noise", "randn": "noise", "randn_triton": "noise",
     "lora_noise": "lora_ref", "noisy_lora_linear": "lora",
-    "zo_update_": "zo_update",
+    "zo_update_": "zo_update", "zo_update_many_": "zo_update",
 }
 
-__all__ = ["derive_seed", "randn", "randn_triton", "lora_noise", "noisy_lora_linear", "zo_update_",
+__all__ = ["derive_seed", "randn", "randn_triton", "lora_noise", "noisy_lora_linear", "zo_update_", "zo_update_many_",
            "HAS_TRITON", "TritonUnavailableError", "require_triton", "triton_supported", "triton_version"]
 
 

@@ -12,51 +12,90 @@ repeating kv heads (head h reads kv head h // G) while the KV is gathered once.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def gather_kv(pool: Tensor, page_table: Tensor, kv_lens: Tensor, max_kv: int) -> Tensor:
-    """Gather kv positions 0..max_kv-1 of every sequence into a contiguous [B, Hkv, max_kv, D].
+def _kv_rows(page_table: Tensor, kv_lens: Tensor, max_kv: int, page_size: int, num_kv_heads: int) -> Tensor:
+    """Flat (token, head) row of the pool for kv position j of head h of sequence b: [B*Hkv*max_kv].
 
-    One `index_select` over (token, head) rows of the pool writes SDPA's head-major layout
-    directly: a single copy, cheaper than advanced indexing followed by a permute + contiguous.
     Positions past a sequence's end are redirected to its first token: the slots there may hold
     stale or uninitialised memory (even NaN), and a masked NaN still poisons softmax @ V (0 * NaN).
     """
-    page_size, num_kv_heads, head_dim = pool.shape[1:]
     pos = torch.arange(max_kv, device=page_table.device)
     page_col = (pos // page_size).clamp_max(page_table.shape[1] - 1)
     flat = page_table[:, page_col].long() * page_size + pos % page_size          # [B, max_kv]
     flat = torch.where(pos[None, :] < kv_lens[:, None], flat, flat[:, :1])
     heads = torch.arange(num_kv_heads, device=page_table.device)
-    rows = flat[:, None, :] * num_kv_heads + heads[None, :, None]                # [B, Hkv, max_kv]
-    out = pool.reshape(-1, head_dim).index_select(0, rows.flatten())
-    return out.view(page_table.shape[0], num_kv_heads, max_kv, head_dim)
+    return (flat[:, None, :] * num_kv_heads + heads[None, :, None]).flatten()   # [B, Hkv, max_kv]
 
 
-def _paged_sdpa(q_pad: Tensor, q_pos: Tensor, kv_lens: Tensor, max_kv: int, k_pool: Tensor,
-                v_pool: Tensor, page_table: Tensor, sm_scale: float) -> Tensor:
-    """Causal attention of padded queries q_pad [B, Lq, H, D] at positions q_pos [B, Lq].
+def _gather_rows(pool: Tensor, rows: Tensor, bsz: int, max_kv: int) -> Tensor:
+    """One `index_select` over (token, head) rows of the pool writes SDPA's head-major layout
+    directly: a single copy, cheaper than advanced indexing followed by a permute + contiguous."""
+    num_kv_heads, head_dim = pool.shape[2:]
+    return pool.reshape(-1, head_dim).index_select(0, rows).view(bsz, num_kv_heads, max_kv, head_dim)
 
-    Query (b, i) sees kv positions j with j <= q_pos[b, i] and j < kv_lens[b]. Returns
-    [B, Lq, H, D]; rows of padding queries hold unspecified values.
-    """
-    bsz, lq, num_heads, head_dim = q_pad.shape
-    num_kv_heads = k_pool.shape[2]
+
+def gather_kv(pool: Tensor, page_table: Tensor, kv_lens: Tensor, max_kv: int) -> Tensor:
+    """Gather kv positions 0..max_kv-1 of every sequence into a contiguous [B, Hkv, max_kv, D]
+    (positions past a sequence's end hold a copy of its first token)."""
+    page_size, num_kv_heads = pool.shape[1:3]
+    return _gather_rows(pool, _kv_rows(page_table, kv_lens, max_kv, page_size, num_kv_heads),
+                        page_table.shape[0], max_kv)
+
+
+@dataclass(frozen=True)
+class SdpaPlan:
+    """The index tensors of one paged SDPA call that depend only on the batch's metadata, not on the
+    layer: built once per forward pass and reused by every layer (the torch path's per-layer cost
+    was mostly these small ops). ``kv_rows``: pool rows to gather [B*Hkv*max_kv]; ``mask``: bool
+    [B, 1, G*Lq, max_kv] (G = query heads per kv head)."""
+
+    kv_rows: Tensor
+    mask: Tensor
+    bsz: int
+    lq: int
+    max_kv: int
+    group: int
+
+
+def sdpa_plan(q_pos: Tensor, kv_lens: Tensor, max_kv: int, page_table: Tensor, page_size: int,
+              num_heads: int, num_kv_heads: int) -> SdpaPlan:
+    """Plan of `_paged_sdpa` for queries at q_pos [B, Lq] (see there for the mask's meaning)."""
+    bsz, lq = q_pos.shape
     group = num_heads // num_kv_heads
-    k = gather_kv(k_pool, page_table, kv_lens, max_kv).to(q_pad.dtype)
-    v = gather_kv(v_pool, page_table, kv_lens, max_kv).to(q_pad.dtype)
-    # [B, Lq, Hkv, G, D] -> [B, Hkv, G, Lq, D] -> [B, Hkv, G*Lq, D]
-    q = q_pad.view(bsz, lq, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
-    q = q.reshape(bsz, num_kv_heads, group * lq, head_dim)
-    kv_pos = torch.arange(max_kv, device=q_pad.device)
+    kv_pos = torch.arange(max_kv, device=q_pos.device)
     mask = (kv_pos[None, None, :] <= q_pos[:, :, None]) & (kv_pos[None, None, :] < kv_lens[:, None, None])
     # Keep every row non-empty so padding rows never produce NaN (some SDPA backends do).
     mask[:, :, 0] = True
     mask = mask[:, None, None].expand(bsz, 1, group, lq, max_kv).reshape(bsz, 1, group * lq, max_kv)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=sm_scale)
+    rows = _kv_rows(page_table, kv_lens, max_kv, page_size, num_kv_heads)
+    return SdpaPlan(rows, mask, bsz, lq, max_kv, group)
+
+
+def _paged_sdpa(q_pad: Tensor, q_pos: Tensor, kv_lens: Tensor, max_kv: int, k_pool: Tensor,
+                v_pool: Tensor, page_table: Tensor, sm_scale: float, plan: SdpaPlan | None = None) -> Tensor:
+    """Causal attention of padded queries q_pad [B, Lq, H, D] at positions q_pos [B, Lq].
+
+    Query (b, i) sees kv positions j with j <= q_pos[b, i] and j < kv_lens[b]. Returns
+    [B, Lq, H, D]; rows of padding queries hold unspecified values. ``plan``: `sdpa_plan` of the
+    same arguments, when the caller has it already.
+    """
+    bsz, lq, num_heads, head_dim = q_pad.shape
+    num_kv_heads = k_pool.shape[2]
+    if plan is None:
+        plan = sdpa_plan(q_pos, kv_lens, max_kv, page_table, k_pool.shape[1], num_heads, num_kv_heads)
+    group = plan.group
+    k = _gather_rows(k_pool, plan.kv_rows, bsz, max_kv).to(q_pad.dtype)
+    v = _gather_rows(v_pool, plan.kv_rows, bsz, max_kv).to(q_pad.dtype)
+    # [B, Lq, Hkv, G, D] -> [B, Hkv, G, Lq, D] -> [B, Hkv, G*Lq, D]
+    q = q_pad.view(bsz, lq, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    q = q.reshape(bsz, num_kv_heads, group * lq, head_dim)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, scale=sm_scale)
     out = out.view(bsz, num_kv_heads, group, lq, head_dim).permute(0, 3, 1, 2, 4)
     return out.reshape(bsz, lq, num_heads, head_dim)
 
@@ -75,28 +114,60 @@ def _token_rows(qo_indptr: Tensor, num_tokens: int, pad: Tensor | None = None) -
     return seq, row if pad is None else row + pad[seq]
 
 
-def extend_attention_torch(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tensor,
-                           qo_indptr: Tensor, prefix_lens: Tensor, sm_scale: float,
-                           max_extend_len: int | None = None, max_seq_len: int | None = None) -> Tensor:
-    """Reference extend attention: new tokens attend causally to cached prefix + themselves.
-    `max_extend_len` / `max_seq_len`: host-side bounds (see kernels.attention.extend_attention);
-    without them they are read from the device tensors (a host sync)."""
-    _check_heads(q, k_pool)
-    num_tokens = q.shape[0]
-    if num_tokens == 0 or page_table.shape[0] == 0:
-        return torch.empty_like(q)
+@dataclass(frozen=True)
+class ExtendPlan:
+    """Everything `extend_attention_torch` derives from the batch's metadata alone (no q, no KV):
+    the padded-query gather ``rows`` [B, max_ext], the SDPA plan, and each flattened token's
+    (sequence, padded row). Valid for every layer of one forward pass (same metadata, heads, pages)."""
+
+    rows: Tensor
+    q_pos: Tensor
+    kv_lens: Tensor
+    sdpa: SdpaPlan
+    seq: Tensor
+    row: Tensor
+    num_tokens: int
+
+
+def extend_plan_torch(num_tokens: int, page_table: Tensor, qo_indptr: Tensor, prefix_lens: Tensor,
+                      page_size: int, num_heads: int, num_kv_heads: int, max_extend_len: int | None = None,
+                      max_seq_len: int | None = None) -> ExtendPlan:
+    """The `ExtendPlan` of a batch (see `extend_attention_torch` for the arguments)."""
     starts = qo_indptr[:-1].long()
     ext_lens = qo_indptr[1:].long() - starts
     prefix = prefix_lens.long()
     kv_lens = prefix + ext_lens
     max_ext = int(ext_lens.max()) if max_extend_len is None else max_extend_len
     max_kv = int(kv_lens.max()) if max_seq_len is None else max_seq_len
-    i = torch.arange(max_ext, device=q.device)
+    i = torch.arange(max_ext, device=qo_indptr.device)
     rows = (starts[:, None] + i[None, :]).clamp(0, num_tokens - 1)    # padded query gather
     q_pos = prefix[:, None] + i[None, :]
-    o = _paged_sdpa(q[rows], q_pos, kv_lens, max_kv, k_pool, v_pool, page_table, sm_scale)
+    sdpa = sdpa_plan(q_pos, kv_lens, max_kv, page_table, page_size, num_heads, num_kv_heads)
     seq, row = _token_rows(qo_indptr, num_tokens)
-    return o[seq, row]
+    return ExtendPlan(rows, q_pos, kv_lens, sdpa, seq, row, num_tokens)
+
+
+def extend_attention_torch(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tensor,
+                           qo_indptr: Tensor, prefix_lens: Tensor, sm_scale: float,
+                           max_extend_len: int | None = None, max_seq_len: int | None = None,
+                           plan: ExtendPlan | None = None) -> Tensor:
+    """Reference extend attention: new tokens attend causally to cached prefix + themselves.
+    `max_extend_len` / `max_seq_len`: host-side bounds (see kernels.attention.extend_attention);
+    without them they are read from the device tensors (a host sync). `plan`: the batch's
+    `extend_plan_torch` (the engine builds it once per forward pass and hands it to every layer);
+    built here when None. Raises ValueError when a given plan does not fit q."""
+    _check_heads(q, k_pool)
+    num_tokens = q.shape[0]
+    if num_tokens == 0 or page_table.shape[0] == 0:
+        return torch.empty_like(q)
+    if plan is None:
+        plan = extend_plan_torch(num_tokens, page_table, qo_indptr, prefix_lens, k_pool.shape[1], q.shape[1],
+                                 k_pool.shape[2], max_extend_len, max_seq_len)
+    elif plan.num_tokens != num_tokens or plan.sdpa.group != q.shape[1] // k_pool.shape[2]:
+        raise ValueError(f"extend plan for {plan.num_tokens} tokens / group {plan.sdpa.group} used with q {tuple(q.shape)}")
+    o = _paged_sdpa(q[plan.rows], plan.q_pos, plan.kv_lens, plan.sdpa.max_kv, k_pool, v_pool, page_table,
+                    sm_scale, plan.sdpa)
+    return o[plan.seq, plan.row]
 
 
 def decode_attention_torch(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tensor,

@@ -25,7 +25,7 @@ from ._triton import tl, triton  # a stand-in when Triton is not installed
 
 from .launch_config import randn_config, target_of
 
-__all__ = ["randn", "randn_triton", "derive_seed", "derive_seed_v0", "mix63"]
+__all__ = ["randn", "randn_segments", "randn_triton", "derive_seed", "derive_seed_v0", "mix63"]
 
 _M32 = 0xFFFFFFFF
 _M64 = 0xFFFFFFFFFFFFFFFF
@@ -45,21 +45,31 @@ def _numel(shape: int | Sequence[int]) -> tuple[tuple[int, ...], int]:
 def _philox_words01(seed: int, start: int, bufs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """First two Philox-4x32-10 output words for counters start..start+n-1, as int64 in [0, 2^32).
 
-    Returns (word0, word1, a free [2, n] scratch buffer).
+    Returns (word0, word1, a free [2, n] scratch buffer). ``bufs`` are four int64 [2, n] scratch
+    tensors (reused across chunks: fresh pages cost more than the arithmetic).
+    """
+    x, y, _, t = bufs
+    torch.arange(start, start + x.shape[1], out=t[0])
+    return _philox_rounds(seed & _M32, (seed >> 32) & _M32, t[0], bufs)
 
-    ``bufs`` are four int64 [2, n] scratch tensors (reused across chunks: fresh pages cost more than
-    the arithmetic). The two multiplications of a round run on the two rows. For a < 2^32 we write
+
+def _philox_rounds(k0: int | torch.Tensor, k1: int | torch.Tensor, ctr: torch.Tensor,
+                   bufs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eager Philox-4x32-10 words 0 and 1 for the int64 counters ``ctr`` [n] (may alias bufs[3][0]).
+
+    The key words k0/k1 (lo/hi 32 bits of the seed) are ints, or int64 [n] tensors giving every
+    element its own key (the batched pass over many tensors, `randn_segments`).
+
+    The two multiplications of a round run on the two rows. For a < 2^32 we write
     a = 2^31 + a', so c*a = c*a' + (c & 1)*2^31 + (c >> 1)*2^32 with c*a' + 2^31 < 2^63:
     lo = (c*a' + (c&1)<<31) mod 2^32 and hi = ((c*a' + (c&1)<<31) >> 32) + (c >> 1), no overflow.
     Rows swap roles every round (state x holds [c0, c2] then [c2, c0]), which saves all copies.
     """
-    k0, k1 = seed & _M32, (seed >> 32) & _M32
     x, y, s, t = bufs  # x rows: words fed to the multipliers; y rows: words xor-ed into the result
-    torch.arange(start, start + x.shape[1], out=t[0])
-    torch.bitwise_and(t[0], _M32, out=x[0])       # c0 = offset lo
-    x[1].zero_()                                  # c2 = 0
-    torch.bitwise_right_shift(t[0], 32, out=y[0])  # c1 = offset hi (0 for int32 offsets)
-    y[1].zero_()                                  # c3 = 0
+    torch.bitwise_and(ctr, _M32, out=x[0])       # c0 = offset lo
+    x[1].zero_()                                 # c2 = 0
+    torch.bitwise_right_shift(ctr, 32, out=y[0])  # c1 = offset hi (0 for int32 offsets)
+    y[1].zero_()                                 # c3 = 0
     mul_a, mul_b = _ROUND_A - 2**31, _ROUND_B - 2**31  # a' for both multipliers
     for r in range(_N_ROUNDS):
         even = r % 2 == 0
@@ -78,7 +88,7 @@ def _philox_words01(seed: int, start: int, bufs: list[torch.Tensor]) -> tuple[to
         t[0] ^= k1 if even else k0
         t[1] ^= k0 if even else k1
         x, y, s, t = t, s, x, y
-        k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
+        k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32  # new tensors: the caller's keys stay intact
     # after an even number of rounds the rows are back in [c0, c2] / [c1, c3] order
     return x[0], y[0], s
 
@@ -95,16 +105,16 @@ def _uniform(w: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     return scratch.to(torch.float32) * _UNIFORM_SCALE  # scalar is rounded to float32, product in float32
 
 
-def _philox_words01_fused(key: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same two words as `_philox_words01` for counters start..start+_FUSED_CHUNK-1, written as one
-    expression for torch.compile (key: int64 [2] = (lo, hi) of the seed; start: int64 0-d), so
-    inductor fuses the 10 rounds into one loop. Integer ops only: the result is exact, like eager."""
-    ctr = torch.arange(_FUSED_CHUNK, dtype=torch.int64, device=start.device) + start
-    k0, k1 = key[0], key[1]
+def _philox_words01_fused(k0: torch.Tensor, k1: torch.Tensor, ctr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same two words as `_philox_rounds` for int64 [_FUSED_CHUNK] keys (k0, k1: lo/hi words of
+    each element's seed) and counters, written as one expression for torch.compile, so inductor
+    fuses the 10 rounds into one loop. Integer ops only: the result is exact, like eager. Per-element
+    keys let one compiled graph serve one tensor's chunk (constant keys) and a batched pass over
+    many small tensors alike."""
     c0, c1 = ctr & _M32, ctr >> 32
     c2 = c3 = torch.zeros_like(ctr)
     for _ in range(_N_ROUNDS):
-        p0 = c0 * (_ROUND_A - 2**31) + ((c0 & 1) << 31)  # see _philox_words01 for the split multiply
+        p0 = c0 * (_ROUND_A - 2**31) + ((c0 & 1) << 31)  # see _philox_rounds for the split multiply
         p1 = c2 * (_ROUND_B - 2**31) + ((c2 & 1) << 31)
         hi0, lo0 = (p0 >> 32) + (c0 >> 1), p0 & _M32
         hi1, lo1 = (p1 >> 32) + (c2 >> 1), p1 & _M32
@@ -124,17 +134,25 @@ class _CompiledPhilox:
         self.enabled = os.environ.get("MEZO_COMPILE_NOISE", "1") != "0"
 
     def __call__(self, seed: int, start: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Words 0/1 of one seed for counters start..start+_FUSED_CHUNK-1, or None (use eager)."""
+        if not self.enabled:
+            return None
+        k0 = torch.full((_FUSED_CHUNK,), seed & _M32, dtype=torch.int64)
+        k1 = torch.full((_FUSED_CHUNK,), (seed >> 32) & _M32, dtype=torch.int64)
+        return self.keyed(k0, k1, torch.arange(start, start + _FUSED_CHUNK, dtype=torch.int64))
+
+    def keyed(self, k0: torch.Tensor, k1: torch.Tensor, ctr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Words 0/1 for per-element keys and counters (CPU int64 [_FUSED_CHUNK] each), or None."""
         if not self.enabled:
             return None
         try:
             first_use = self.fn is None
             if first_use:
                 self.fn = torch.compile(_philox_words01_fused, dynamic=False)
-            key = torch.tensor([seed & _M32, (seed >> 32) & _M32], dtype=torch.int64)
-            words = self.fn(key, torch.tensor(start, dtype=torch.int64))
+            words = self.fn(k0, k1, ctr)
             if first_use:  # one eager chunk (~4 ms) guards the noise contract against a miscompile
                 bufs = [torch.empty(2, _FUSED_CHUNK, dtype=torch.int64) for _ in range(4)]
-                e0, e1, _ = _philox_words01(seed, start, bufs)
+                e0, e1, _ = _philox_rounds(k0, k1, ctr, bufs)
                 if not (torch.equal(words[0], e0) and torch.equal(words[1], e1)):
                     raise RuntimeError("compiled Philox disagrees with the eager one")
             return words
@@ -155,6 +173,11 @@ def _randn_flat(seed: int, start: int, bufs: list[torch.Tensor], compiled: bool 
         scratch = bufs[2]
     else:
         w0, w1, scratch = _philox_words01(seed, start, bufs)
+    return _box_muller(w0, w1, scratch)
+
+
+def _box_muller(w0: torch.Tensor, w1: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """tl.randn's normal from Philox words 0/1 (int64 [n] in [0, 2^32)); scratch: int64 [2, n]."""
     u1 = torch.clamp_min(_uniform(w0, scratch[0]), 1.0e-7)
     th = _uniform(w1, scratch[1]) * 6.283185307179586
     # float32 ops, each result correctly rounded: log and cos through float64, *(-2) (exact), sqrt
@@ -185,6 +208,64 @@ def randn(seed: int, shape: int | Sequence[int], offset: int = 0, device: torch.
         bufs = full if m == full[0].shape[1] else [b[:, :m] for b in full]
         out[start:start + m] = _randn_flat(seed, offset + start, bufs, compiled and m == _FUSED_CHUNK)
     return out.view(shape)
+
+
+def randn_segments(seeds: Sequence[int], numels: Sequence[int],
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """The noise of many tensors in one batched pass: a flat float32 tensor [sum(numels)] whose j-th
+    segment is exactly ``randn(seeds[j], numels[j])`` (offset 0: counter = the element's index in
+    its own tensor), bit for bit.
+
+    Why: a LoRA step has ~100 small tensors; generating them one by one costs ~40 tiny torch ops
+    each (~1 ms per tensor on one CPU thread), all overhead. Here every element carries its
+    tensor's key, and the concatenation runs in chunks of _CHUNK elements (the compiled Philox on
+    full CPU chunks, eager ops for the rest), so the cost is that of one tensor of the total size.
+    Raises ValueError when the lengths differ or a numel is negative.
+    """
+    if len(seeds) != len(numels):
+        raise ValueError(f"randn_segments: {len(seeds)} seeds but {len(numels)} numels")
+    sizes = [int(n) for n in numels]
+    if any(n < 0 for n in sizes):
+        raise ValueError(f"randn_segments: numels must be >= 0, got {min(sizes)}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    total = sum(sizes)
+    out = torch.empty(total, dtype=torch.float32, device=device)
+    if total == 0:
+        return out
+    keys = [int(s) & _M64 for s in seeds]
+    starts = [0] * len(sizes)
+    for j in range(1, len(sizes)):
+        starts[j] = starts[j - 1] + sizes[j - 1]
+    lo = torch.tensor([k & _M32 for k in keys], dtype=torch.int64, device=device)
+    hi = torch.tensor([k >> 32 for k in keys], dtype=torch.int64, device=device)
+    first = torch.tensor(starts, dtype=torch.int64, device=device)
+    full = [torch.empty(2, min(total, _CHUNK), dtype=torch.int64, device=device) for _ in range(4)]
+    compiled = device.type == "cpu" and _CHUNK == _FUSED_CHUNK
+    j = 0  # the first segment that reaches into the current chunk
+    for a in range(0, total, _CHUNK):
+        b = min(a + _CHUNK, total)
+        while starts[j] + sizes[j] <= a:
+            j += 1
+        last = j
+        while last + 1 < len(sizes) and starts[last + 1] < b:
+            last += 1
+        # each overlapping segment's element count inside [a, b) (0 for empty tensors)
+        counts = torch.tensor([min(starts[i] + sizes[i], b) - max(starts[i], a) for i in range(j, last + 1)],
+                              dtype=torch.int64, device=device)
+        k0 = torch.repeat_interleave(lo[j:last + 1], counts, output_size=b - a)
+        k1 = torch.repeat_interleave(hi[j:last + 1], counts, output_size=b - a)
+        ctr = torch.arange(a, b, dtype=torch.int64, device=device)
+        ctr -= torch.repeat_interleave(first[j:last + 1], counts, output_size=b - a)
+        m = b - a
+        bufs = full if m == full[0].shape[1] else [x[:, :m] for x in full]
+        words = _compiled_philox.keyed(k0, k1, ctr) if compiled and m == _FUSED_CHUNK else None
+        if words is not None:
+            w0, w1 = words
+            scratch = bufs[2]
+        else:
+            w0, w1, scratch = _philox_rounds(k0, k1, ctr, bufs)
+        out[a:b] = _box_muller(w0, w1, scratch)
+    return out
 
 
 @triton.jit(do_not_specialize=["seed"])

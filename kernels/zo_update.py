@@ -6,6 +6,7 @@ One pass over the parameter's memory however many (seed, g) pairs are folded in.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Sequence
 
 import torch
@@ -14,9 +15,12 @@ from ._triton import tl, triton  # a stand-in when Triton is not installed
 from .launch_config import target_of, zo_update_config
 from .noise_cache import cached_randn
 
-__all__ = ["zo_update_", "zo_update_ref_"]
+__all__ = ["zo_update_", "zo_update_ref_", "zo_update_many_"]
 
 _TORCH_CHUNK = 1 << 20  # elements per chunk in the torch path (bounds the float32 temporaries)
+# elements per flat group of small tensors: temporaries of 128 KiB come from the allocator's free
+# lists; megabyte ones are fresh pages each time, whose faults cost more than the arithmetic
+_GROUP_ELEMS = 1 << 15
 
 
 @triton.jit(do_not_specialize=["n_seeds"])
@@ -108,3 +112,72 @@ def _zo_update_triton(param: torch.Tensor, s: torch.Tensor, g: torch.Tensor, lr:
     if work is not param:
         param.copy_(work)
     return param
+
+
+def zo_update_many_(params: Sequence[torch.Tensor], seeds: Sequence[Sequence[int]],
+                    grads: Sequence[float] | torch.Tensor, lr: float, weight_decay: float = 0.0, impl: str = "auto",
+                    on_done: Callable[[int], None] | None = None) -> None:
+    """`zo_update_(params[i], seeds[i], grads, lr, weight_decay, impl)` for every i, in order.
+
+    params: float32 tensors; seeds[i]: tensor i's Philox seeds (one per SPSA sample, the order of
+    ``grads``). The torch path updates runs of small contiguous tensors on one device together, as
+    one flat vector: exactly `zo_update_ref_`'s arithmetic per element (the same bits), a handful
+    of ops for a LoRA adapter's ~100 tensors instead of ~10 each; larger tensors, and the Triton
+    path, go one by one. ``on_done(n)`` is called whenever the first n tensors are fully
+    updated (so a caller interrupted part-way knows which are). Raises TypeError for a non-float32
+    tensor and ValueError when the seed lists and grads disagree in length, before touching any.
+    """
+    if len(seeds) != len(params):
+        raise ValueError(f"{len(params)} tensors but {len(seeds)} seed lists")
+    for i, p in enumerate(params):
+        if p.dtype != torch.float32:
+            raise TypeError(f"trainable parameters are float32 (DESIGN.md section 4), tensor {i} is {p.dtype}")
+    n_grads = grads.numel() if isinstance(grads, torch.Tensor) else len(grads)
+    if any(len(s) != n_grads for s in seeds):
+        raise ValueError(f"every tensor needs {n_grads} seeds (one per projected gradient)")
+    if impl == "auto":
+        impl = "triton" if params and params[0].is_cuda else "torch"
+    if impl not in ("torch", "triton"):
+        raise ValueError(f"unknown impl {impl!r}")
+    group: list[int] = []
+
+    def flush() -> None:
+        if group:
+            _foreach_update_(params, seeds, group, grads, lr, weight_decay)
+            if on_done is not None:
+                on_done(group[-1] + 1)
+            group.clear()
+
+    size = 0
+    for i, p in enumerate(params):
+        small = impl == "torch" and p.is_contiguous() and p.numel() < _GROUP_ELEMS
+        if small and group and (params[group[0]].device != p.device or size + p.numel() > _GROUP_ELEMS):
+            flush()
+            size = 0
+        if small:
+            group.append(i)
+            size += p.numel()
+            continue
+        flush()
+        size = 0
+        zo_update_(p, seeds[i], grads, lr, weight_decay, impl=impl)
+        if on_done is not None:
+            on_done(i + 1)
+    flush()
+
+
+def _foreach_update_(params: Sequence[torch.Tensor], seeds: Sequence[Sequence[int]], group: list[int],
+                     grads: Sequence[float] | torch.Tensor, lr: float, weight_decay: float) -> None:
+    """`zo_update_ref_` on the tensors ``group`` at once (one device, contiguous, <= _GROUP_ELEMS in all):
+    their values and each sample's z are concatenated, the arithmetic runs once on the flat vectors
+    (elementwise, so every element gets exactly the ops and roundings of `zo_update_ref_`), and the
+    results are copied back in one `_foreach_copy_`, the only in-place write."""
+    ps = [params[i] for i in group]
+    g = _grad_tensor(grads, ps[0].device)
+    flat = torch.cat([p.view(-1) for p in ps])
+    acc = torch.zeros_like(flat)
+    for k in range(g.numel()):
+        z = torch.cat([cached_randn(int(seeds[i][k]), (p.numel(),), device=p.device) for i, p in zip(group, ps)])
+        acc += g[k] * z
+    flat -= lr * (acc + weight_decay * flat)
+    torch._foreach_copy_(ps, [part.view(p.shape) for part, p in zip(flat.split([p.numel() for p in ps]), ps)])

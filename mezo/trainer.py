@@ -11,8 +11,8 @@ import torch
 from engine import Engine
 from engine.adapters import LoraSpec, lora_modules
 from engine.forward_batch import PerturbationTable
-from kernels import derive_seed, randn, zo_update_
-from kernels.noise_cache import clear_noise_cache, set_noise_cache_limit
+from kernels import derive_seed, randn, zo_update_many_
+from kernels.noise_cache import clear_noise_cache, prefetch_step_noise, set_noise_cache_limit
 from kernels.noise_norm import perturbation_norms
 
 from .config import MeZOConfig
@@ -223,7 +223,8 @@ class MeZOTrainer:
             norms = self.perturbation_norms(seeds)
             norm_values = norms.tolist()  # the launch takes ε/‖z_k‖ as scalars: a second host read
         plan = launch_plan(cfg.estimator, seeds, cfg.eps, norm_values)
-        # (the place for work on the step's noise ahead of its launch: plan.table holds its seeds)
+        if self.engine.kernels == "torch":  # the torch path reads z from the memo: fill it in one batched pass
+            prefetch_step_noise(seeds, list(self.params.values()))
         losses = self.launch_losses(encoded, plan)
         est = estimate(cfg.estimator, losses, cfg.n_spsa, cfg.eps, norms, cfg.one_sided_std_scaling,
                        cfg.one_sided_std_floor)
@@ -264,12 +265,15 @@ class MeZOTrainer:
         on from weights no trajectory describes; reload the last checkpoint to go on.
         """
         done = 0
+
+        def updated(n: int) -> None:  # zo_update_many_ reports: the first n tensors are updated
+            nonlocal done
+            done = n
+
         try:
-            for index, param in enumerate(self.params.values()):
-                tensor_seeds = [tensor_seed(s, index) for s in seeds]
-                zo_update_(param, tensor_seeds, grads.to(param.device, torch.float32), lr, self.config.weight_decay,
-                           impl=self.engine.kernels)
-                done += 1
+            tensors = list(self.params.values())
+            zo_update_many_(tensors, [[tensor_seed(s, i) for s in seeds] for i in range(len(tensors))], grads, lr,
+                            self.config.weight_decay, impl=self.engine.kernels, on_done=updated)
         except BaseException:
             self._torn_update = (f"the update of step {self.step_count} was interrupted after {done} of "
                                  f"{len(self.params)} tensors: the weights are half-updated; reload the last "

@@ -171,7 +171,7 @@ def test_zo_update_seeds_go_pinned_and_non_blocking_to_cuda(monkeypatch) -> None
 
 
 def test_trainer_update_uses_the_engine_kernels(monkeypatch) -> None:
-    """MeZOTrainer.apply_update runs zo_update_ with the engine's kernels (the ZO update follows the switch)."""
+    """MeZOTrainer.apply_update runs zo_update_many_ with the engine's kernels (the ZO update follows the switch)."""
     import mezo.trainer as trainer_mod
     from mezo import MeZOConfig, MeZOTrainer
     from mezo_helpers import make_engine
@@ -179,10 +179,10 @@ def test_trainer_update_uses_the_engine_kernels(monkeypatch) -> None:
     eng = make_engine()
     trainer = MeZOTrainer(eng, MeZOConfig(seed=1))
     impls = []
-    monkeypatch.setattr(trainer_mod, "zo_update_", lambda *a, impl, **k: impls.append(impl))
+    monkeypatch.setattr(trainer_mod, "zo_update_many_", lambda params, *a, impl, **k: impls.append((impl, len(params))))
     trainer.apply_update([3], torch.tensor([0.5]), 1e-3)
-    assert impls == ["torch"] * len(trainer.params)
+    assert impls == [("torch", len(trainer.params))]
     monkeypatch.setattr(eng, "kernels", "triton")
     impls.clear()
     trainer.apply_update([3], torch.tensor([0.5]), 1e-3)
-    assert impls == ["triton"] * len(trainer.params)
+    assert impls == [("triton", len(trainer.params))]

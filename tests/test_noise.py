@@ -90,10 +90,14 @@ def test_compiled_philox_gives_the_eager_bits(monkeypatch):
     for seed, offset in ((7, 0), (derive_seed(5, 3), 2**31 - n), (2**40 + 9, 2**32 + 1)):
         fast = randn(seed, n, offset=offset)
         assert compiled.enabled and compiled.fn is not None, "the compiled path did not run"
+        # the batched pass over many tensors (per-element keys) runs the same compiled graph
+        fast_seg = noise.randn_segments([seed, 3, seed + 1], [n - 77, 77, noise._FUSED_CHUNK + 5])
         compiled.enabled = False
         slow = randn(seed, n, offset=offset)
+        slow_seg = torch.cat([randn(seed, n - 77), randn(3, 77), randn(seed + 1, noise._FUSED_CHUNK + 5)])
         compiled.enabled = True
         assert torch.equal(fast, slow)
+        assert torch.equal(fast_seg, slow_seg)
 
 
 def test_empty_and_bad_offset():
