@@ -29,7 +29,10 @@ RUNS: dict[str, tuple[str, int]] = {"spsa1": ("spsa", 1), "spsa4": ("spsa", 4), 
 
 
 def sequences_per_example(estimator: str, n: int) -> int:
-    return 2 * n if estimator == "spsa" else n + 1
+    """Branches of one step: each runs every example of the batch once."""
+    from mezo.estimators import launch_plan
+
+    return len(launch_plan(estimator, list(range(n)), 1.0).branches)
 
 
 def train_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -54,7 +57,9 @@ def train_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(runs: list[dict[str, Any]], args: argparse.Namespace, argv: Sequence[str] | None) -> None:
-    base = next(r for r in runs if r["name"] == "spsa1")
+    base = next((r for r in runs if r["name"] == "spsa1"), None)
+    if base is None:
+        raise SystemExit(f"no spsa1 run under {args.run_dir}: the report compares every run with it")
     rows = [[r["name"], r["estimator"], r["n"], r["steps"], r["sequences_per_step"],
              ", ".join(f"{c['sequences']}: {c['accuracy']:.3f}" for c in r["curve"]),
              f"{r['curve'][-1]['accuracy'] - base['curve'][-1]['accuracy']:+.3f}", f"{r['seconds']:.0f}"]
@@ -101,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             ap.error(f"--runs: unknown run {name!r}; choices {list(RUNS)}")
         train_one(name, args)
     if not args.no_report:
-        saved = [json.loads(p.read_text()) for p in sorted(Path(args.run_dir).glob("*.json"))]
+        saved = [json.loads(p.read_text()) for p in sorted(Path(args.run_dir).glob("*.json")) if p.stem in RUNS]
         report(sorted(saved, key=lambda r: list(RUNS).index(r["name"])), args, argv)
 
 

@@ -8,7 +8,7 @@ Needs only what the GPU machine has (torch, triton 3.6-3.9, transformers, peft, 
 random-weight LLaMA configs and synthetic token ids (bench/mezo_workloads.py) stand in for SmolLM2 and the
 BBC corpus. Stages, each in its own process with a time budget (an overrun is stopped, the suite goes
 on): pytest on CUDA over the kernel and engine tests, then the kernel, attention, MeZO-step,
-generation and bf16-estimator benchmarks at their GPU targets. The last screen is a table: each
+generation, bf16-estimator and n-perturbations-per-launch benchmarks at their GPU targets. The last screen is a table: each
 figure, its target, met / MISSED / not measured; the same table goes to <out>/gpu_suite_summary.md
 (and .json), with the command, commit, date and device like every result file. The stage runner
 and the targets shared with `mezo-engine bench` live in bench/suite.py.
@@ -34,7 +34,7 @@ GPU_TESTS = ["tests/test_noise.py", "tests/test_noisy_lora.py", "tests/test_zo_u
              "tests/test_attention_kernels.py", "tests/test_launch_config.py", "tests/test_engine_equivalence.py",
              "tests/test_kv_pool.py", "tests/test_engine_scheduling.py", "tests/test_kernels_switch.py",
              "tests/test_host_syncs.py", "tests/test_cuda_fakes.py", "tests/test_mezo_exactness.py",
-             "tests/test_mezo_shared_prefix.py"]
+             "tests/test_mezo_shared_prefix.py", "tests/test_perturbation_ids_triton.py", "tests/test_noise_norm.py"]
 TOTAL_BUDGET_S = 480
 
 
@@ -56,21 +56,30 @@ def stages(out: Path, dry_run: bool) -> list[Stage]:
                   [generate_target("generate_*-quick*.json")]),
             Stage("sign", [py, "bench/bench_sign_agreement.py", *q, "--device", "cpu", "--batch-size", "4", *o], 180,
                   [Target(sign, "sign_agreement-quick_*.json", "figures.bf16_sign_agreement", ">=", 0.9)]),
+            Stage("estimators", [py, "bench/bench_estimators.py", *q, "--device", "cpu", "--threads", "1", *o], 120,
+                  [_estimators_target("estimators_*_quick.json")]),
         ]
     return [
-        Stage("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], 90),
+        Stage("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], 100),
         Stage("kernels", [py, "bench/bench_kernels.py", "--device", "cuda", *o], 40, kernel_targets("kernels")),
         Stage("attention", [py, "bench/bench_attention.py", *o], 60, attention_targets("attention")),
         Stage("mezo", [py, "bench/bench_mezo.py", "--device", "cuda", "--random-config", "1b", "--tokenizer", "synthetic",
                        "--scenarios", "cls,cls_16shot", "--steps", "2", "--warmup", "1",
-                       "--name", "mezo_gpu_suite", *o], 180, _mezo_targets()),
+                       "--name", "mezo_gpu_suite", *o], 150, _mezo_targets()),
         Stage("generate", [py, "bench/bench_generate.py", "--device", "cuda", "--random-config", "1b",
                            "--num-prompts", "64", "--max-tokens", "64", "--repeats", "1", *o], 60,
               [generate_target("generate_*.json")]),
         Stage("sign", [py, "bench/bench_sign_agreement.py", "--device", "cuda", "--random-config", "1b",
                        "--seeds", "32", *o], 40,
               [Target(sign, "sign_agreement_*.json", "figures.bf16_sign_agreement", ">=", 0.9)]),
+        Stage("estimators", [py, "bench/bench_estimators.py", "--device", "cuda", "--random-config", "1b",
+                             "--scenario", "cls", "--n", "4", "--batch-size", "16", *o], 30,
+              [_estimators_target("estimators_*.json")]),
     ]
+
+
+def _estimators_target(pattern: str) -> Target:
+    return Target("n-SPSA n = 4 step / n = 1 step (B 16)", pattern, "cost_ratio_n_vs_1", "<=", 1.5)
 
 
 def _mezo_targets() -> list[Target]:
@@ -104,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
     ap.add_argument("--dry-run", action="store_true", help="every stage at toy size on the CPU (CI)")
-    ap.add_argument("--only", default=None, help="comma-separated stages: tests,kernels,attention,mezo,generate,sign")
+    ap.add_argument("--only", default=None, help="comma-separated stages: tests,kernels,attention,mezo,generate,sign,estimators")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     out = args.out.resolve()

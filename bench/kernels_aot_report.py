@@ -9,7 +9,8 @@ benchmark shapes (bench/bench_kernels.py, bench/bench_attention.py) and the Smol
 LLaMA-8B shapes: dtype fp32/bf16/fp16, LoRA r 8 and 64, full-weight noise on/off (fp32 or 16-bit
 weights), head_dim 64/128, GQA groups 1-8, page sizes 1/16/64, 64-bit seeds (32-bit ones too at the
 benchmark shapes). Specs that specialize identically (Triton's own argument specialization, constexprs,
-warps/stages, target) are compiled once: ~5,800 launcher cases -> 150 distinct compiles. The checks (kernels.aot.check_rows) are
+warps/stages, target) are compiled once: ~11,800 launcher cases (each noisy-LoRA launch with and without per-row
+perturbation ids) -> 142 distinct compiles. The checks (kernels.aot.check_rows) are
 those tests/test_aot_compile.py asserts. Run without TRITON_INTERPRET (it is removed here).
 """
 from __future__ import annotations

@@ -53,16 +53,33 @@ class Perturbation:
 
     The noise itself is never stored: trainable tensor j regenerates z_p from
     `kernels.derive_seed(sample_seeds[p], j)` inside the matmul. With one perturbation ``token_ids``
-    and ``rows_by_id`` are None (every row is perturbation 0: the two-branch launch the Triton kernel
-    has always run); with P > 1 they say which rows use which.
+    is None (every row is perturbation 0: the two-branch launch the Triton kernel has always run);
+    with P > 1 it says which row uses which.
     """
 
     sample_seeds: tuple[int, ...]  # [P]
     eps: tuple[float, ...]  # [P]
     token_signs: torch.Tensor  # [T] float32, the sign of the sequence each token belongs to
     token_ids: torch.Tensor | None = None  # [T] int32 perturbation id of each token (None: P == 1)
-    rows_by_id: list[torch.Tensor] | None = None  # P int64 tensors: rows with id p and σ != 0 (host-built)
+    # host (CPU) copies of token_signs / token_ids, for `rows_by_id`: None when not built on the host
+    host_signs: torch.Tensor | None = field(default=None, repr=False)
+    host_ids: torch.Tensor | None = field(default=None, repr=False)
     _seeds: dict = field(default_factory=dict, repr=False)  # tensor index -> its P Philox seeds (per launch)
+    _rows: list[torch.Tensor] | None = field(default=None, init=False, repr=False)
+
+    def rows_by_id(self) -> list[torch.Tensor] | None:
+        """P int64 tensors on token_signs' device: the rows with id p and σ != 0 (what the torch
+        kernels gather; the Triton kernel reads the ids itself and never asks). Built from the host
+        copies on the first call, reused by every later layer of the pass, so no layer reads the ids
+        back. None with one perturbation or without host copies (the torch path then derives them)."""
+        if self._rows is None and self.token_ids is not None and self.host_signs is not None \
+                and self.host_ids is not None:
+            from kernels.lora_ref import rows_by_perturbation  # deferred: kernels loads triton
+
+            device = self.token_signs.device
+            self._rows = [r.to(device, non_blocking=True)
+                          for r in rows_by_perturbation(self.host_signs, self.host_ids, self.num_perturbations)]
+        return self._rows
 
     @property
     def num_perturbations(self) -> int:
@@ -140,8 +157,9 @@ def build_forward_batch(
     `tokens[b]` are the NEW tokens of sequence b (their positions start at prefix_lens[b]);
     `logits_rows[b]` are indices into tokens[b] whose logits the caller needs.
     With `signs`, the batch carries a perturbation: `table` (or the single (step_seed, eps)) and
-    each sequence's id in it (`perturbation_ids`, default all 0). The per-id row lists are built
-    here on the host, so no layer reads the ids back. ValueError for an id outside the table.
+    each sequence's id in it (`perturbation_ids`, default all 0). The signs and ids are kept on the
+    host too, so the torch path's per-id row lists (`Perturbation.rows_by_id`, built on first use)
+    need no read-back. ValueError for an id outside the table.
     """
     input_ids: list[int] = []
     positions: list[int] = []
@@ -183,15 +201,13 @@ def build_forward_batch(
 
     perturbation = None
     if signs is not None:
-        ids = rows = None
+        host_signs = torch.tensor(token_signs, dtype=torch.float32)
+        host_ids = ids = None
         if ptable.size > 1:  # one perturbation keeps the id-less launch (every row is perturbation 0)
-            ids = as_tensor(token_pids, torch.int32)
-            active: list[list[int]] = [[] for _ in range(ptable.size)]
-            for t, (sign, p) in enumerate(zip(token_signs, token_pids)):
-                if sign != 0:
-                    active[p].append(t)
-            rows = [as_tensor(r, torch.int64) for r in active]
-        perturbation = Perturbation(ptable.seeds, ptable.eps, as_tensor(token_signs, torch.float32), ids, rows)
+            host_ids = torch.tensor(token_pids, dtype=torch.int32)
+            ids = host_ids.to(device, non_blocking=True)
+        perturbation = Perturbation(ptable.seeds, ptable.eps, host_signs.to(device, non_blocking=True), ids,
+                                    host_signs=host_signs, host_ids=host_ids)
     return ForwardBatch(
         mode=mode,
         input_ids=as_tensor(input_ids, torch.int64),

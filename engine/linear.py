@@ -94,6 +94,6 @@ class AdaptableLinear(torch.nn.Module):
             bias=self.bias,
             weight_seed=seeds(self.index_w) if self.index_w >= 0 else None,
             perturbation_ids=p.token_ids,
-            rows_by_id=p.rows_by_id,
+            rows_by_id=p.rows_by_id() if self.kernels == "torch" else None,  # the Triton kernel never needs them
             impl=self.kernels,
         )

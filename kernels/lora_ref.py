@@ -13,12 +13,10 @@ from typing import Sequence
 
 import torch
 
+from .lora_tables import Eps, Seeds, host_values, perturbation_count, perturbation_tables, row_ids
 from .noise_cache import cached_randn
 
 __all__ = ["lora_noise", "noisy_lora_linear_ref", "perturbation_table", "rows_by_perturbation"]
-
-Seeds = int | Sequence[int] | torch.Tensor
-Eps = float | Sequence[float] | torch.Tensor
 
 
 def lora_noise(seed_a: int, seed_b: int, shape_a: tuple[int, ...], shape_b: tuple[int, ...],
@@ -27,30 +25,16 @@ def lora_noise(seed_a: int, seed_b: int, shape_a: tuple[int, ...], shape_b: tupl
     return cached_randn(seed_a, shape_a, device=device), cached_randn(seed_b, shape_b, device=device)
 
 
-def _as_list(values, what: str, cast) -> list:
-    if isinstance(values, torch.Tensor):
-        return [cast(v) for v in values.reshape(-1).tolist()]
-    if isinstance(values, (list, tuple)):
-        return [cast(v) for v in values]
-    return [cast(values)]
-
-
 def perturbation_table(seed_a: Seeds, seed_b: Seeds, eps: Eps, weight_seed: Seeds | None = None
                        ) -> tuple[list[int], list[int], list[float], list[int] | None]:
     """Normalize the per-perturbation arguments to lists of one length P (ints broadcast to P).
 
     ValueError when two of them give different P > 1, or P == 0.
     """
-    cols = {"seed_a": _as_list(seed_a, "seed_a", int), "seed_b": _as_list(seed_b, "seed_b", int),
-            "eps": _as_list(eps, "eps", float)}
+    cols = {"seed_a": host_values(seed_a, int), "seed_b": host_values(seed_b, int), "eps": host_values(eps, float)}
     if weight_seed is not None:
-        cols["weight_seed"] = _as_list(weight_seed, "weight_seed", int)
-    lengths = {name: len(v) for name, v in cols.items()}
-    p = max(lengths.values())
-    bad = {name: n for name, n in lengths.items() if n not in (1, p)}
-    if p == 0 or bad:
-        raise ValueError(f"per-perturbation arguments must all have one entry or the same number P >= 1 of "
-                         f"entries, got lengths {lengths}")
+        cols["weight_seed"] = host_values(weight_seed, int)
+    p = perturbation_count({name: len(v) for name, v in cols.items()})
     out = {name: v * p if len(v) == 1 else v for name, v in cols.items()}
     return out["seed_a"], out["seed_b"], out["eps"], out.get("weight_seed")
 
@@ -67,15 +51,16 @@ def rows_by_perturbation(signs: torch.Tensor, perturbation_ids: torch.Tensor, nu
     return [torch.nonzero(active & (ids == p)).reshape(-1) for p in range(num_perturbations)]
 
 
-def _row_scale(signs: torch.Tensor, eps: list[float], ids: torch.Tensor | None, m: int) -> torch.Tensor:
-    """sigma_i * eps_{p_i} as a float32 column [M, 1] (sign and eps both float32, one rounding)."""
+def _row_scale(signs: torch.Tensor, eps: list[float], ids: torch.Tensor | None, m: int,
+               eps_table: torch.Tensor | None = None) -> torch.Tensor:
+    """sigma_i * eps_{p_i} as a float32 column [M, 1] (sign and eps both float32, one rounding).
+    With ids, ``eps_table`` is the float32 ε of every perturbation on the signs' device."""
     s = signs.reshape(-1)
     if s.numel() != m:
         raise ValueError(f"signs has {s.numel()} entries for {m} rows")
     if ids is None:
         return (s.to(torch.float32) * eps[0]).unsqueeze(1)
-    eps_t = torch.tensor(eps, dtype=torch.float32, device=s.device)
-    return (s.to(torch.float32) * eps_t[ids.reshape(-1).long()]).unsqueeze(1)
+    return (s.to(torch.float32) * eps_table[ids.reshape(-1).long()]).unsqueeze(1)
 
 
 def noisy_lora_linear_ref(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor | None,
@@ -91,7 +76,8 @@ def noisy_lora_linear_ref(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.T
     with values in [0, P); ``rows_by_id``: optional precomputed `rows_by_perturbation` (no host sync).
     Rows with σ = 0 never touch the noise. The sign multiplies after the products, exactly like the
     fused kernel, so both are the same function of (x, θ, seeds, signs, ids); tests check it against
-    explicit θ ± εZ separately. ValueError for inconsistent P or row counts.
+    explicit θ ± εZ separately. ValueError for inconsistent P or row counts, or (host ids) an id
+    outside [0, P), as in the fused kernel; TypeError for non-integer ids.
     """
     seeds_a, seeds_b, eps_list, seeds_w = perturbation_table(seed_a, seed_b, eps, weight_seed)
     num_p = len(eps_list)
@@ -100,12 +86,12 @@ def noisy_lora_linear_ref(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.T
     lead = x.shape[:-1]
     xf = x.reshape(-1, k).to(torch.float32)
     m = xf.shape[0]
-    if perturbation_ids is None and num_p != 1:
-        raise ValueError(f"{num_p} perturbations given but no perturbation_ids to say which row uses which")
-    if perturbation_ids is not None and perturbation_ids.numel() != m:
-        raise ValueError(f"perturbation_ids has {perturbation_ids.numel()} entries for {m} rows")
-    ids = None if perturbation_ids is None else perturbation_ids.to(x.device)
-    se = _row_scale(signs.to(x.device), eps_list, ids, m)
+    # the Triton path's checks and messages (P > 1 needs ids, one per row, host ids in [0, P))
+    ids, stride = row_ids(perturbation_ids, m, num_p, x.device)
+    ids = ids if stride else None
+    # the ε table from the launch tables' value-keyed cache: no per-layer blocking copy on a GPU
+    eps_table = None if ids is None else perturbation_tables(seeds_a, seeds_b, eps_list, seeds_w, x.device).eps
+    se = _row_scale(signs.to(x.device), eps_list, ids, m, eps_table)
     a = b = None
     if lora_a is not None:
         if lora_b is None:

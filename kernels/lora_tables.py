@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
-from .lora_ref import Eps, Seeds
+from ._device import host_to_device, signed64
 
-__all__ = ["PerturbationTables", "perturbation_tables", "row_ids", "host_to_device"]
+__all__ = ["PerturbationTables", "perturbation_tables", "row_ids", "host_to_device", "host_values",
+           "perturbation_count", "Seeds", "Eps"]
 
-_M64 = (1 << 64) - 1
+Seeds = int | Sequence[int] | torch.Tensor
+Eps = float | Sequence[float] | torch.Tensor
+_T = TypeVar("_T")
 _CACHE_SIZE = 1024  # distinct host tables kept on the device (a few hundred bytes each)
 
 
@@ -37,27 +40,25 @@ class PerturbationTables:
     num: int  # P
 
 
-def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a small host tensor to ``device`` without a host sync: a plain (pageable, blocking) copy
-    makes torch synchronize the stream; a pinned non_blocking one is only queued (the caching host
-    allocator keeps the pinned block alive until the copy has run)."""
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
-
-
-def _signed64(seed: int) -> int:
-    """The int64 with the same 64 bits as seed mod 2^64 (Philox keys on the bits, like kernels.randn)."""
-    s = int(seed) & _M64
-    return s - (1 << 64) if s >= 1 << 63 else s
-
-
-def _host_values(values, cast) -> list:
+def host_values(values: Seeds | Eps, cast: Callable[[object], _T]) -> list[_T]:
+    """One per-perturbation argument as a host list: a scalar gives one entry, a sequence or tensor
+    its (flattened) entries, each through ``cast`` (a device tensor is read back: a host sync)."""
     if isinstance(values, torch.Tensor):
         return [cast(v) for v in values.reshape(-1).tolist()]
     if isinstance(values, (list, tuple)):
         return [cast(v) for v in values]
     return [cast(values)]
+
+
+def perturbation_count(lengths: dict[str, int]) -> int:
+    """P from the entry counts of the per-perturbation arguments (name -> count): each has one entry
+    (broadcast) or P. ValueError naming the counts when two give different P > 1, or P == 0."""
+    p = max(lengths.values())
+    bad = {name: n for name, n in lengths.items() if n not in (1, p)}
+    if p == 0 or bad:
+        raise ValueError(f"per-perturbation arguments must all have one entry or the same number P >= 1 of "
+                         f"entries, got lengths {lengths}")
+    return p
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
@@ -82,18 +83,14 @@ def perturbation_tables(seed_a: Seeds, seed_b: Seeds, eps: Eps, weight_seed: See
     two arguments give different P > 1, or one gives none."""
     if all(isinstance(v, (int, float)) for v in (seed_a, seed_b, eps)) and isinstance(weight_seed, (int, type(None))):
         # the id-less launch (one perturbation, host scalars): straight to the cached table
-        return _packed(device, (_signed64(seed_a),), (_signed64(seed_b),), (_signed64(weight_seed or 0),), (float(eps),))
+        return _packed(device, (signed64(seed_a),), (signed64(seed_b),), (signed64(weight_seed or 0),), (float(eps),))
     given = {"seed_a": seed_a, "seed_b": seed_b, "eps": eps, "weight_seed": 0 if weight_seed is None else weight_seed}
     on_device = {k: isinstance(v, torch.Tensor) and v.device == device for k, v in given.items()}
     lengths = {k: (v.numel() if isinstance(v, torch.Tensor) else len(v) if isinstance(v, (list, tuple)) else 1)
                for k, v in given.items()}
-    p = max(lengths.values())
-    bad = {k: n for k, n in lengths.items() if n not in (1, p)}
-    if p == 0 or bad:
-        raise ValueError(f"per-perturbation arguments must all have one entry or the same number P >= 1 of "
-                         f"entries, got lengths {lengths}")
+    p = perturbation_count(lengths)
     if not any(on_device.values()):
-        cols = {k: _host_values(v, float if k == "eps" else _signed64) for k, v in given.items()}
+        cols = {k: host_values(v, float if k == "eps" else signed64) for k, v in given.items()}
         cols = {k: tuple(v * p if len(v) == 1 else v) for k, v in cols.items()}
         return _packed(device, cols["seed_a"], cols["seed_b"], cols["weight_seed"], cols["eps"])
     out = {}
@@ -102,7 +99,7 @@ def perturbation_tables(seed_a: Seeds, seed_b: Seeds, eps: Eps, weight_seed: See
         if on_device[k]:
             t = v.reshape(-1).to(dtype)
         else:  # a host value next to device tables: a (small) copy of its own
-            t = host_to_device(torch.tensor(_host_values(v, float if k == "eps" else _signed64), dtype=dtype), device)
+            t = host_to_device(torch.tensor(host_values(v, float if k == "eps" else signed64), dtype=dtype), device)
         out[k] = (t.expand(p) if t.numel() == 1 else t).contiguous()
     return PerturbationTables(out["seed_a"], out["seed_b"], out["weight_seed"], out["eps"], p)
 

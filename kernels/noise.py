@@ -225,8 +225,9 @@ def randn_segments(seeds: Sequence[int], numels: Sequence[int],
     if len(seeds) != len(numels):
         raise ValueError(f"randn_segments: {len(seeds)} seeds but {len(numels)} numels")
     sizes = [int(n) for n in numels]
-    if any(n < 0 for n in sizes):
-        raise ValueError(f"randn_segments: numels must be >= 0, got {min(sizes)}")
+    for j, n in enumerate(sizes):
+        if n < 0:
+            raise ValueError(f"randn_segments: numels must be >= 0, got numels[{j}] = {n}")
     device = torch.device(device) if device is not None else torch.device("cpu")
     total = sum(sizes)
     out = torch.empty(total, dtype=torch.float32, device=device)

@@ -15,8 +15,9 @@ import torch
 
 from ._triton import tl, triton  # a stand-in when Triton is not installed
 from .launch_config import noise_norm_config, target_of
-from .lora_tables import host_to_device
+from ._device import host_to_device, signed64
 from .noise import randn
+from .noise_cache import cached_randn
 
 __all__ = ["perturbation_norms"]
 
@@ -24,14 +25,13 @@ _CHUNK = 1 << 20  # elements generated at a time by the torch path (bounds its f
 
 
 def _sq_sum_torch(seed: int, numel: int, device: torch.device) -> torch.Tensor:
+    if numel <= _CHUNK:  # a LoRA-sized tensor: the step's z is in the memo already (prefetched)
+        return cached_randn(seed, (numel,), device=device).double().square().sum()
     total = torch.zeros((), dtype=torch.float64, device=device)
     for start in range(0, numel, _CHUNK):
         z = randn(seed, (min(_CHUNK, numel - start),), offset=start, device=device)
         total += z.double().square().sum()
     return total
-
-
-_M64 = (1 << 64) - 1
 
 
 @triton.jit
@@ -49,11 +49,6 @@ def _sq_sum_kernel(seed_ptr, start_ptr, count_ptr, out_ptr, BLOCK: tl.constexpr)
     tl.store(out_ptr + g, tl.sum(acc, axis=0))
 
 
-def _signed64(seed: int) -> int:
-    s = int(seed) & _M64
-    return s - (1 << 64) if s >= 1 << 63 else s
-
-
 def _sq_sums_triton(tensor_seeds: Sequence[Sequence[int]], numels: Sequence[int], device: torch.device
                     ) -> torch.Tensor:
     """float64 [P] sums of squares: one launch over every (p, tensor, chunk), float64 reduction."""
@@ -68,7 +63,7 @@ def _sq_sums_triton(tensor_seeds: Sequence[Sequence[int]], numels: Sequence[int]
     c = len(starts)
     if num_p == 0 or c == 0:
         return torch.zeros(num_p, dtype=torch.float64, device=device)
-    seeds = torch.tensor([[_signed64(s) for s in row] for row in tensor_seeds], dtype=torch.int64)
+    seeds = torch.tensor([[signed64(s) for s in row] for row in tensor_seeds], dtype=torch.int64)
     prog_seed = seeds[:, torch.tensor(tensor_of)].reshape(-1)                   # [P * C], p-major
     prog_start = torch.tensor(starts, dtype=torch.int32).repeat(num_p)
     prog_count = torch.tensor(counts, dtype=torch.int32).repeat(num_p)

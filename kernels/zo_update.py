@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 from ._triton import tl, triton  # a stand-in when Triton is not installed
 
+from ._device import host_to_device
 from .launch_config import target_of, zo_update_config
 from .noise_cache import cached_randn
 
@@ -39,10 +40,8 @@ def _zo_update_kernel(p_ptr, seed_ptr, grad_ptr, n_seeds, numel, lr, wd, BLOCK: 
 def _seed_tensor(seeds: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
     if isinstance(seeds, torch.Tensor):
         return seeds.to(device=device, dtype=torch.int64)
-    host = torch.tensor([int(s) for s in seeds], dtype=torch.int64)
-    if device.type == "cuda":  # pinned + non_blocking: the copy is queued, the host never waits
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+    # pinned + non_blocking on a GPU: the copy is queued, the host never waits
+    return host_to_device(torch.tensor([int(s) for s in seeds], dtype=torch.int64), device)
 
 
 def _grad_tensor(grads: Sequence[float] | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -133,8 +132,10 @@ def zo_update_many_(params: Sequence[torch.Tensor], seeds: Sequence[Sequence[int
         if p.dtype != torch.float32:
             raise TypeError(f"trainable parameters are float32 (DESIGN.md section 4), tensor {i} is {p.dtype}")
     n_grads = grads.numel() if isinstance(grads, torch.Tensor) else len(grads)
-    if any(len(s) != n_grads for s in seeds):
-        raise ValueError(f"every tensor needs {n_grads} seeds (one per projected gradient)")
+    for i, s in enumerate(seeds):
+        if len(s) != n_grads:
+            raise ValueError(f"every tensor needs {n_grads} seeds (one per projected gradient): seeds[{i}] has "
+                             f"{len(s)}")
     if impl == "auto":
         impl = "triton" if params and params[0].is_cuda else "torch"
     if impl not in ("torch", "triton"):

@@ -101,19 +101,42 @@ def trie_tokens(sequences: list[list[int]]) -> int:
     return total
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def branch_kv_pages(reqs: list, page_size: int) -> int:
+    """Pages the requests of one branch hold at once, counted the way the pool allocates them: each
+    request takes ceil(max_total_tokens / page_size) pages (its last page partly filled), less the
+    whole pages of prompt it can share with its neighbour in sorted order. The cache shares full pages
+    only (a partly matched page is copied into a fresh one), and a request matches at most the
+    scheduler's limit (never its last prompt token, nor a scoring request's tokens from score_from on);
+    the smaller of the two neighbours' limits is used, so the count errs on the large side."""
+    def limit(r) -> int:
+        lim = len(r.prompt_ids) - 1
+        return max(min(lim, r.score_from - 1) if r.score_from is not None else lim, 0)
+
+    reqs = sorted(reqs, key=lambda r: r.prompt_ids)
+    pages = sum(-(-max(r.max_total_tokens(), len(r.prompt_ids)) // page_size) for r in reqs)
+    for a, b in zip(reqs, reqs[1:]):
+        pages -= min(_common_prefix(a.prompt_ids, b.prompt_ids), limit(a), limit(b)) // page_size
+    return pages
+
+
 def check_kv_budget(engine, per_branch: list[list[list]], config) -> None:
     """ValueError when the KV of every branch of a launch cannot be held at once: branches ×
-    (prefix + Σ suffixes) tokens (generation adds max_new_tokens per request) against the pool's
-    capacity. Only with the prefix cache on (without it the scheduler runs the requests in turns)."""
+    `branch_kv_pages` (whole pages, generation adding max_new_tokens per request) against the pool's
+    usable pages, the error naming both. Only with the prefix cache on (without it the scheduler runs
+    the requests in turns)."""
     if not engine.cache.enabled or not per_branch:
         return
-    reqs = [r for group in per_branch[0] for r in group]
-    per = trie_tokens([r.prompt_ids for r in reqs])
-    per += sum(max(r.max_total_tokens() - len(r.prompt_ids), 0) for r in reqs)
+    page_size = engine.pool.page_size
+    per = branch_kv_pages([r for group in per_branch[0] for r in group], page_size)
     need = per * len(per_branch)
-    capacity = engine.pool.num_usable_pages * engine.pool.page_size
-    if need > capacity:
+    usable = engine.pool.num_usable_pages
+    if need > usable:
         raise ValueError(
-            f"one MeZO step needs {need} tokens of KV ({len(per_branch)} branches x {per} tokens of prefix + "
-            f"suffixes; estimator={config.estimator!r}, n_spsa={config.n_spsa}) but the KV pool holds {capacity} "
-            f"tokens; lower n_spsa or batch_size, or raise the engine's max_cache_tokens")
+            f"one MeZO step needs {need} pages of KV ({len(per_branch)} branches x {per} pages of {page_size} "
+            f"tokens: prefix + suffixes; estimator={config.estimator!r}, n_spsa={config.n_spsa}) but the KV pool "
+            f"holds {usable} pages ({usable * page_size} tokens); lower n_spsa or batch_size, or raise the "
+            f"engine's max_cache_tokens")

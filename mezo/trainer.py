@@ -100,9 +100,13 @@ class MeZOTrainer:
     # -- noise ------------------------------------------------------------------------------
     def noise_memo_budget(self) -> int:
         """Bytes the CPU path may keep of a step's z between its launches and the update: a twentieth
-        of the weights' bytes. LoRA's z fits in it; full-parameter mode keeps part and regenerates the
-        rest, so the step stays near the memory of inference (MeZO's point)."""
-        return sum(p.numel() * p.element_size() for p in self.engine.model.parameters()) // 20
+        of the weights' bytes, or all of the step's z (n_spsa float32 copies of the trainable tensors)
+        when that is at most a tenth of them — so LoRA keeps every perturbation's z at any n_spsa a
+        step can hold, while full-parameter mode keeps part and regenerates the rest and the step
+        stays near the memory of inference (MeZO's point)."""
+        weights = sum(p.numel() * p.element_size() for p in self.engine.model.parameters())
+        step_z = self.config.n_spsa * 4 * sum(p.numel() for p in self.params.values())
+        return max(weights // 20, step_z if step_z <= weights // 10 else 0)
 
     def noise(self, seed: int) -> dict[str, torch.Tensor]:
         """z of every trainable tensor for `seed`, materialized (tests and debugging only)."""
@@ -218,13 +222,13 @@ class MeZOTrainer:
         encoded = self._encoded(examples)
         tokens_before = self.engine.runner.tokens_computed
         seeds = [step_seed(cfg.seed, self.step_count, k) for k in range(cfg.n_spsa)]
+        if self.engine.kernels == "torch":  # the torch path reads z from the memo: fill it in one batched pass
+            prefetch_step_noise(seeds, list(self.params.values()))
         norms = norm_values = None
-        if cfg.normalize_perturbations:
+        if cfg.normalize_perturbations:  # (the torch path's norms read the memo just filled)
             norms = self.perturbation_norms(seeds)
             norm_values = norms.tolist()  # the launch takes ε/‖z_k‖ as scalars: a second host read
         plan = launch_plan(cfg.estimator, seeds, cfg.eps, norm_values)
-        if self.engine.kernels == "torch":  # the torch path reads z from the memo: fill it in one batched pass
-            prefetch_step_noise(seeds, list(self.params.values()))
         losses = self.launch_losses(encoded, plan)
         est = estimate(cfg.estimator, losses, cfg.n_spsa, cfg.eps, norms, cfg.one_sided_std_scaling,
                        cfg.one_sided_std_floor)

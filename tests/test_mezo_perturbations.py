@@ -16,7 +16,7 @@ import torch
 from engine.forward_batch import PerturbationTable
 from mezo import ClassificationExample, MeZOConfig, MeZOTrainer, finetune, replay_trajectory
 from mezo.checkpoint import TrajectoryLog
-from mezo.estimators import LaunchPlan, launch_plan, trie_tokens
+from mezo.estimators import LaunchPlan, branch_kv_pages, launch_plan, trie_tokens
 from mezo.seeds import step_seed
 from mezo_fixtures import FEW_SHOT, HEADLINES
 from mezo_helpers import make_engine, randomize_lora_b, snapshot
@@ -261,8 +261,8 @@ def test_bad_input():
     trainer = MeZOTrainer(small, MeZOConfig(n_spsa=8, seed=1))
     encoded = trainer.encode(_examples(2))
     before, passes = snapshot(small), small.runner.forward_passes
-    with pytest.raises(ValueError, match=r"needs \d+ tokens of KV \(16 branches x \d+ tokens.*n_spsa=8.*holds 1024 "
-                                         r"tokens; lower n_spsa"):
+    with pytest.raises(ValueError, match=r"needs \d+ pages of KV \(16 branches x \d+ pages of \d+ tokens.*n_spsa=8"
+                                         r".*holds \d+ pages \(1024 tokens\); lower n_spsa"):
         trainer.step(encoded)
     assert small.runner.forward_passes == passes and trainer.step_count == 0
     assert all(torch.equal(v, before[k]) for k, v in small.trainable_parameters().items())
@@ -273,3 +273,22 @@ def test_bad_input():
 def test_trie_tokens():
     assert trie_tokens([[1, 2, 3], [1, 2, 4], [1, 5], [1, 2, 3]]) == 5
     assert trie_tokens([[1], [2]]) == 2
+
+
+def test_branch_kv_pages_counts_whole_pages():
+    """The budget counts pages as the pool allocates them: shared prompt only in whole pages, up to
+    the scheduler's match limit; each request's last page is a whole page."""
+    from types import SimpleNamespace
+
+    def req(ids, score_from=None, total=None):
+        return SimpleNamespace(prompt_ids=ids, score_from=score_from, max_total_tokens=lambda: total or len(ids))
+
+    prompt = list(range(1, 11))
+    scoring = [req(prompt + [c], score_from=10) for c in (50, 60)]
+    # 11 tokens each = 3 pages of 4; they share tokens < score_from - 1 = 9: 2 whole pages. 12 tokens of
+    # prefix tree would pass as 3 pages; the pool needs 4
+    assert trie_tokens([r.prompt_ids for r in scoring]) == 12
+    assert branch_kv_pages(scoring, 4) == 3 + 3 - 2
+    assert branch_kv_pages([req(prompt), req(prompt)], 4) == 3 + 3 - 2  # never the last prompt token: 9 // 4
+    assert branch_kv_pages([req(prompt[:5], total=7), req([9] + prompt[:5], total=7)], 4) == 4  # nothing shared
+    assert branch_kv_pages(scoring, 16) == 2  # a shared partial page is copied, not shared

@@ -48,8 +48,8 @@ def test_segments_bad_input():
     assert randn_segments([], []).shape == (0,)
     with pytest.raises(ValueError, match="seeds"):
         randn_segments([1, 2], [3])
-    with pytest.raises(ValueError, match="numels"):
-        randn_segments([1], [-1])
+    with pytest.raises(ValueError, match=r"numels\[1\] = -1"):
+        randn_segments([1, 2, 3], [4, -1, -2])
 
 
 def test_prefetch_fills_the_memo_with_randn_and_keeps_its_bound():

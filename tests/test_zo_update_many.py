@@ -38,8 +38,8 @@ def test_many_bad_input():
     p = [torch.zeros(3)]
     with pytest.raises(ValueError, match="seed lists"):
         zo_update_many_(p, [], torch.ones(1), 0.1)
-    with pytest.raises(ValueError, match="seeds"):
-        zo_update_many_(p, [[1, 2]], torch.ones(1), 0.1)
+    with pytest.raises(ValueError, match=r"needs 1 seeds .*seeds\[1\] has 2"):
+        zo_update_many_(p + [torch.zeros(2)], [[1], [1, 2]], torch.ones(1), 0.1)
     with pytest.raises(TypeError, match="float32"):
         zo_update_many_([torch.zeros(3, dtype=torch.float64)], [[1]], torch.ones(1), 0.1)
     with pytest.raises(ValueError, match="impl"):
