@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     src = args.model or f"random {args.random_config}"
     json_path, _ = write_results("estimators", payload, md, title=f"n-SPSA in one launch ({src})",
                                  device=args.device, script=__file__, argv=argv, out_dir=args.out_dir,
-                                 variant="_quick" if args.quick else "")
+                                 variant="_quick" if args.quick else ("" if args.scenario == "cls_16shot" else f"_{args.scenario}"))
     print(md)
     print(f"written: {json_path}")
     return payload
