@@ -66,3 +66,15 @@ def smollm2():
 
     model = AutoModelForCausalLM.from_pretrained(source.directory, gguf_file=source.gguf_file, dtype=torch.float32)
     return model.eval(), load_tokenizer(source)
+
+
+@pytest.fixture
+def fresh_noise_memo():
+    """The CPU noise memo empty, at its default limit, for one test; restored afterwards."""
+    from kernels import noise_cache
+
+    previous = noise_cache.set_noise_cache_limit(noise_cache.DEFAULT_LIMIT_BYTES)
+    noise_cache.clear_noise_cache()
+    yield
+    noise_cache.set_noise_cache_limit(previous)
+    noise_cache.clear_noise_cache()

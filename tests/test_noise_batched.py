@@ -14,13 +14,7 @@ SHAPES = [(8, 31), (0,), (1,), (3, 0, 5), (70001,), (65536,), (576, 8), (7, 13, 
 SEEDS = [derive_seed(99, i) for i in range(len(SHAPES) - 3)] + [2**63 - 1, 2**32 + 5, -3]  # hi key words
 
 
-@pytest.fixture(autouse=True)
-def _fresh_memo():
-    previous = noise_cache.set_noise_cache_limit(noise_cache.DEFAULT_LIMIT_BYTES)
-    noise_cache.clear_noise_cache()
-    yield
-    noise_cache.set_noise_cache_limit(previous)
-    noise_cache.clear_noise_cache()
+pytestmark = pytest.mark.usefixtures("fresh_noise_memo")
 
 
 def _segments_equal_randn(seeds, shapes) -> None:

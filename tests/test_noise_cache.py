@@ -7,13 +7,7 @@ from kernels import noise_cache
 from kernels.noise import randn
 
 
-@pytest.fixture(autouse=True)
-def _restore_limit():
-    previous = noise_cache.set_noise_cache_limit(noise_cache.DEFAULT_LIMIT_BYTES)
-    noise_cache.clear_noise_cache()
-    yield
-    noise_cache.set_noise_cache_limit(previous)
-    noise_cache.clear_noise_cache()
+pytestmark = pytest.mark.usefixtures("fresh_noise_memo")
 
 
 def test_memo_returns_randn_and_respects_its_limit():
