@@ -24,8 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS_DIR, md_table, write_results  # noqa: E402
 
-# name -> (estimator, n): the runs compared
-RUNS: dict[str, tuple[str, int]] = {"spsa1": ("spsa", 1), "spsa4": ("spsa", 4), "one_sided7": ("one_sided", 7)}
+# name -> (estimator, n, lr multiplier, FZOO std scaling): the runs compared. spsa4_lr4: n-SPSA's
+# average of 4 estimates has a quarter of the variance, so it may take a 4x step; one_sided7_std:
+# FZOO's step divided by the std of the perturbed losses (≈ eps·|∇L|), hence an lr scaled by eps.
+RUNS: dict[str, tuple[str, int, float, bool]] = {
+    "spsa1": ("spsa", 1, 1.0, False), "spsa4": ("spsa", 4, 1.0, False), "one_sided7": ("one_sided", 7, 1.0, False),
+    "spsa4_lr4": ("spsa", 4, 4.0, False), "one_sided7_std": ("one_sided", 7, 1e-2, True)}
 
 
 def sequences_per_example(estimator: str, n: int) -> int:
@@ -39,14 +43,16 @@ def train_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from engine import Engine
     from mezo import MeZOConfig, finetune
 
-    estimator, n = RUNS[name]
+    estimator, n, lr_scale, std_scaling = RUNS[name]
     per_step = sequences_per_example(estimator, n) * args.batch_size
     steps = args.budget // per_step
-    cfg = MeZOConfig.preset("opt-lora", lr=args.lr, eps=args.eps, steps=steps, batch_size=args.batch_size,
-                            estimator=estimator, n_spsa=n, eval_every=max(1, steps // 4), eval_size=args.eval_size)
+    cfg = MeZOConfig.preset("opt-lora", lr=args.lr * lr_scale, eps=args.eps, steps=steps, batch_size=args.batch_size,
+                            estimator=estimator, n_spsa=n, one_sided_std_scaling=std_scaling,
+                            eval_every=max(1, steps // 4), eval_size=args.eval_size)
     engine = Engine(args.model, device="cpu", dtype="float32")
     result = finetune(engine, "bbc_news", "bbc_news", cfg, progress=not args.no_progress)
-    run = {"name": name, "estimator": estimator, "n": n, "steps": steps, "sequences_per_step": per_step,
+    run = {"name": name, "estimator": estimator, "n": n, "lr": cfg.lr, "std_scaling": std_scaling, "steps": steps,
+           "sequences_per_step": per_step,
            "seconds": result.seconds, "threads": torch.get_num_threads(),
            "curve": [{"step": e["step"], "sequences": e["step"] * per_step, "accuracy": e["accuracy"]}
                      for e in result.evals]}
@@ -60,12 +66,12 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace, argv: Sequence[
     base = next((r for r in runs if r["name"] == "spsa1"), None)
     if base is None:
         raise SystemExit(f"no spsa1 run under {args.run_dir}: the report compares every run with it")
-    rows = [[r["name"], r["estimator"], r["n"], r["steps"], r["sequences_per_step"],
+    rows = [[r["name"], r["estimator"], r["n"], r.get("lr", args.lr), r["steps"], r["sequences_per_step"],
              ", ".join(f"{c['sequences']}: {c['accuracy']:.3f}" for c in r["curve"]),
              f"{r['curve'][-1]['accuracy'] - base['curve'][-1]['accuracy']:+.3f}", f"{r['seconds']:.0f}"]
             for r in runs]
     best = max(runs, key=lambda r: r["curve"][-1]["accuracy"])
-    md = "\n".join(md_table(rows, ["run", "estimator", "n", "steps", "sequences/step",
+    md = "\n".join(md_table(rows, ["run", "estimator", "n", "lr", "steps", "sequences/step",
                                    "accuracy by forward sequences", "final vs spsa1", "train s"]))
     md += (f"\n\nBudget {args.budget} sequence forwards each; best final: {best['name']} "
            f"({best['curve'][-1]['accuracy']:.3f}). Issue 14's target: the best >= 3 points above spsa1.\n"
