@@ -61,9 +61,9 @@ class Perturbation:
     eps: tuple[float, ...]  # [P]
     token_signs: torch.Tensor  # [T] float32, the sign of the sequence each token belongs to
     token_ids: torch.Tensor | None = None  # [T] int32 perturbation id of each token (None: P == 1)
-    # host (CPU) copies of token_signs / token_ids, for `rows_by_id`: None when not built on the host
-    host_signs: torch.Tensor | None = field(default=None, repr=False)
-    host_ids: torch.Tensor | None = field(default=None, repr=False)
+    # host copies (Python lists) of token_signs / token_ids, for `rows_by_id`: None when not built on the host
+    host_signs: list[float] | None = field(default=None, repr=False)
+    host_ids: list[int] | None = field(default=None, repr=False)
     _seeds: dict = field(default_factory=dict, repr=False)  # tensor index -> its P Philox seeds (per launch)
     _rows: list[torch.Tensor] | None = field(default=None, init=False, repr=False)
 
@@ -74,11 +74,12 @@ class Perturbation:
         back. None with one perturbation or without host copies (the torch path then derives them)."""
         if self._rows is None and self.token_ids is not None and self.host_signs is not None \
                 and self.host_ids is not None:
-            from kernels.lora_ref import rows_by_perturbation  # deferred: kernels loads triton
-
+            buckets: list[list[int]] = [[] for _ in range(self.num_perturbations)]
+            for row, (sign, pid) in enumerate(zip(self.host_signs, self.host_ids)):
+                if sign != 0:
+                    buckets[pid].append(row)
             device = self.token_signs.device
-            self._rows = [r.to(device, non_blocking=True)
-                          for r in rows_by_perturbation(self.host_signs, self.host_ids, self.num_perturbations)]
+            self._rows = [torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True) for rows in buckets]
         return self._rows
 
     @property
@@ -201,13 +202,11 @@ def build_forward_batch(
 
     perturbation = None
     if signs is not None:
-        host_signs = torch.tensor(token_signs, dtype=torch.float32)
-        host_ids = ids = None
+        ids = None
         if ptable.size > 1:  # one perturbation keeps the id-less launch (every row is perturbation 0)
-            host_ids = torch.tensor(token_pids, dtype=torch.int32)
-            ids = host_ids.to(device, non_blocking=True)
-        perturbation = Perturbation(ptable.seeds, ptable.eps, host_signs.to(device, non_blocking=True), ids,
-                                    host_signs=host_signs, host_ids=host_ids)
+            ids = as_tensor(token_pids, torch.int32)
+        perturbation = Perturbation(ptable.seeds, ptable.eps, as_tensor(token_signs, torch.float32), ids,
+                                    host_signs=token_signs, host_ids=token_pids if ids is not None else None)
     return ForwardBatch(
         mode=mode,
         input_ids=as_tensor(input_ids, torch.int64),

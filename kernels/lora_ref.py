@@ -87,7 +87,8 @@ def noisy_lora_linear_ref(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.T
     xf = x.reshape(-1, k).to(torch.float32)
     m = xf.shape[0]
     # the Triton path's checks and messages (P > 1 needs ids, one per row, host ids in [0, P))
-    ids, stride = row_ids(perturbation_ids, m, num_p, x.device)
+    # (rows_by_id come from the engine, which checked every id on the host before the launch)
+    ids, stride = row_ids(perturbation_ids, m, num_p, x.device, check_range=rows_by_id is None)
     ids = ids if stride else None
     # the ε table from the launch tables' value-keyed cache: no per-layer blocking copy on a GPU
     eps_table = None if ids is None else perturbation_tables(seeds_a, seeds_b, eps_list, seeds_w, x.device).eps

@@ -109,11 +109,11 @@ def _zero_id(device: torch.device) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.int32, device=device)
 
 
-def row_ids(perturbation_ids: torch.Tensor | None, m: int, num: int, device: torch.device
-            ) -> tuple[torch.Tensor, int]:
+def row_ids(perturbation_ids: torch.Tensor | None, m: int, num: int, device: torch.device,
+            check_range: bool = True) -> tuple[torch.Tensor, int]:
     """(int32 ids on ``device``, stride): without ids one cached zero read with stride 0 (no per-call
     allocation). ValueError when P > 1 without ids, for a wrong row count, or (for host ids, checked
-    without a device sync) ids outside [0, P)."""
+    without a device sync; ``check_range=False`` when the caller validated them) ids outside [0, P)."""
     if perturbation_ids is None:
         if num != 1:
             raise ValueError(f"{num} perturbations given but no perturbation_ids to say which row uses which")
@@ -123,7 +123,7 @@ def row_ids(perturbation_ids: torch.Tensor | None, m: int, num: int, device: tor
     ids = perturbation_ids.reshape(-1)
     if ids.numel() != m:
         raise ValueError(f"perturbation_ids has {ids.numel()} entries for {m} rows")
-    if ids.device.type == "cpu" and m and (int(ids.min()) < 0 or int(ids.max()) >= num):
+    if check_range and ids.device.type == "cpu" and m and (int(ids.min()) < 0 or int(ids.max()) >= num):
         raise ValueError(f"perturbation_ids must lie in [0, {num}), got values in "
                          f"[{int(ids.min())}, {int(ids.max())}]")
     if ids.device.type == "cpu":

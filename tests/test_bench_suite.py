@@ -62,7 +62,8 @@ def test_gpu_suite_dry_run_starts_every_stage(tmp_path):
     proc = _run([sys.executable, "bench/gpu_suite.py", "--dry-run", "--out", str(tmp_path), "--no-progress"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_suite_summary.json").read_text())
-    assert [s["name"] for s in report["stages"]] == ["tests", "kernels", "attention", "mezo", "generate", "sign"]
+    assert [s["name"] for s in report["stages"]] == ["tests", "kernels", "attention", "mezo", "generate", "sign",
+                                                         "estimators"]
     assert all(s["status"] == "ok" for s in report["stages"])
     labels = [r["figure"] for r in report["figures"]]
     assert any("sign agreement" in x for x in labels) and any("copy bandwidth" in x for x in labels)
