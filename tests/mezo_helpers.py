@@ -102,3 +102,18 @@ def hf_loss(model, encoded, objective: str = "classification") -> torch.Tensor:
         scores = torch.stack([mean_logprob(ex.prompt, c) for c in ex.candidates])
         losses.append(-torch.log_softmax(scores, dim=-1)[ex.label])
     return torch.stack(losses).mean()
+
+
+def peft_adapter(path, **lora_config):
+    """A PEFT LoRA adapter on `base_hf()` (LoraConfig(**lora_config), no dropout) with B drawn at random,
+    so it changes the model (PEFT initialises B = 0), saved by PEFT under ``path``; returns the PeftModel."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(7)
+    model = get_peft_model(base_hf(), LoraConfig(lora_dropout=0.0, **lora_config)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(path)
+    return model

@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 
 from mezo import MeZOConfig, MeZOTrainer
 from mezo_fixtures import FEW_SHOT, HEADLINES
-from mezo_helpers import base_hf, classification_examples, make_engine, snapshot, tokenizer
+from mezo_helpers import base_hf, classification_examples, make_engine, peft_adapter, snapshot, tokenizer
 
 ATOL = 1e-4
 
@@ -73,13 +73,7 @@ PEFT_CONFIGS = [
 
 @pytest.mark.parametrize("cfg", PEFT_CONFIGS, ids=["qv-r8", "all-r4", "layer1-r2"])
 def test_peft_written_adapter_loads_in_engine(cfg, tmp_path):
-    torch.manual_seed(7)
-    peft_model = get_peft_model(base_hf(), LoraConfig(lora_dropout=0.0, **cfg)).eval()
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:  # PEFT initialises B = 0 (a no-op adapter): make it count
-                p.normal_(0, 0.05)
-    peft_model.save_pretrained(tmp_path / "peft")
+    peft_model = peft_adapter(tmp_path / "peft", **cfg)
 
     engine = make_engine()
     spec = engine.load_adapter(tmp_path / "peft")

@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel
 
 from engine.peft_config import pattern_key, target_matches
-from mezo_helpers import base_hf, make_engine, tokenizer
+from mezo_helpers import base_hf, make_engine, peft_adapter, tokenizer
 
 ATOL = 1e-4
 
@@ -29,15 +29,6 @@ def _max_diff(a, b):
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
-def _peft_adapter(path, **cfg):
-    torch.manual_seed(7)
-    model = get_peft_model(base_hf(), LoraConfig(lora_dropout=0.0, **cfg)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:  # PEFT initialises B = 0 (a no-op adapter): make it count
-                p.normal_(0, 0.05)
-    model.save_pretrained(path)
-    return model
 
 
 CONFIGS = {
@@ -59,7 +50,7 @@ CONFIGS = {
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_peft_adapter_loads_and_saves_at_peft_scale(name, tmp_path):
-    peft_model = _peft_adapter(tmp_path / "peft", **CONFIGS[name])
+    peft_model = peft_adapter(tmp_path / "peft", **CONFIGS[name])
     engine = make_engine()
     engine.load_adapter(tmp_path / "peft")
     n_lora = sum(1 for n, _ in peft_model.named_parameters() if "lora_" in n)
@@ -121,7 +112,7 @@ REFUSED = [("use_dora", True), ("bias", "all"), ("bias", "lora_only"), ("lora_bi
 
 @pytest.mark.parametrize("field,value", REFUSED, ids=[f"{f}={v}" for f, v in REFUSED])
 def test_fields_that_change_the_function_are_refused_by_name(field, value, tmp_path):
-    _peft_adapter(tmp_path / "peft", r=2, lora_alpha=4, target_modules=["q_proj"])
+    peft_adapter(tmp_path / "peft", r=2, lora_alpha=4, target_modules=["q_proj"])
     cfg_path = tmp_path / "peft" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg[field] = value
@@ -133,7 +124,7 @@ def test_fields_that_change_the_function_are_refused_by_name(field, value, tmp_p
 
 
 def test_harmless_fields_are_accepted(tmp_path):
-    _peft_adapter(tmp_path / "peft", r=2, lora_alpha=4, target_modules=["q_proj"])
+    peft_adapter(tmp_path / "peft", r=2, lora_alpha=4, target_modules=["q_proj"])
     cfg_path = tmp_path / "peft" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg.update(fan_in_fan_out=True, lora_dropout=0.3, init_lora_weights="gaussian", inference_mode=False)
@@ -142,7 +133,7 @@ def test_harmless_fields_are_accepted(tmp_path):
 
 
 def test_config_and_weights_must_cover_the_same_modules(tmp_path):
-    _peft_adapter(tmp_path / "peft", r=2, lora_alpha=4, target_modules=["q_proj"])
+    peft_adapter(tmp_path / "peft", r=2, lora_alpha=4, target_modules=["q_proj"])
     cfg_path = tmp_path / "peft" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["target_modules"] = ["q_proj", "k_proj"]  # peft would add k_proj LoRA with its init, not the file's
@@ -156,7 +147,7 @@ def test_config_and_weights_must_cover_the_same_modules(tmp_path):
 
 
 def test_rank_that_disagrees_with_the_config_is_refused(tmp_path):
-    _peft_adapter(tmp_path / "peft", r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2})
+    peft_adapter(tmp_path / "peft", r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2})
     cfg_path = tmp_path / "peft" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["rank_pattern"] = {}  # the file's v_proj has rank 2, the config now says 4
@@ -189,7 +180,7 @@ def test_torn_weights_file_is_a_clear_error(tmp_path):
 
 
 def test_missing_lora_alpha_means_peft_default_8(tmp_path):
-    peft_model = _peft_adapter(tmp_path / "peft", r=4, lora_alpha=8, target_modules=["q_proj"])
+    peft_model = peft_adapter(tmp_path / "peft", r=4, lora_alpha=8, target_modules=["q_proj"])
     cfg_path = tmp_path / "peft" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     del cfg["lora_alpha"]  # LoraConfig's default is 8 (the engine used alpha = r before: scale 1, not 2)
