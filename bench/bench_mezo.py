@@ -9,33 +9,39 @@ examples, batch, dtype and device, and the same lr/eps (the MeZOConfig paper pre
   lm_256      LM loss on 256-token BBC article windows (prompt ~128 tokens, target ~128), B = 16
   cls_full    scenario 1 in full-parameter mode (both sides perturb every decoder projection weight)
 
-Contestants per scenario: the reference step ("baseline"), the competent transformers loop a careful
-user would write ("hf_loop", bench/baselines/hf_loop.py), the engine step ("engine"), the engine's
-plain unperturbed forward of the same 2xB request set ("engine_forward": the denominator of the ZO
-overhead and the inference side of the memory check) and, in scenario 2, the engine step with the
-prefix cache disabled. Each lives in its own fresh process (bench/mezo_worker.py), which gives each
-its own peak memory; the parent runs their calls one at a time: a warm-up call each, then --steps
-rounds in rotating order, so the load of a shared machine falls on all of them alike (the load
-average is recorded). The median step time is reported. A contestant whose first call takes longer
-than --slow-seconds is timed on that call only.
+Contestants per scenario (bench/mezo_workloads.py): the reference step ("baseline"), the competent
+transformers loop a careful user would write ("hf_loop", bench/baselines/hf_loop.py), the engine step
+("engine"), the engine's plain unperturbed forward of the same 2xB request set ("engine_forward": the
+denominator of the ZO overhead and the inference side of the memory check) and, in scenario 2, the
+engine step with the prefix cache disabled.
+
+Time: all contestants live in this process (same torch thread count); a warm-up call each, then
+--steps rounds in rotating order, so the load of a shared machine falls on all of them alike (the
+load average is recorded); the median step time is reported. A contestant whose first call takes
+longer than --slow-seconds is timed on that call only. Peak memory: afterwards each contestant is
+built again in its own fresh process (forked from a server that has imported torch, transformers,
+peft and the project once), which makes its warm-up calls and measures one call
+(`mezo_workloads.peak_memory`), so peaks never mix. --profile N also runs one call of each contestant
+under torch.profiler and adds the top N ops by self CPU time to the markdown.
 
     python bench/bench_mezo.py                                  # CPU: SmolLM2-135M, fp32
     python bench/bench_mezo.py --random-config 1b               # GPU: random weights, bf16
     python bench/bench_mezo.py --quick --out-dir /tmp/x         # CI smoke (tiny random model)
 
-Results: bench/results/mezo_<device-slug>.{json,md,png}. Where a step's time goes:
-bench/profile_mezo_step.py (torch.profiler, engine vs the careful loop). `python bench/mezo_worker.py`
-breaks a step's resident memory down further (noise memo, glibc heap retention).
+Results: bench/results/mezo_<device-slug>.{json,md,png}.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import multiprocessing as mp
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -44,11 +50,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import loadavg, resolve_device, run_metadata, write_results  # noqa: E402
 from bench.mezo_report import evaluate_targets, plot, summary_table, to_markdown  # noqa: E402
-from bench.mezo_worker import Worker, build_side, call_side, prepare_weights, start_server  # noqa: E402
-from bench.mezo_workloads import RANDOM_CONFIGS, SCENARIOS, ModelRef, Sizes  # noqa: E402
+from bench.mezo_workloads import (RANDOM_CONFIGS, SCENARIOS, Contestant, ModelRef, Sizes,  # noqa: E402
+                                  build_hf_model, peak_memory)
 
-MACHINE_KEYS = ("device", "device_name", "device_slug", "cpu_model", "cpu_cores", "cpu_cores_usable", "torch_threads",
-                "platform", "gpu_name", "gpu_memory_gib", "cuda", "gpu_count")
+PRELOAD = ["torch", "transformers", "peft", "engine", "mezo", "bench.mezo_workloads"]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -78,12 +83,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="scenario 2: the same for the engine step without prefix cache; default: all B")
     ap.add_argument("--slow-seconds", type=float, default=60.0,
                     help="a contestant whose first call takes longer is timed on that call only")
-    ap.add_argument("--max-step-seconds", type=float, default=600.0,
-                    help="skip the engine's full-mode steps when the noise generation alone is estimated "
-                         "to take longer per step")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads in every contestant process (default: torch's default; --quick 1, since "
-                         "tiny ops on a shared machine mostly wait at the OpenMP barrier)")
+                    help="torch threads of every contestant (default: torch's default; --quick 1, since tiny "
+                         "ops on a shared machine mostly wait at the OpenMP barrier)")
+    ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                    help="profile one call of each contestant (torch.profiler); keep the top ROWS ops")
     ap.add_argument("--note", action="append", default=[], help="a line of context for the results (repeatable)")
     ap.add_argument("--quick", action="store_true", help="tiny random model, B=2, 2 steps (CI smoke test)")
     ap.add_argument("--out-dir", type=Path, default=None, help="default bench/results/")
@@ -119,23 +123,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-# -- timing -------------------------------------------------------------------------------------------
-@dataclass
-class Contestant:
-    """One side of a scenario, living in its own worker process."""
-
-    name: str
-    worker: Worker
-    scale: float = 1.0  # whole-batch step time = measured × scale (sub-batch extrapolation)
-    calls: list[dict[str, Any]] = field(default_factory=list)  # timed calls
-    warmups: list[dict[str, Any]] = field(default_factory=list)
-    first_call_timed: bool = False
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def call(self, i: int) -> dict[str, Any]:
-        return self.worker.ask(call_side, i)
-
-
+# -- timing and memory ------------------------------------------------------------------------------------
 def run_rounds(contestants: list[Contestant], steps: int, warmup: int, slow_s: float) -> None:
     """Warm-up calls, then `steps` rounds in rotating order. A contestant whose first call took more
     than slow_s seconds skips the rest: that first call is its one timed sample (at that size the
@@ -144,14 +132,11 @@ def run_rounds(contestants: list[Contestant], steps: int, warmup: int, slow_s: f
     for c in contestants:
         for w in range(max(warmup, 1)):
             out = c.call(-1 - w)
-            if out["seconds"] > slow_s:
-                c.calls.append(out)
-                c.first_call_timed = True
+            c.first_call_timed = out[0] > slow_s
+            # warmup == 0: the first call is already a timed one
+            (c.calls if c.first_call_timed or w >= warmup else c.warmups).append(out)
+            if c.first_call_timed:
                 break
-            if w < warmup:
-                c.warmups.append(out)
-            else:  # warmup == 0: the first call is already a timed one
-                c.calls.append(out)
         if not c.first_call_timed:
             active.append(c)
     for r in range(steps):
@@ -161,104 +146,93 @@ def run_rounds(contestants: list[Contestant], steps: int, warmup: int, slow_s: f
                 c.calls.append(c.call(r))
 
 
+def measure_memory(spec: dict[str, Any], warmup: int, name: str) -> dict[str, Any]:
+    """`peak_memory` of one contestant in a fresh process of the forkserver (spawn where fork is
+    unavailable)."""
+    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload(PRELOAD)
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        try:
+            return pool.submit(peak_memory, spec, warmup).result()
+        except BrokenProcessPool as exc:
+            raise RuntimeError(f"{name}: the memory probe's process died (out of memory?)") from exc
+
+
 def side_stats(c: Contestant, workload_tokens: int, batch_size: int) -> dict[str, Any]:
-    times = [x["seconds"] * c.scale for x in c.calls]
+    times = [s * c.scale for s, _ in c.calls]
     step = statistics.median(times)
-    computed = round(statistics.median(x["tokens_computed"] for x in c.calls) * c.scale)
-    peak = max(c.calls, key=lambda x: x["peak_bytes"])
-    out = {"step_s": step, "steps_per_s": 1.0 / step, "build_s": c.info.get("build_s"), "tokens_per_s": workload_tokens / step,
-           "step_s_all": times, "warmup_s": [x["seconds"] * c.scale for x in c.warmups],
+    computed = round(statistics.median(t for _, t in c.calls) * c.scale)
+    out = {"step_s": step, "steps_per_s": 1.0 / step, "build_s": c.build_s, "tokens_per_s": workload_tokens / step,
+           "step_s_all": times, "warmup_s": [s * c.scale for s, _ in c.warmups],
            "timed_steps": len(times), "first_call_timed": c.first_call_timed,
-           "tokens_computed_per_step": computed, "computed_tokens_per_s": computed / step,
-           "memory": {"peak_bytes": peak["peak_bytes"], "before_bytes": peak["before_bytes"],
-                      "delta_bytes": max(0, peak["peak_bytes"] - peak["before_bytes"]),
-                      "method": peak["memory_method"], "pid": c.info["pid"],
-                      "heap_retained_bytes": [x["heap_retained_bytes"] for x in c.warmups + c.calls],
-                      "noise_cache_bytes": [x["noise_cache_bytes"] for x in c.warmups + c.calls]}}
+           "tokens_computed_per_step": computed, "computed_tokens_per_s": computed / step}
     if c.scale != 1.0:
         out["extrapolated_from_examples"] = round(batch_size / c.scale)
-        out["memory"]["measured_on_examples"] = round(batch_size / c.scale)
     return out
 
 
+def profile_table(fn: Any, rows: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        fn()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48)
+
+
 # -- one scenario ----------------------------------------------------------------------------------------
-def run_scenario(key: str, ref: ModelRef, args: argparse.Namespace, sizes: Sizes,
-                 tmp: Path) -> dict[str, Any]:
+def run_scenario(key: str, ref: ModelRef, args: argparse.Namespace, sizes: Sizes, tmp: Path) -> dict[str, Any]:
     scen = SCENARIOS[key]
     b = sizes.batch_size
     res: dict[str, Any] = {"title": scen.title, "objective": scen.objective, "mode": scen.mode,
-                           "preset": scen.preset, "batch_size": b, "notes": []}
-    res["loadavg"] = {"before": loadavg()}
-    base_spec = {"model": asdict(ref), "scenario": key, "sizes": asdict(sizes), "threads": args.threads}
-    init_path = str(tmp / f"lora_init_{key}.pt")
-    contestants: list[Contestant] = []
-    try:
-        def start(name: str, scale: float = 1.0, **extra: Any) -> Contestant:
-            t0 = time.perf_counter()
-            c = Contestant(name, Worker(f"{key}-{name}"), scale)
-            contestants.append(c)
-            c.info = c.worker.ask(build_side, {**base_spec, "role": name, **extra})
-            c.info["build_s"] = time.perf_counter() - t0
-            return c
-
-        eng = start("engine", save_lora_init=init_path, estimate_noise=scen.mode == "full")
-        res.update({k: eng.info[k] for k in ("prompt_tokens_mean", "prompt_tokens_max", "single_token_candidates",
-                                             "target_tokens_mean", "shared_prefix_tokens", "trainable_params",
-                                             "kv_pool_tokens", "attention_backend") if k in eng.info})
-        est = eng.info.get("noise_estimate")
-        if est is not None:
-            res["engine_noise_estimate"] = est
-        skip_engine = est is not None and est["seconds_per_generation"] > args.max_step_seconds
-        if skip_engine:
-            eng.worker.close()
-            contestants.remove(eng)
-            res["notes"].append(
-                f"engine full-mode steps SKIPPED: generating z once for every weight is estimated at "
-                f"{est['seconds_per_generation']:.0f} s (> --max-step-seconds {args.max_step_seconds:.0f}): "
-                f"{est['elements']:,} elements at {est['elements_per_s']:,.0f} elements/s (kernels.randn)")
-        bk = args.fewshot_baseline_examples if key == "cls_16shot" and args.fewshot_baseline_examples else b
-        base = start("baseline", scale=b / bk, lora_init=init_path if scen.mode == "lora" else None, examples=bk)
-        res.update(reference_logits_bytes=base.info["reference_logits_bytes"],
-                   reference_rows=base.info["reference_rows"], reference_width=base.info["reference_width"],
-                   workload_tokens_per_step=base.info["workload_tokens_per_step"],
-                   reference_trainable_params=base.info["trainable_params"])
-        start("hf_loop", lora_init=init_path if scen.mode == "lora" else None)
-        contestants.sort(key=lambda c: c.name != "baseline")  # baseline first in round 0
-        if not skip_engine:
-            start("engine_forward")
-        if key == "cls_16shot":
-            nk = args.noshare_examples or b
-            start("engine_no_prefix_cache", scale=b / nk, examples=nk)
-        run_rounds(contestants, args.steps, args.warmup, args.slow_seconds)
-        by = {c.name: c for c in contestants}
-        workload = res["workload_tokens_per_step"]
-        for name, c in by.items():
-            res[name] = side_stats(c, workload, b)
-        if base.scale != 1.0:
-            res["notes"].append(f"reference step timed on the first {bk} of {b} examples (rows padded to the full "
-                                f"batch's width {res['reference_width']}), step time scaled by {b}/{bk}")
-        if "engine" in by:
-            res["speedup"] = res["baseline"]["step_s"] / res["engine"]["step_s"]
-            res["zo_overhead"] = res["engine"]["step_s"] / res["engine_forward"]["step_s"]
-            res["speedup_vs_hf_loop"] = res["hf_loop"]["step_s"] / res["engine"]["step_s"]
-            mem_e, mem_f, mem_b = (res[n]["memory"] for n in ("engine", "engine_forward", "baseline"))
-            res["memory"] = {"step_vs_inference_peak": mem_e["peak_bytes"] / mem_f["peak_bytes"]}
-            if base.scale == 1.0:
-                res["memory"]["engine_vs_baseline_peak"] = mem_e["peak_bytes"] / mem_b["peak_bytes"]
-        if "engine_no_prefix_cache" in by:
-            res["prefix_sharing_speedup"] = res["engine_no_prefix_cache"]["step_s"] / res["engine"]["step_s"]
-            if by["engine_no_prefix_cache"].scale != 1.0:
-                res["notes"].append(f"engine step without prefix cache timed on the first {nk} of {b} examples, "
-                                    f"scaled by {b}/{nk}")
-        once = [c.name for c in contestants if c.first_call_timed]
-        if once:
-            res["notes"].append(f"{', '.join(once)}: first call over --slow-seconds {args.slow_seconds:.0f}, so it is "
+                           "preset": scen.preset, "batch_size": b, "notes": [], "loadavg": {"before": loadavg()}}
+    init = str(tmp / f"lora_init_{key}.pt") if scen.mode == "lora" else None
+    specs = {"engine": {"save_lora_init": init}, "baseline": {"lora_init": init, "examples": args.fewshot_baseline_examples
+                                                                if key == "cls_16shot" else None},
+             "hf_loop": {"lora_init": init}, "engine_forward": {}}
+    if key == "cls_16shot":
+        specs["engine_no_prefix_cache"] = {"examples": args.noshare_examples}
+    by: dict[str, Contestant] = {}
+    for name, extra in specs.items():  # the engine first: it writes the adapter the others read
+        specs[name] = {"model": asdict(ref), "scenario": key, "sizes": asdict(sizes), "threads": args.threads,
+                       "role": name, **extra}
+        t0 = time.perf_counter()
+        by[name] = Contestant(specs[name])
+        by[name].build_s = time.perf_counter() - t0
+    res.update({k: v for k, v in {**by["baseline"].info, **by["engine"].info}.items()
+                if k not in ("model_params", "layers", "hidden")})
+    res["model_info"] = {k: by["engine"].info[k] for k in ("model_params", "layers", "hidden")}
+    run_rounds([by["baseline"]] + [c for n, c in by.items() if n != "baseline"],  # baseline first in round 0
+               args.steps, args.warmup, args.slow_seconds)
+    for name, c in by.items():
+        res[name] = side_stats(c, res["workload_tokens_per_step"], b)
+        if args.profile:
+            res[name]["profile"] = profile_table(lambda: c.run(10**6), args.profile)
+        if c.first_call_timed:
+            res["notes"].append(f"{name}: first call over --slow-seconds {args.slow_seconds:.0f}, so it is "
                                 f"the one timed step (no separate warm-up)")
-        evaluate_targets(res, key, args.device.type)
-        res["model_info"] = {k: eng.info[k] for k in ("model_params", "layers", "hidden")}
-    finally:
-        for c in contestants:
-            c.worker.close()
+    slow = {n for n, c in by.items() if c.first_call_timed}
+    by.clear()  # free the timed contestants before the memory probes build them again
+    for name, spec in specs.items():
+        mem = res[name]["memory"] = measure_memory(spec, 0 if name in slow else args.warmup, f"{key}-{name}")
+        if "extrapolated_from_examples" in res[name]:
+            mem["measured_on_examples"] = res[name]["extrapolated_from_examples"]
+    for name, what in (("baseline", "reference step"), ("engine_no_prefix_cache", "engine step without prefix cache")):
+        if res.get(name, {}).get("extrapolated_from_examples"):
+            n = res[name]["extrapolated_from_examples"]
+            res["notes"].append(f"{what} timed on the first {n} of {b} examples (rows padded to the full batch's "
+                                f"width), step time scaled by {b}/{n}")
+    res["speedup"] = res["baseline"]["step_s"] / res["engine"]["step_s"]
+    res["zo_overhead"] = res["engine"]["step_s"] / res["engine_forward"]["step_s"]
+    res["speedup_vs_hf_loop"] = res["hf_loop"]["step_s"] / res["engine"]["step_s"]
+    mem_e, mem_f, mem_b = (res[n]["memory"] for n in ("engine", "engine_forward", "baseline"))
+    res["memory"] = {"step_vs_inference_peak": mem_e["peak_bytes"] / mem_f["peak_bytes"]}
+    if "extrapolated_from_examples" not in res["baseline"]:
+        res["memory"]["engine_vs_baseline_peak"] = mem_e["peak_bytes"] / mem_b["peak_bytes"]
+    if "engine_no_prefix_cache" in res:
+        res["prefix_sharing_speedup"] = res["engine_no_prefix_cache"]["step_s"] / res["engine"]["step_s"]
+    evaluate_targets(res, key, args.device.type)
     res["loadavg"]["after"] = loadavg()
     return res
 
@@ -267,26 +241,20 @@ def run_scenario(key: str, ref: ModelRef, args: argparse.Namespace, sizes: Sizes
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     t_start = time.perf_counter()
-    start_server()
+    torch.set_num_threads(args.threads)
     ref = ModelRef(args.model, args.random_config, args.dtype, str(args.device), tokenizer_path=args.tokenizer)
     sizes = Sizes(args.batch_size, args.shots, *args.lm_tokens)
     load = {"start": loadavg()}
-    prep = Worker("prepare")  # one GGUF conversion, cached for every worker
-    try:
-        prep.ask(prepare_weights, asdict(ref))
-    finally:
-        prep.close()
+    build_hf_model(ref)  # one GGUF conversion, cached for every contestant and memory probe
     setup_s = time.perf_counter() - t_start
     meta = run_metadata(args.device, __file__, argv)  # taken now: the run's start
     payload: dict[str, Any] = {
-        "benchmark": "mezo", "timestamp": meta["date"], "command": meta["command"],
-        "machine": {**{k: meta[k] for k in MACHINE_KEYS if k in meta}, "git_commit": meta["commit"]}, "loadavg": load,
+        "benchmark": "mezo", "meta": meta, "loadavg": load,
         "model": {"name": ref.label, "dtype": args.dtype, "device": str(args.device)},
         "settings": {"steps": args.steps, "warmup": args.warmup, "quick": args.quick, **asdict(sizes),
                      "fewshot_baseline_examples": args.fewshot_baseline_examples,
                      "noshare_examples": args.noshare_examples, "slow_seconds": args.slow_seconds,
-                     "max_step_seconds": args.max_step_seconds, "torch_threads": args.threads},
-        "versions": {k: meta[k] for k in ("python", "torch", "triton", "transformers", "peft")},
+                     "torch_threads": args.threads},
         "notes": list(args.note), "scenarios": {},
     }
     with tempfile.TemporaryDirectory(prefix="mezo_bench_") as tmp:

@@ -73,12 +73,12 @@ def _details(r: dict[str, Any]) -> list[str]:
         facts.append(f"shared prefix {r['shared_prefix_tokens']} tokens")
     if r.get("single_token_candidates") is not None:
         facts.append(f"single-token candidates: {r['single_token_candidates']}")
-    mbs = lambda xs: ", ".join(f"{x / MB:.0f}" for x in xs if x is not None) or "—"  # noqa: E731
+    mb = lambda x: "—" if x is None else f"{x / MB:.0f}"  # noqa: E731
     srows = [[side, d["step_s"], d["steps_per_s"], d["tokens_per_s"], d["tokens_computed_per_step"], d["timed_steps"],
               ", ".join(_f(x) for x in d["step_s_all"]),
               ", ".join(_f(x) for x in d["warmup_s"]) or ("(first call timed)" if d["first_call_timed"] else "—"),
-              _mb(d["memory"]), f"+{d['memory']['delta_bytes'] / MB:.0f}", mbs(d["memory"]["heap_retained_bytes"]),
-              mbs(d["memory"]["noise_cache_bytes"])] for side, d in ((s, r[s]) for s in SIDES if s in r)]
+              _mb(d["memory"]), f"+{d['memory']['delta_bytes'] / MB:.0f}", mb(d["memory"]["heap_retained_bytes"]),
+              mb(d["memory"]["noise_cache_bytes"])] for side, d in ((s, r[s]) for s in SIDES if s in r)]
     extra = []
     if "prefix_sharing_speedup" in r:
         extra.append(f"prefix sharing: no-cache step / cached step = {r['prefix_sharing_speedup']:.2f}x")
@@ -88,29 +88,27 @@ def _details(r: dict[str, Any]) -> list[str]:
                      f"{mem['step_vs_inference_peak']:.3f}")
     if "engine_vs_baseline_peak" in mem:
         extra.append(f"peak memory engine step / reference step: {mem['engine_vs_baseline_peak']:.3f}")
-    if "engine_noise_estimate" in r:
-        est = r["engine_noise_estimate"]
-        extra.append(f"kernels.randn on this device: {est['elements_per_s']:,.0f} elements/s, so generating z once "
-                     f"for all {est['elements']:,} trainable elements takes ~{est['seconds_per_generation']:.1f} s")
     extra += r.get("notes", []) + [f"load average before / after: {r['loadavg']['before']} / {r['loadavg']['after']}"]
     return [f"### {r['title']}", "", "; ".join(facts) + ".", "",
             *md_table(srows, ["contestant", "step s (median)", "steps/s", "tok/s", "tokens computed/step", "timed",
                               "all step s", "warm-up s", "peak MB", "MB over the level before the step",
-                              "glibc heap trimmed before each call, MB", "kernels.noise_cache after each call, MB"]),
-            "", *[f"- {x}" for x in extra], ""]
+                              "glibc heap trimmed before the call, MB", "kernels.noise_cache after the call, MB"]),
+            "", *[f"- {x}" for x in extra], "",
+            *[line for s in SIDES if "profile" in r.get(s, {}) for line in (
+                f"torch.profiler, one {s} call, ops by self CPU time:", "", "```", r[s]["profile"], "```", "")]]
 
 
 def to_markdown(p: dict[str, Any]) -> str:
-    m, s = p["machine"], p["settings"]
+    m, s = p["meta"], p["settings"]
     hw = m.get("gpu_name") or f"{m['cpu_model']}, {m['cpu_cores_usable']} cores"
     method = next((f"measured as {mm['method']}" for r in p["scenarios"].values() for side in ("baseline", "engine")
                    if (mm := r.get(side, {}).get("memory", {})).get("method")), "not measured")
     lines = [
-        f"Machine: {hw} ({m['device']}); torch threads per contestant process: {s.get('torch_threads')}",
+        f"Machine: {hw} ({m['device']}); torch threads: {s.get('torch_threads')}",
         f"Load average (1/5/15 min): {', '.join(f'{k} {v_}' for k, v_ in p['loadavg'].items())}",
         f"Model {p['model']['name']} ({p['model']['params'] / 1e6:.1f} M parameters), {p['model']['dtype']}; "
         f"B = {s['batch_size']}; {s['steps']} timed step(s) per contestant after {s['warmup']} warm-up, "
-        f"contestants interleaved with rotating order; median step time. Whole run {p.get('wall_s', 0) / 60:.1f} min.",
+        f"contestants interleaved in one process with rotating order; median step time. Whole run {p.get('wall_s', 0) / 60:.1f} min.",
         *[f"Note: {n}" for n in p.get("notes", [])], "", "## Results", "", summary_table(p["scenarios"]), "",
         "ref = `ReferenceMeZO` (bench/baselines/reference_mezo.py) on transformers + PEFT; hf-loop = "
         "`HFLoopMeZO` (bench/baselines/hf_loop.py), the loop a careful transformers user writes (padded SDPA "
@@ -119,8 +117,8 @@ def to_markdown(p: dict[str, Any]) -> str:
         "unpadded, both branches) per second, the same numerator for both sides; *tokens computed* = what "
         "each side pushed through the model per step (reference: padded rows x width x 2; engine: "
         "`runner.tokens_computed`). ZO overhead = engine step / the engine's plain unperturbed forward of the "
-        "same 2xB requests. Peak memory: each contestant runs in its own fresh process; " + method +
-        "; max over its timed calls; the engine's KV pool is sized to hold every sequence of the step unshared.",
+        "same 2xB requests. Peak memory: each contestant is built again in its own fresh process, makes its "
+        "warm-up calls, then one call is measured, " + method + "; the engine's KV pool is sized to hold every sequence of the step unshared.",
         "", "## Targets", ""]
     trows = [[key, t["metric"], t["target"], t["value"], {True: "met", False: "MISSED", None: "not measured"}[t["met"]]]
              for key, r in p["scenarios"].items() for t in r.get("targets", [])]
@@ -161,7 +159,7 @@ def plot(p: dict[str, Any], path: Path) -> Path | None:
     if any(base) and any(eng) and max(base + loop + eng) / max(min(v for v in base + eng if v > 0), 1e-12) > 30:
         ax.set_yscale("log")
     ax.set_title(f"MeZO step throughput, B={p['settings']['batch_size']}, {p['model']['name']} "
-                 f"{p['model']['dtype']} on {p['machine']['device_name']}", fontsize=10)
+                 f"{p['model']['dtype']} on {p['meta']['device_name']}", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,9 +1,10 @@
-"""Workloads of bench_mezo.py (and of profile_mezo_step.py, bench_sign_agreement.py, bench_distributed.py):
+"""Workloads of bench_mezo.py (and of bench_sign_agreement.py, bench_estimators.py, bench_distributed.py):
 the scenarios and their sizes, the model (one set of weights for every contestant), the scenarios'
 examples, the reference MeZO step on transformers+PEFT, the careful transformers loop, and the
 engine's MeZOTrainer built on the same weights, plus the engine's plain unperturbed forward of the
-same 2xB sequences. Everything is deterministic given (model, scenario, sizes), so every contestant
-process rebuilds exactly the same workload. Cheap to import (transformers and peft load lazily).
+same 2xB sequences. Everything is deterministic given (model, scenario, sizes), so the memory
+probe's fresh process (`peak_memory`) rebuilds exactly the contestant the benchmark timed. Cheap to
+import (transformers and peft load lazily).
 
 Machines without SmolLM2's tokenizer or the BBC corpus (the GPU machine) use synthetic workloads:
 token ids written as text ("17 845 77") go through every builder unchanged (`SyntheticTokenizer`
@@ -14,7 +15,9 @@ maps such text to ids, BOS prepended like a real tokenizer, and back), in the BB
 from __future__ import annotations
 
 import copy
+import ctypes
 import functools
+import gc
 import hashlib
 import os
 import random
@@ -29,7 +32,7 @@ import torch
 
 from bench.baselines.hf_loop import HFLoopMeZO, ScoredBatch, build_scored_batch
 from bench.baselines.reference_mezo import RefBatch, ReferenceMeZO, build_batch
-from bench.common import DTYPES, LLAMA_SHAPES, random_llama
+from bench.common import DTYPES, LLAMA_SHAPES, random_llama, timed
 from engine import Engine
 from mezo import MeZOConfig
 from mezo.data import (BBC_TOPICS, ClassificationExample, LMExample, bbc_article_lines, bbc_news_rows,
@@ -352,3 +355,120 @@ def describe(scenario: Scenario, encoded: list[EncodedExample]) -> dict[str, Any
         facts["target_tokens_mean"] = sum(len(e.target or []) for e in encoded) / len(encoded)
     facts["shared_prefix_tokens"] = len(os.path.commonprefix([e.prompt for e in encoded]))
     return facts
+
+
+# -- one contestant, and its peak memory in a fresh process ------------------------------------------
+ROLES = ("baseline", "hf_loop", "engine", "engine_forward", "engine_no_prefix_cache")
+
+
+class Contestant:
+    """One side of a scenario, built from a spec of plain data (so that a fresh process builds the
+    same): model (ModelRef fields), scenario, sizes (Sizes fields), role (one of ROLES), threads, and
+    optional examples (run on the first N examples only; the step time is scaled by B / N),
+    lora_init (file with the engine's initial adapter: the two transformers sides read it),
+    save_lora_init (file to write the engine's initial adapter to)."""
+
+    def __init__(self, spec: dict[str, Any]):
+        ref = ModelRef(**spec["model"])
+        if spec.get("threads"):
+            torch.set_num_threads(spec["threads"])
+        self.device, self.role = ref.device, spec["role"]
+        scenario = SCENARIOS[spec["scenario"]]
+        tok = load_tokenizer(ref.tokenizer_path)
+        examples = build_examples(scenario, Sizes(**spec["sizes"]), tok)
+        k = spec.get("examples") or len(examples)
+        self.scale = len(examples) / k
+        self.calls: list[tuple[float, int]] = []  # (seconds, tokens computed) of the timed calls
+        self.warmups: list[tuple[float, int]] = []
+        self.first_call_timed = False
+        hf = build_hf_model(ref)
+        self.info: dict[str, Any] = {"model_params": sum(p.numel() for p in hf.parameters()),
+                                     "layers": hf.config.num_hidden_layers, "hidden": hf.config.hidden_size}
+        init = torch.load(spec["lora_init"]) if spec.get("lora_init") else None
+        if self.role == "baseline":
+            self.mezo, batch = build_baseline(hf, tok, ref, scenario, examples, init)
+            self.batch = sub_batch(batch, k) if k < len(examples) else batch
+            vocab = hf.get_output_embeddings().weight.shape[0]
+            self.info.update(reference_rows=int(batch.input_ids.shape[0]), reference_width=int(batch.input_ids.shape[1]),
+                             reference_logits_bytes=int(batch.input_ids.numel()) * vocab * 4,
+                             workload_tokens_per_step=2 * sum(batch.lengths),
+                             reference_trainable_params=sum(p.numel() for _, p in self.mezo.params))
+        elif self.role == "hf_loop":
+            self.mezo, self.batch = build_hf_loop(hf, tok, ref, scenario, examples, init)
+        else:
+            full_encoded = encode_examples(tok, examples)
+            self.trainer, self.encoded = build_engine(
+                hf, tok, ref, scenario, examples[:k], prefix_cache=self.role != "engine_no_prefix_cache",
+                cache_tokens=kv_tokens_needed(full_encoded))
+            eng = self.trainer.engine
+            self.info.update(describe(scenario, full_encoded), attention_backend=eng.backend.name,
+                             trainable_params=sum(t.numel() for t in self.trainer.params.values()),
+                             kv_pool_tokens=eng.pool.num_usable_pages * eng.page_size)
+            if spec.get("save_lora_init") and scenario.mode == "lora":
+                torch.save({n: t.detach().cpu().clone() for n, t in self.trainer.params.items()}, spec["save_lora_init"])
+        del hf
+        gc.collect()
+
+    def run(self, i: int) -> int:
+        """Call i (< 0: warm-up); returns the tokens it pushed through the model."""
+        if self.role in ("baseline", "hf_loop"):
+            self.mezo.step(self.batch, seed=1000 + i)
+            return 2 * int(self.batch.input_ids.numel())
+        if self.role != "engine_forward":
+            return self.trainer.step(self.encoded)["tokens_computed"]
+        t0 = self.trainer.engine.runner.tokens_computed
+        plain_forward(self.trainer, self.encoded)
+        return self.trainer.engine.runner.tokens_computed - t0
+
+    def call(self, i: int) -> tuple[float, int]:
+        """(seconds, tokens computed) of call i, timed by bench.common.bench_seconds."""
+        tokens, seconds = timed(lambda: self.run(i), self.device)
+        return seconds, tokens
+
+
+def _status_bytes(field: str) -> int | None:
+    """A byte count of /proc/self/status (Linux), e.g. VmRSS or VmHWM; None elsewhere."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next((int(line.split()[1]) * 1024 for line in fh if line.startswith(field + ":")), None)
+    except OSError:
+        return None
+
+
+def peak_memory(spec: dict[str, Any], warmup: int) -> dict[str, Any]:
+    """Run in a fresh process (bench_mezo starts one per contestant, so peaks never mix): build the
+    contestant, make `warmup` calls, then measure one call. Bytes, absolute (interpreter, weights, KV
+    pool, temporaries); `before_bytes` is the level just before the call.
+
+    GPU: torch.cuda.max_memory_allocated after reset_peak_memory_stats. CPU (Linux): peak RSS, i.e.
+    VmHWM after "5" was written to /proc/self/clear_refs (which resets it to the current RSS). Before
+    the call the glibc heap is trimmed (malloc_trim(0)): glibc keeps freed mid-size buffers, so the
+    peak would also count what the build and the warm-up freed; the amount trimmed is
+    `heap_retained_bytes`. `noise_cache_bytes`: what the torch path's noise memo holds after the call."""
+    c = Contestant(spec)
+    for i in range(warmup):
+        c.run(-1 - i)
+    gc.collect()
+    out: dict[str, Any] = {"pid": os.getpid(), "heap_retained_bytes": 0}
+    if str(c.device).startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        out.update(before_bytes=torch.cuda.memory_allocated(), method="torch.cuda.max_memory_allocated")
+        c.run(0)
+        torch.cuda.synchronize()
+        out["peak_bytes"] = torch.cuda.max_memory_allocated()
+    else:
+        rss = _status_bytes("VmRSS")
+        if rss is None:
+            raise RuntimeError("peak memory on a CPU is read from /proc/self/status, which only Linux has")
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        out["before_bytes"] = _status_bytes("VmRSS")
+        out["heap_retained_bytes"] = max(0, rss - out["before_bytes"])
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # VmHWM := current RSS
+        c.run(0)
+        out.update(peak_bytes=_status_bytes("VmHWM"), method="peak RSS (VmHWM, reset through /proc/self/clear_refs)")
+    from kernels import noise_cache
+
+    out["delta_bytes"] = max(0, out["peak_bytes"] - out["before_bytes"])
+    return {**out, "noise_cache_bytes": int(noise_cache._cache_bytes)}

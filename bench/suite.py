@@ -158,10 +158,10 @@ def stages(device: str, quick: bool, out: Path) -> list[Stage]:
                   [Target("paged torch decode, ms (B 4, ctx 512)", "attention-quick_*.json", "figures.decode_torch_b4_ctx512_ms")]),
             Stage("generate", [py, "bench/bench_generate.py", "--quick", "--random-config", "tiny", "--device", device,
                                "--threads", "1", *o], 180, [generate_target("generate_*-quick*.json", None)]),
-            Stage("mezo", [py, "bench/profile_mezo_step.py", "--random-config", "tiny", "--batch-size", "2",
-                           "--rounds", "1", "--top", "0", *o], 240,
-                  [Target("MeZO step: engine vs careful transformers loop", "mezo_step_profile_*.json",
-                          "engine_speedup_vs_hf_loop")]),
+            Stage("mezo", [py, "bench/bench_mezo.py", "--quick", "--device", device, "--scenarios", "cls", "--steps", "1",
+                           "--name", "mezo-quick", *o], 240,
+                  [Target("MeZO step: engine vs careful transformers loop", "mezo-quick.json",
+                          "scenarios.cls.speedup_vs_hf_loop")]),
         ]
     dev = ["--device", device]
     mezo = "mezo_*.json"

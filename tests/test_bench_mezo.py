@@ -31,10 +31,10 @@ def test_quick_writes_json_markdown_and_plot(quick_results):
     out, p = quick_results
     md = (out / "mezo_cpu.md").read_text()
     assert (out / "mezo_cpu.png").stat().st_size > 1000
-    assert "bench_mezo.py --quick" in p["command"] and p["command"] in md
-    assert p["machine"]["cpu_cores"] >= 1 and p["machine"]["device_slug"] == "cpu"
+    assert "bench_mezo.py --quick" in p["meta"]["command"] and p["meta"]["command"] in md
+    assert p["meta"]["cpu_cores"] >= 1 and p["meta"]["device_slug"] == "cpu"
     assert all(len(v) == 3 for v in p["loadavg"].values() if v is not None)
-    assert {"torch", "transformers", "peft"} <= set(p["versions"])
+    assert {"torch", "transformers", "peft"} <= set(p["meta"])
     assert p["settings"]["steps"] == 2 and p["settings"]["quick"] is True
     for key in SCENARIOS:
         assert key in md
@@ -67,6 +67,7 @@ def test_every_scenario_has_consistent_positive_numbers(quick_results):
 
 
 def test_memory_measured_per_contestant_in_fresh_processes(quick_results):
+    """Timed in this process; each contestant's peak memory comes from its own fresh process."""
     _, p = quick_results
     for key, r in p["scenarios"].items():
         pids = set()
