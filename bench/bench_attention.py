@@ -12,7 +12,6 @@ Without CUDA, a tiny --quick configuration runs the torch path only; it checks t
 reference, not GPU speed. Results: bench/results/attention[-quick]_<device-slug>.{json,md}.
 
     python bench/bench_attention.py                 # on a GPU
-    python bench/bench_attention.py --sweep         # also sweep Triton tile configs (tuning aid)
     python bench/bench_attention.py --quick         # anywhere
 """
 from __future__ import annotations
@@ -22,13 +21,13 @@ import itertools
 import math
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import bench_ms, md_table, write_results  # noqa: E402
+from bench.common import bench_ms, md_cell, md_table, write_results  # noqa: E402
 from kernels.attention import (decode_attention_flash, decode_attention_torch,  # noqa: E402
                                decode_attention_triton, extend_attention_flash,
                                extend_attention_torch, extend_attention_triton, flash_attn_available)
@@ -70,11 +69,17 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, **kw) 
                                               scale=scale, **kw)
 
 
-def measure(impls: dict[str, Callable[[], torch.Tensor]], dev: str,
-            error: Callable[[torch.Tensor], float]) -> Iterator[tuple[str, float, float]]:
-    """(name, median ms, error of its fp32 output) for each implementation in turn."""
+def measure(impls: dict[str, Callable[[], torch.Tensor]], dev: str, error: Callable[[torch.Tensor], float],
+            head: dict[str, Any], figures: Callable[[str, float], dict[str, Any]], err_key: str) -> list[dict]:
+    """One row per implementation: `head`, its name, median ms, `figures(name, ms)` and the error of
+    its fp32 output; each row is printed as it is measured."""
+    rows = []
     for name, fn in impls.items():
-        yield name, bench_ms(fn, dev, min_run_s=0.05), error(fn().float())
+        ms = bench_ms(fn, dev, min_run_s=0.05)
+        rows.append({"kind": head["kind"], "impl": name, **head, "ms": ms, **figures(name, ms),
+                     err_key: error(fn().float())})
+        print("  ".join(f"{k} {md_cell(v)}" for k, v in rows[-1].items()), flush=True)
+    return rows
 
 
 def decode_case(args, dev: str, bsz: int, ctx: int, gen) -> list[dict]:
@@ -100,23 +105,18 @@ def decode_case(args, dev: str, bsz: int, ctx: int, gen) -> list[dict]:
         k256, v256, pt256 = paged_copy(k, v, 256, gen)
         impls["flash_attn_paged256"] = lambda: decode_attention_flash(q, k256, v256, pt256, seq_lens, scale)
     ref = impls["sdpa_contiguous"]().float()   # errors are relative to SDPA on the same inputs
-    rows = []
-    for name, ms, err in measure(impls, dev, lambda out: (out - ref).abs().max().item()):
+    def figures(name: str, ms: float) -> dict[str, Any]:
         gbps = kv_bytes / (ms * 1e-3) / 1e9
-        pct = 100 * gbps / args.peak_gbps if dev == "cuda" else None
-        pct_copy = 100 * gbps / args.copy_gbps if args.copy_gbps else None
-        rows.append({"kind": "decode", "impl": name, "batch": bsz, "context": ctx, "ms": ms,
-                     "kv_gbps": gbps, "pct_peak": pct, "pct_copy": pct_copy, "max_abs_err_vs_sdpa": err})
-        pct_s = f"{pct:5.1f}% peak" if pct is not None else "(CPU: no % of peak)"
-        print(f"decode B={bsz:3d} ctx={ctx:5d} {name:22s} {ms:8.3f} ms {gbps:8.1f} GB/s {pct_s}  err {err:.2e}",
-              flush=True)
-    return rows
+        return {"kv_gbps": gbps, "pct_peak": 100 * gbps / args.peak_gbps if dev == "cuda" else None,
+                "pct_copy": 100 * gbps / args.copy_gbps if args.copy_gbps else None}
+
+    return measure(impls, dev, lambda out: (out - ref).abs().max().item(),
+                   {"kind": "decode", "batch": bsz, "context": ctx}, figures, "max_abs_err_vs_sdpa")
 
 
 def extend_case(args, dev: str, bsz: int, prefix: int, new: int, gen) -> list[dict]:
     h, hkv, d, dtype = args.heads, args.kv_heads, args.head_dim, args.dtype
     scale, total = d ** -0.5, prefix + new
-    rows = []
     k = torch.randn(bsz, total, hkv, d, dtype=dtype, device=dev)
     v = torch.randn_like(k)
     q_all = torch.randn(bsz, total, h, d, dtype=dtype, device=dev)
@@ -146,46 +146,16 @@ def extend_case(args, dev: str, bsz: int, prefix: int, new: int, gen) -> list[di
     if flash_attn_available():
         k256, v256, pt256 = paged_copy(k, v, 256, gen)
         impls["flash_attn_paged256"] = lambda: extend_attention_flash(q_new, k256, v256, pt256, qo, pre, scale)
-    base_ms = None
+    base = {}
+
+    def figures(name: str, ms: float) -> dict[str, Any]:
+        base.setdefault("ms", ms)  # sdpa_recompute_all comes first
+        return {"tflops_useful": flops / (ms * 1e-3) / 1e12, "speedup_vs_recompute": base["ms"] / ms}
+
     # SDPA returns [B, H, new, D]: compared as [B*new, H, D]
     flat = lambda out: out.transpose(1, 2).reshape(bsz * new, h, d) if out.dim() == 4 else out  # noqa: E731
-    for name, ms, err in measure(impls, dev, lambda out: (flat(out) - ref).abs().max().item()):
-        base_ms = ms if name == "sdpa_recompute_all" else base_ms
-        rows.append({"kind": "extend", "impl": name, "batch": bsz, "prefix": prefix, "new": new, "ms": ms,
-                     "tflops_useful": flops / (ms * 1e-3) / 1e12, "speedup_vs_recompute": base_ms / ms,
-                     "max_abs_err": err})
-        print(f"extend B={bsz:3d} {prefix}+{new} {name:22s} {ms:8.3f} ms "
-              f"{rows[-1]['tflops_useful']:7.2f} TFLOP/s  x{rows[-1]['speedup_vs_recompute']:.2f} "
-              f"vs recompute  err {err:.2e}", flush=True)
-    return rows
-
-
-def sweep_decode(args, gen, bsz: int = 64, ctx: int = 2048) -> list[dict]:
-    """Tuning aid: time Triton decode tile configs at the bandwidth target point."""
-    h, hkv, d, dtype = args.heads, args.kv_heads, args.head_dim, args.dtype
-    q = torch.randn(bsz, h, d, dtype=dtype, device="cuda")
-    k = torch.randn(bsz, ctx, hkv, d, dtype=dtype, device="cuda")
-    k_pool, v_pool, pt = paged_copy(k, torch.randn_like(k), args.page_size, gen)
-    seq_lens = torch.full((bsz,), ctx, dtype=torch.int32, device="cuda")
-    kv_bytes = 2 * k.numel() * k.element_size()
-    rows = []
-    for bn, nw, ns, splits in itertools.product((32, 64, 128), (4, 8), (1, 2, 3, 4), (1, 2, 4, 8)):
-        cfg = {"block_n": bn, "num_warps": nw, "num_stages": ns}
-
-        def fn(splits: int = splits, cfg: dict = cfg) -> torch.Tensor:
-            return decode_attention_triton(q, k_pool, v_pool, pt, seq_lens, d ** -0.5, splits, config=cfg)
-        try:
-            ms = bench_ms(fn, "cuda")
-        except Exception as exc:  # e.g. out of shared memory for a large config
-            print(f"sweep {cfg} splits={splits}: failed ({type(exc).__name__})")
-            continue
-        gbps = kv_bytes / (ms * 1e-3) / 1e9
-        rows.append({"kind": "decode_sweep", "batch": bsz, "context": ctx, "splits": splits, **cfg,
-                     "ms": ms, "kv_gbps": gbps, "pct_peak": 100 * gbps / args.peak_gbps})
-    rows.sort(key=lambda r: r["ms"])
-    for r in rows[:5]:
-        print(f"sweep best: {r}")
-    return rows
+    return measure(impls, dev, lambda out: (flat(out) - ref).abs().max().item(),
+                   {"kind": "extend", "batch": bsz, "prefix": prefix, "new": new}, figures, "max_abs_err")
 
 
 def _markdown(rows: list[dict], meta: dict) -> str:
@@ -218,7 +188,6 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--peak-gbps", type=float, default=3350.0, help="HBM peak for %% of peak (H100 SXM: 3350)")
     ap.add_argument("--quick", "--cpu-smoke", dest="quick", action="store_true",
                     help="tiny torch-only run (implied without CUDA)")
-    ap.add_argument("--sweep", action="store_true", help="also sweep Triton decode configs (GPU)")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
@@ -243,8 +212,6 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         rows += decode_case(args, dev, bsz, ctx, gen)
     for bsz in ext_batches:
         rows += extend_case(args, dev, bsz, prefix, new, gen)
-    if args.sweep and not smoke:
-        rows += sweep_decode(args, gen)
     meta = {"smoke": smoke, "dtype": str(args.dtype).replace("torch.", ""), "heads": args.heads,
             "kv_heads": args.kv_heads, "head_dim": args.head_dim, "page_size": args.page_size,
             "peak_gbps": args.peak_gbps, "copy_gbps": args.copy_gbps, "flash_attn": flash_attn_available()}

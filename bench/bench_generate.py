@@ -30,12 +30,13 @@ average is recorded before, after each timed run and after.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -98,12 +99,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.device = resolve_device(args.device)
     on_gpu = args.device.type == "cuda"
     if args.model is None and args.random_config is None:
-        if args.quick:
-            args.random_config = "tiny"
-        elif on_gpu:
-            args.random_config = "1b"
-        else:
-            args.model = "smollm2-135m"
+        args.random_config = "tiny" if args.quick else ("1b" if on_gpu else None)
+        args.model = None if args.random_config else "smollm2-135m"
     defaults = (dict(num_prompts=4, max_tokens=8, prompt_len=[4, 24]) if args.quick
                 else dict(num_prompts=32, max_tokens=64, prompt_len=[16, 128]))
     for key, val in defaults.items():
@@ -176,46 +173,41 @@ def hf_generate(model: Any, prompts: list[list[int]], n: int, pad_id: int, devic
     return new
 
 
-class EngineSplit:
-    """Times the engine's model passes by kind by wrapping its runner (cheap: one sync per pass)."""
+@contextlib.contextmanager
+def timed_passes(engine: Engine) -> Iterator[list[tuple[str, int, int, float]]]:
+    """Times the engine's model passes by wrapping its runner (cheap: one sync per pass); yields the
+    list of (mode, requests, tokens, seconds) it fills."""
+    runner, passes = engine.runner, []
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    orig = type(runner).run.__get__(runner)
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.passes: list[tuple[str, int, int, float]] = []  # (mode, requests, tokens, seconds)
+    def run(scheduled):  # perf_counter, not bench_seconds: a pass is short and its timer must be cheap
+        sync()
+        t0 = time.perf_counter()
+        out = orig(scheduled)
+        sync()
+        tokens = sum(r.seq_len - s for r, s in zip(scheduled.requests, scheduled.starts))
+        passes.append((scheduled.mode, len(scheduled.requests), tokens, time.perf_counter() - t0))
+        return out
 
-    def __enter__(self) -> "EngineSplit":
-        runner, cuda = self.engine.runner, self.engine.device.type == "cuda"
-        orig = type(runner).run.__get__(runner)
+    runner.run = run
+    try:
+        yield passes
+    finally:
+        del runner.run  # back to the class method
 
-        def run(scheduled):  # perf_counter, not bench_seconds: a pass is short and its timer must be cheap
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = orig(scheduled)
-            if cuda:
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            tokens = sum(r.seq_len - s for r, s in zip(scheduled.requests, scheduled.starts))
-            self.passes.append((scheduled.mode, len(scheduled.requests), tokens, dt))
-            return out
 
-        runner.run = run
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        del self.engine.runner.run  # back to the class method
-
-    def summary(self, total_s: float) -> dict[str, Any]:
-        def agg(mode: str) -> dict[str, Any]:
-            sel = [p for p in self.passes if p[0] == mode]
-            secs, toks = sum(p[3] for p in sel), sum(p[2] for p in sel)
-            return {"passes": len(sel), "tokens": toks, "seconds": secs, "tok_s": toks / secs if secs else None,
+def split(passes: list[tuple[str, int, int, float]], total_s: float) -> dict[str, Any]:
+    """Time in prefill (extend) passes, in decode passes and outside the model."""
+    out: dict[str, Any] = {}
+    for key, mode in (("prefill", "extend"), ("decode", "decode")):
+        sel = [p for p in passes if p[0] == mode]
+        secs, toks = sum(p[3] for p in sel), sum(p[2] for p in sel)
+        out[key] = {"passes": len(sel), "tokens": toks, "seconds": secs, "tok_s": toks / secs if secs else None,
                     "max_batch": max((p[1] for p in sel), default=0)}
-
-        prefill, decode = agg("extend"), agg("decode")
-        other = total_s - prefill["seconds"] - decode["seconds"]
-        return {"prefill": prefill, "decode": decode, "outside_model_s": other,
-                "outside_model_share": other / total_s if total_s else None}
+    out["outside_model_s"] = total_s - out["prefill"]["seconds"] - out["decode"]["seconds"]
+    out["outside_model_share"] = out["outside_model_s"] / total_s if total_s else None
+    return out
 
 
 def engine_generate(engine: Engine, prompts: list[list[int]], n: int) -> list[list[int]]:
@@ -264,25 +256,23 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # ABBA order (hf, engine, engine, hf, hf, ...): a load that drifts during the run hits both alike.
     # Other processes only ever add time, so the fastest run of each side is the headline.
-    hf_times, eng_times, splits, run_load = [], [], [], []
-    hf_out = eng_out = None
+    times: dict[str, list[float]] = {"hf": [], "engine": []}
+    outs, splits, run_load = {}, [], []
     stats0 = engine.cache_stats()
     order = [side for r in range(args.repeats) for side in (("hf", "engine") if r % 2 == 0 else ("engine", "hf"))]
     for side in order:
         if side == "hf":
-            hf_out, dt = timed(lambda: hf_generate(model, prompts, n, pad_id, device), device)
-            hf_times.append(dt)
+            outs[side], dt = timed(lambda: hf_generate(model, prompts, n, pad_id, device), device)
         else:
             engine.reset_cache()  # the timed run computes every prompt token
-            with EngineSplit(engine) as split:
-                eng_out, dt = timed(lambda: engine_generate(engine, prompts, n), device)
-            eng_times.append(dt)
-            splits.append(split.summary(dt))
+            with timed_passes(engine) as passes:
+                outs[side], dt = timed(lambda: engine_generate(engine, prompts, n), device)
+            splits.append(split(passes, dt))
+        times[side].append(dt)
         run_load.append({"side": side, "seconds": dt, "loadavg_1min_after": (loadavg() or [None])[0]})
         print(f"  {side:12s} run: {dt:.2f} s", flush=True)
     stats1 = engine.cache_stats()
-    load_after = loadavg()
-
+    hf_times, eng_times = times["hf"], times["engine"]
     out_tokens = len(prompts) * n
     prompt_tokens = sum(len(p) for p in prompts)
 
@@ -298,7 +288,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.threads is not None:
         variant += f"-t{args.threads}"
     payload: dict[str, Any] = {
-        "benchmark": "generate", "loadavg_before": load_before, "loadavg_after": load_after, "runs": run_load,
+        "benchmark": "generate", "loadavg_before": load_before, "loadavg_after": loadavg(), "runs": run_load,
         "config": {
             "model": model_desc, "parameters": n_params, "dtype": args.dtype, "device": str(device),
             "num_prompts": len(prompts), "max_tokens": n, "prompt_len_range": list(args.prompt_len),
@@ -315,7 +305,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    "preemptions": stats1["preemptions"] - stats0["preemptions"]},
         "transformers": side(hf_times),
         "ratio_engine_over_transformers": min(hf_times) / min(eng_times),
-        "greedy_agreement": agreement(eng_out, hf_out),
+        "greedy_agreement": agreement(outs["engine"], outs["hf"]),
     }
     jpath, mpath = write_results("generate", payload, to_markdown(payload), title="Generation throughput: MeZO Engine "
                                  "vs transformers generate", device=device, script=__file__, argv=argv,
