@@ -18,19 +18,13 @@ from typing import Any, Sequence
 
 import torch
 
-from bench.common import LLAMA_SHAPES, bench_seconds, md_table, resolve_device, write_results
+from bench.common import bench_seconds, md_table, resolve_standard_args, standard_args, write_results
 from bench.mezo_workloads import SCENARIOS, ModelRef, Sizes, build_examples, build_hf_model, load_tokenizer
 from engine import Engine
 from mezo import MeZOConfig, MeZOTrainer
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None, help="built-in name or HF dir, e.g. smollm2-135m")
-    src.add_argument("--random-config", choices=sorted(LLAMA_SHAPES), default=None,
-                     help="random weights of this shape with a synthetic tokenizer")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ap = standard_args(__doc__)
     ap.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"])
     ap.add_argument("--mode", default="lora", choices=["lora", "full"])
     ap.add_argument("--n", type=int, default=None, help="perturbations per step (default 4; --quick 2)")
@@ -38,30 +32,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--scenario", default=None, choices=["cls", "cls_16shot"],
                     help="bench_mezo's workload: headlines alone, or behind a shared 16-shot prompt (default; --quick cls)")
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per side (default 3; --quick 1)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default: torch's; 1 on a shared machine avoids OpenMP stalls)")
-    ap.add_argument("--quick", action="store_true", help="tiny random model, small batch (CI smoke test)")
-    ap.add_argument("--out-dir", default=None, help="default bench/results/")
-    args = ap.parse_args(argv)
-    if args.model is None and args.random_config is None:
-        args.random_config = "tiny" if args.quick else None
-        args.model = None if args.quick else "smollm2-135m"
-    for key, full, quick in (("n", 4, 2), ("batch_size", 16, 2), ("scenario", "cls_16shot", "cls"), ("repeats", 3, 1)):
-        if getattr(args, key) is None:
-            setattr(args, key, quick if args.quick else full)
+    args = resolve_standard_args(ap.parse_args(argv), dict(n=2, batch_size=2, scenario="cls", repeats=1),
+                                 dict(n=4, batch_size=16, scenario="cls_16shot", repeats=3))
     if min(args.n, args.batch_size, args.repeats) < 1:
         ap.error("--n, --batch-size and --repeats must be >= 1")
+    args.device = str(args.device)
     return args
 
 
 def _engine(args: argparse.Namespace) -> tuple[Engine, list]:
     """The engine on the model and the scenario's batch (BBC headlines behind a shared 16-shot prompt by
     default; random ids for random configs without SmolLM2's tokenizer), as bench_mezo builds them."""
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if args.device.startswith("cuda") else "float32")
-    ref = ModelRef(args.model, args.random_config, dtype, args.device)
+    ref = ModelRef(args.model, args.random_config, args.dtype, args.device)
     tok = load_tokenizer("synthetic" if args.random_config is not None else None)
     examples = build_examples(SCENARIOS[args.scenario], Sizes(batch_size=args.batch_size), tok)
-    engine = Engine.from_hf(build_hf_model(ref), tok, dtype=dtype, device=args.device, kernels=args.kernels)
+    engine = Engine.from_hf(build_hf_model(ref), tok, dtype=ref.torch_dtype, device=args.device, kernels=args.kernels)
     return engine, examples
 
 
@@ -72,22 +57,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     single = MeZOTrainer(engine, MeZOConfig(n_spsa=1, **base))  # same engine and adapter
     encoded = one_launch.encode(examples)
 
-    def n_in_one() -> None:
-        one_launch.step(encoded)
-
-    def one() -> None:
-        single.step(encoded)
-
-    n_in_one(), one()  # warm-up: kernel compilation, first-touch allocations
-    t_n = bench_seconds(n_in_one, engine.device, repeats=args.repeats)
-    t_1 = bench_seconds(one, engine.device, repeats=args.repeats)
+    one_launch.step(encoded), single.step(encoded)  # warm-up: kernel compilation, first-touch allocations
+    t_n = bench_seconds(lambda: one_launch.step(encoded), engine.device, repeats=args.repeats)
+    t_1 = bench_seconds(lambda: single.step(encoded), engine.device, repeats=args.repeats)
     passes = engine.runner.forward_passes
     one_launch.step(encoded)
     launches = engine.runner.forward_passes - passes
     rows = [[f"{args.n} perturbations, one launch", f"{t_n:.4f}", f"{1 / t_n:.3f}", launches],
             [f"{args.n} separate 1-perturbation steps", f"{args.n * t_1:.4f}", f"{1 / (args.n * t_1):.3f}",
              f"{args.n} x {launches}"]]
-    return {"config": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()},
+    return {"config": {k: v if isinstance(v, (int, float, str, type(None))) else str(v) for k, v in vars(args).items()},
             "device": str(engine.device), "kernels": engine.kernels, "dtype": str(engine.dtype),
             "seconds_n_one_launch": t_n, "seconds_one_perturbation": t_1,
             "cost_ratio_n_vs_1": t_n / t_1, "speedup_vs_separate": args.n * t_1 / t_n,
@@ -96,7 +75,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    args.device = str(resolve_device(args.device))
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)

