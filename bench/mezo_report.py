@@ -67,27 +67,22 @@ def _details(r: dict[str, Any]) -> list[str]:
              f"prompt tokens mean {r['prompt_tokens_mean']:.1f} / max {r['prompt_tokens_max']}",
              f"reference batch {r['reference_rows']} rows x {r['reference_width']} tokens",
              f"workload {r['workload_tokens_per_step']} tokens/step", f"engine KV pool {r['kv_pool_tokens']} tokens"]
-    if "target_tokens_mean" in r:
-        facts.append(f"target tokens mean {r['target_tokens_mean']:.1f}")
-    if "shared_prefix_tokens" in r:
-        facts.append(f"shared prefix {r['shared_prefix_tokens']} tokens")
-    if r.get("single_token_candidates") is not None:
-        facts.append(f"single-token candidates: {r['single_token_candidates']}")
+    for key, text in (("target_tokens_mean", "target tokens mean {:.1f}"), ("shared_prefix_tokens", "shared prefix {} tokens"),
+                      ("single_token_candidates", "single-token candidates: {}")):
+        if r.get(key) is not None:
+            facts.append(text.format(r[key]))
     mb = lambda x: "—" if x is None else f"{x / MB:.0f}"  # noqa: E731
     srows = [[side, d["step_s"], d["steps_per_s"], d["tokens_per_s"], d["tokens_computed_per_step"], d["timed_steps"],
               ", ".join(_f(x) for x in d["step_s_all"]),
               ", ".join(_f(x) for x in d["warmup_s"]) or ("(first call timed)" if d["first_call_timed"] else "—"),
               _mb(d["memory"]), f"+{d['memory']['delta_bytes'] / MB:.0f}", mb(d["memory"]["heap_retained_bytes"]),
               mb(d["memory"]["noise_cache_bytes"])] for side, d in ((s, r[s]) for s in SIDES if s in r)]
-    extra = []
-    if "prefix_sharing_speedup" in r:
-        extra.append(f"prefix sharing: no-cache step / cached step = {r['prefix_sharing_speedup']:.2f}x")
-    mem = r.get("memory", {})
-    if "step_vs_inference_peak" in mem:
-        extra.append(f"peak memory engine step / engine inference on the same 2xB batch: "
-                     f"{mem['step_vs_inference_peak']:.3f}")
+    mem = r["memory"]
+    extra = [f"peak memory engine step / engine inference on the same 2xB batch: {mem['step_vs_inference_peak']:.3f}"]
     if "engine_vs_baseline_peak" in mem:
         extra.append(f"peak memory engine step / reference step: {mem['engine_vs_baseline_peak']:.3f}")
+    if "prefix_sharing_speedup" in r:
+        extra.append(f"prefix sharing: no-cache step / cached step = {r['prefix_sharing_speedup']:.2f}x")
     extra += r.get("notes", []) + [f"load average before / after: {r['loadavg']['before']} / {r['loadavg']['after']}"]
     return [f"### {r['title']}", "", "; ".join(facts) + ".", "",
             *md_table(srows, ["contestant", "step s (median)", "steps/s", "tok/s", "tokens computed/step", "timed",
@@ -138,19 +133,18 @@ def plot(p: dict[str, Any], path: Path) -> Path | None:
     except ImportError:
         return None
     keys = list(p["scenarios"])
-    base = [p["scenarios"][k].get("baseline", {}).get("steps_per_s", 0.0) for k in keys]
-    loop = [p["scenarios"][k].get("hf_loop", {}).get("steps_per_s", 0.0) for k in keys]
-    eng = [p["scenarios"][k].get("engine", {}).get("steps_per_s", 0.0) for k in keys]
     fig, ax = plt.subplots(figsize=(1.9 * len(keys) + 3, 4.2))
     xs = range(len(keys))
-    ax.bar([x - 0.27 for x in xs], base, 0.27, label="reference MeZO step (transformers + PEFT)", color="#999999")
-    ax.bar(list(xs), loop, 0.27, label="careful transformers loop", color="#ff7f0e")
-    ax.bar([x + 0.27 for x in xs], eng, 0.27, label="MeZO Engine", color="#1f77b4")
+    bars = {}
+    for dx, side, label, color in ((-0.27, "baseline", "reference MeZO step (transformers + PEFT)", "#999999"),
+                                   (0.0, "hf_loop", "careful transformers loop", "#ff7f0e"),
+                                   (0.27, "engine", "MeZO Engine", "#1f77b4")):
+        bars[side] = [p["scenarios"][k].get(side, {}).get("steps_per_s", 0.0) for k in keys]
+        ax.bar([x + dx for x in xs], bars[side], 0.27, label=label, color=color)
+    base, loop, eng = bars["baseline"], bars["hf_loop"], bars["engine"]
     for x, k, e in zip(xs, keys, eng):
         r = p["scenarios"][k]
-        label = (f"{r['speedup']:.2f}x / {r['speedup_vs_hf_loop']:.2f}x" if "speedup_vs_hf_loop" in r
-                 else f"{r['speedup']:.2f}x" if "speedup" in r else "skipped")
-        ax.annotate(label, (x + 0.27, e if e else 0), ha="center", va="bottom", fontsize=8,
+        ax.annotate(f"{r['speedup']:.2f}x / {r['speedup_vs_hf_loop']:.2f}x", (x + 0.27, e if e else 0), ha="center", va="bottom", fontsize=8,
                     xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(list(xs))
     ax.set_xticklabels([k + ("\n(reference extrapolated\nfrom a sub-batch)" if p["scenarios"][k].get("baseline", {})

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import REPO_ROOT, dotted, meets  # noqa: E402
+from bench.common import REPO_ROOT, dotted, md_table, meets  # noqa: E402
 
 
 @dataclass
@@ -98,7 +98,7 @@ def run_stages(stages: list[Stage], out_dir: Path, progress: bool = True) -> lis
 
 def summary(stages: list[Stage], results: list[StageResult], out_dir: Path,
             judge: bool = True) -> tuple[str, list[dict[str, Any]]]:
-    """A one-screen table: each figure, its target, met / MISSED / not measured (judge=False: toy
+    """A one-screen markdown table: each figure, its target, met / MISSED / not measured (judge=False: toy
     figures, shown without a verdict); then each stage's status."""
     by_name = {r.name: r for r in results}
     rows: list[dict[str, Any]] = []
@@ -110,11 +110,8 @@ def summary(stages: list[Stage], results: list[StageResult], out_dir: Path,
                          "target": f"{t.op} {t.threshold:g}" if t.threshold is not None else "",
                          "result": ({True: "met", False: "MISSED", None: "—"}[met] if judge else "(toy size)")
                          if value is not None else "not measured"})
-    w = max([len(r["figure"]) for r in rows] + [6])
-    lines = [f"{'figure':<{w}}  {'value':>10}  {'target':>8}  result", "-" * (w + 36)]
-    for r in rows:
-        vs = f"{r['value']:10.4g}" if isinstance(r["value"], (int, float)) else f"{'—':>10}"
-        lines.append(f"{r['figure']:<{w}}  {vs}  {r['target']:>8}  {r['result']}")
+    lines = md_table([[r[k] for k in ("figure", "value", "target", "result")] for r in rows],
+                     ["figure", "value", "target", "result"])
     lines += ["", "stages: " + "; ".join(f"{r.name} {r.status} in {r.seconds:.0f} s" for r in results)]
     return "\n".join(lines), rows
 
