@@ -14,14 +14,17 @@ B = 16, n = 4). Timing: `bench.common.bench_seconds`; results: `bench.common.wri
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from bench.common import bench_seconds, md_table, resolve_standard_args, standard_args, write_results
-from bench.mezo_workloads import SCENARIOS, ModelRef, Sizes, build_examples, build_hf_model, load_tokenizer
-from engine import Engine
-from mezo import MeZOConfig, MeZOTrainer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import bench_seconds, md_table, resolve_standard_args, standard_args, write_results  # noqa: E402
+from bench.mezo_workloads import SCENARIOS, ModelRef, Sizes, build_examples, build_hf_model, load_tokenizer  # noqa: E402
+from engine import Engine  # noqa: E402
+from mezo import MeZOConfig, MeZOTrainer  # noqa: E402
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = standard_args(__doc__)

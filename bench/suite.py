@@ -156,8 +156,8 @@ def stages(device: str, quick: bool, out: Path) -> list[Stage]:
             Stage("generate", [py, "bench/bench_generate.py", "--quick", "--random-config", "tiny", "--device", device,
                                "--threads", "1", *o], 180, [generate_target("generate_*-quick*.json", None)]),
             Stage("mezo", [py, "bench/bench_mezo.py", "--quick", "--device", device, "--scenarios", "cls", "--steps", "1",
-                           "--name", "mezo-quick", *o], 240,
-                  [Target("MeZO step: engine vs careful transformers loop", "mezo-quick.json",
+                           "--name", "mezo_quick", *o], 240,
+                  [Target("MeZO step: engine vs careful transformers loop", "mezo_quick.json",
                           "scenarios.cls.speedup_vs_hf_loop")]),
         ]
     dev = ["--device", device]
