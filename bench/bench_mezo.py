@@ -167,10 +167,11 @@ def run_scenario(key: str, ref: ModelRef, args: argparse.Namespace, sizes: Sizes
     res: dict[str, Any] = {"title": scen.title, "objective": scen.objective, "mode": scen.mode,
                            "preset": scen.preset, "batch_size": b, "notes": [], "loadavg": {"before": loadavg()}}
     init = str(tmp / f"lora_init_{key}.pt") if scen.mode == "lora" else None
-    specs = {"engine": {"save_lora_init": init}, "baseline": {"lora_init": init, "examples": args.fewshot_baseline_examples
-                                                                if key == "cls_16shot" else None},
+    fewshot = key == "cls_16shot"
+    specs = {"engine": {"save_lora_init": init},
+             "baseline": {"lora_init": init, "examples": args.fewshot_baseline_examples if fewshot else None},
              "hf_loop": {"lora_init": init}, "engine_forward": {}}
-    if key == "cls_16shot":
+    if fewshot:
         specs["engine_no_prefix_cache"] = {"examples": args.noshare_examples}
     by: dict[str, Contestant] = {}
     for name, extra in specs.items():  # the engine first: it writes the adapter the others read
@@ -197,11 +198,11 @@ def run_scenario(key: str, ref: ModelRef, args: argparse.Namespace, sizes: Sizes
         mem = res[name]["memory"] = measure_memory(spec, 0 if name in slow else args.warmup, f"{key}-{name}")
         if "extrapolated_from_examples" in res[name]:
             mem["measured_on_examples"] = res[name]["extrapolated_from_examples"]
-    for name, what in (("baseline", "reference step"), ("engine_no_prefix_cache", "engine step without prefix cache")):
+    for name, what in (("baseline", "reference step (rows padded to the full batch's width)"),
+                       ("engine_no_prefix_cache", "engine step without prefix cache")):
         if res.get(name, {}).get("extrapolated_from_examples"):
             n = res[name]["extrapolated_from_examples"]
-            res["notes"].append(f"{what} timed on the first {n} of {b} examples (rows padded to the full batch's "
-                                f"width), step time scaled by {b}/{n}")
+            res["notes"].append(f"{what} timed on the first {n} of {b} examples, step time scaled by {b}/{n}")
     res["speedup"] = res["baseline"]["step_s"] / res["engine"]["step_s"]
     res["zo_overhead"] = res["engine"]["step_s"] / res["engine_forward"]["step_s"]
     res["speedup_vs_hf_loop"] = res["hf_loop"]["step_s"] / res["engine"]["step_s"]
