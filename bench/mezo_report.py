@@ -31,59 +31,46 @@ def evaluate_targets(res: dict[str, Any], key: str, device_type: str) -> None:
                       for metric, op, thr in table.get(key, []) + table.get("*", [])]
 
 
-def _mb(m: dict[str, Any] | None) -> str:
-    return f"{m['peak_bytes'] / MB:.0f}" if m and "peak_bytes" in m else "—"
-
-
-def _x(v: float | None) -> str:
-    return "—" if v is None else _f(v) + "x"
-
-
-def summary_rows(scenarios: dict[str, Any]) -> tuple[list[list[Any]], list[str]]:
-    header = ["scenario", "ref steps/s", "hf-loop steps/s", "engine steps/s", "speedup vs ref",
-              "speedup vs hf-loop", "ref tok/s", "engine tok/s", "tokens computed/step ref / engine",
-              "ZO overhead", "peak MB ref/engine/engine inference", "mem step/inference"]
-    rows = []
-    for key, r in scenarios.items():
-        b, e = r.get("baseline", {}), r.get("engine", {})
-        peaks = "/".join(_mb(r.get(side, {}).get("memory")) for side in ("baseline", "engine", "engine_forward"))
-        rows.append([key, _f(b.get("steps_per_s")), _f(r.get("hf_loop", {}).get("steps_per_s")),
-                     _f(e.get("steps_per_s")) if e else "skipped", _x(r.get("speedup")), _x(r.get("speedup_vs_hf_loop")),
-                     _f(b.get("tokens_per_s")), _f(e.get("tokens_per_s")),
-                     f"{_f(b.get('tokens_computed_per_step'))} / {_f(e.get('tokens_computed_per_step'))}",
-                     _f(r.get("zo_overhead")), peaks + (" (ref: sub-batch)" if b.get("extrapolated_from_examples") else ""),
-                     _f(dotted(r, "memory.step_vs_inference_peak"))])
-    return rows, header
+def _mb(nbytes: float | None) -> str:
+    return "—" if nbytes is None else f"{nbytes / MB:.0f}"
 
 
 def summary_table(scenarios: dict[str, Any]) -> str:
-    return "\n".join(md_table(*summary_rows(scenarios)))
+    rows = []
+    for key, r in scenarios.items():
+        b, e = r["baseline"], r["engine"]
+        peaks = "/".join(_mb(dotted(r, f"{side}.memory.peak_bytes")) for side in ("baseline", "engine", "engine_forward"))
+        rows.append([key, b["steps_per_s"], r["hf_loop"]["steps_per_s"], e["steps_per_s"], f"{_f(r['speedup'])}x",
+                     f"{_f(r['speedup_vs_hf_loop'])}x", b["tokens_per_s"], e["tokens_per_s"],
+                     f"{b['tokens_computed_per_step']} / {e['tokens_computed_per_step']}", r["zo_overhead"],
+                     peaks + (" (ref: sub-batch)" if b.get("extrapolated_from_examples") else ""),
+                     dotted(r, "memory.step_vs_inference_peak")])
+    return "\n".join(md_table(rows, [
+        "scenario", "ref steps/s", "hf-loop steps/s", "engine steps/s", "speedup vs ref", "speedup vs hf-loop",
+        "ref tok/s", "engine tok/s", "tokens computed/step ref / engine", "ZO overhead",
+        "peak MB ref/engine/engine inference", "mem step/inference"]))
 
 
 def _details(r: dict[str, Any]) -> list[str]:
     """One scenario: its batch's facts, a row per contestant (time, then memory), then what else was measured."""
     facts = [f"trainable params {r['trainable_params']:,}",
-             f"reference logits {r.get('reference_logits_bytes', 0) / 2**30:.2f} GiB per forward (full batch)",
+             f"reference logits {r['reference_logits_bytes'] / 2**30:.2f} GiB per forward (full batch)",
              f"prompt tokens mean {r['prompt_tokens_mean']:.1f} / max {r['prompt_tokens_max']}",
              f"reference batch {r['reference_rows']} rows x {r['reference_width']} tokens",
-             f"workload {r['workload_tokens_per_step']} tokens/step", f"engine KV pool {r['kv_pool_tokens']} tokens"]
-    for key, text in (("target_tokens_mean", "target tokens mean {:.1f}"), ("shared_prefix_tokens", "shared prefix {} tokens"),
-                      ("single_token_candidates", "single-token candidates: {}")):
-        if r.get(key) is not None:
-            facts.append(text.format(r[key]))
-    mb = lambda x: "—" if x is None else f"{x / MB:.0f}"  # noqa: E731
+             f"workload {r['workload_tokens_per_step']} tokens/step", f"engine KV pool {r['kv_pool_tokens']} tokens",
+             *[text.format(r[key]) for key, text in (
+                 ("target_tokens_mean", "target tokens mean {:.1f}"), ("shared_prefix_tokens", "shared prefix {} tokens"),
+                 ("single_token_candidates", "single-token candidates: {}")) if r.get(key) is not None]]
     srows = [[side, d["step_s"], d["steps_per_s"], d["tokens_per_s"], d["tokens_computed_per_step"], d["timed_steps"],
-              ", ".join(_f(x) for x in d["step_s_all"]),
-              ", ".join(_f(x) for x in d["warmup_s"]) or ("(first call timed)" if d["first_call_timed"] else "—"),
-              _mb(d["memory"]), f"+{d['memory']['delta_bytes'] / MB:.0f}", mb(d["memory"]["heap_retained_bytes"]),
-              mb(d["memory"]["noise_cache_bytes"])] for side, d in ((s, r[s]) for s in SIDES if s in r)]
-    mem = r["memory"]
-    extra = [f"peak memory engine step / engine inference on the same 2xB batch: {mem['step_vs_inference_peak']:.3f}"]
-    if "engine_vs_baseline_peak" in mem:
-        extra.append(f"peak memory engine step / reference step: {mem['engine_vs_baseline_peak']:.3f}")
-    if "prefix_sharing_speedup" in r:
-        extra.append(f"prefix sharing: no-cache step / cached step = {r['prefix_sharing_speedup']:.2f}x")
-    extra += r.get("notes", []) + [f"load average before / after: {r['loadavg']['before']} / {r['loadavg']['after']}"]
+              ", ".join(_f(x) for x in d["step_s_all"]), ", ".join(_f(x) for x in d["warmup_s"]) or "—",
+              *(_mb(d.get("memory", {}).get(k)) for k in ("peak_bytes", "delta_bytes", "heap_retained_bytes",
+                                                          "noise_cache_bytes"))]
+             for side, d in ((s, r[s]) for s in SIDES if s in r)]
+    extra = [f"{text}: {_f(dotted(r, key))}" for key, text in (
+        ("memory.step_vs_inference_peak", "peak memory engine step / engine inference on the same 2xB batch"),
+        ("memory.engine_vs_baseline_peak", "peak memory engine step / reference step"),
+        ("prefix_sharing_speedup", "prefix sharing: no-cache step / cached step")) if dotted(r, key) is not None]
+    extra += r["notes"] + [f"load average before / after: {r['loadavg']['before']} / {r['loadavg']['after']}"]
     return [f"### {r['title']}", "", "; ".join(facts) + ".", "",
             *md_table(srows, ["contestant", "step s (median)", "steps/s", "tok/s", "tokens computed/step", "timed",
                               "all step s", "warm-up s", "peak MB", "MB over the level before the step",
@@ -96,8 +83,8 @@ def _details(r: dict[str, Any]) -> list[str]:
 def to_markdown(p: dict[str, Any]) -> str:
     m, s = p["meta"], p["settings"]
     hw = m.get("gpu_name") or f"{m['cpu_model']}, {m['cpu_cores_usable']} cores"
-    method = next((f"measured as {mm['method']}" for r in p["scenarios"].values() for side in ("baseline", "engine")
-                   if (mm := r.get(side, {}).get("memory", {})).get("method")), "not measured")
+    method = next((f"measured as {mm['method']}" for r in p["scenarios"].values()
+                   if (mm := r["engine"].get("memory", {})).get("method")), "not measured (run with --memory)")
     lines = [
         f"Machine: {hw} ({m['device']}); torch threads: {s.get('torch_threads')}",
         f"Load average (1/5/15 min): {', '.join(f'{k} {v_}' for k, v_ in p['loadavg'].items())}",
@@ -116,12 +103,9 @@ def to_markdown(p: dict[str, Any]) -> str:
         "warm-up calls, then one call is measured, " + method + "; the engine's KV pool is sized to hold every sequence of the step unshared.",
         "", "## Targets", ""]
     trows = [[key, t["metric"], t["target"], t["value"], {True: "met", False: "MISSED", None: "not measured"}[t["met"]]]
-             for key, r in p["scenarios"].items() for t in r.get("targets", [])]
-    lines += md_table(trows, ["scenario", "metric", "target", "value", "result"]) if trows else ["(none)"]
-    lines += ["", "## Details", ""]
-    for r in p["scenarios"].values():
-        lines += _details(r)
-    return "\n".join(lines)
+             for key, r in p["scenarios"].items() for t in r["targets"]]
+    lines += md_table(trows, ["scenario", "metric", "target", "value", "result"]) + ["", "## Details", ""]
+    return "\n".join(lines + [line for r in p["scenarios"].values() for line in _details(r)])
 
 
 def plot(p: dict[str, Any], path: Path) -> Path | None:
@@ -132,25 +116,23 @@ def plot(p: dict[str, Any], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    keys = list(p["scenarios"])
+    keys, scen = list(p["scenarios"]), p["scenarios"]
     fig, ax = plt.subplots(figsize=(1.9 * len(keys) + 3, 4.2))
-    xs = range(len(keys))
-    bars = {}
     for dx, side, label, color in ((-0.27, "baseline", "reference MeZO step (transformers + PEFT)", "#999999"),
                                    (0.0, "hf_loop", "careful transformers loop", "#ff7f0e"),
                                    (0.27, "engine", "MeZO Engine", "#1f77b4")):
-        bars[side] = [p["scenarios"][k].get(side, {}).get("steps_per_s", 0.0) for k in keys]
-        ax.bar([x + dx for x in xs], bars[side], 0.27, label=label, color=color)
-    base, loop, eng = bars["baseline"], bars["hf_loop"], bars["engine"]
-    for x, k, e in zip(xs, keys, eng):
-        r = p["scenarios"][k]
-        ax.annotate(f"{r['speedup']:.2f}x / {r['speedup_vs_hf_loop']:.2f}x", (x + 0.27, e if e else 0), ha="center", va="bottom", fontsize=8,
+        ax.bar([x + dx for x in range(len(keys))], [scen[k][side]["steps_per_s"] for k in keys], 0.27, label=label,
+               color=color)
+    for x, k in enumerate(keys):
+        ax.annotate(f"{scen[k]['speedup']:.2f}x / {scen[k]['speedup_vs_hf_loop']:.2f}x",
+                    (x + 0.27, scen[k]["engine"]["steps_per_s"]), ha="center", va="bottom", fontsize=8,
                     xytext=(0, 2), textcoords="offset points")
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels([k + ("\n(reference extrapolated\nfrom a sub-batch)" if p["scenarios"][k].get("baseline", {})
-                              .get("extrapolated_from_examples") else "") for k in keys], fontsize=9)
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([k + ("\n(reference extrapolated\nfrom a sub-batch)" if scen[k]["baseline"]
+                             .get("extrapolated_from_examples") else "") for k in keys], fontsize=9)
     ax.set_ylabel("MeZO steps / s (higher is better)")
-    if any(base) and any(eng) and max(base + loop + eng) / max(min(v for v in base + eng if v > 0), 1e-12) > 30:
+    rates = [scen[k][side]["steps_per_s"] for k in keys for side in ("baseline", "hf_loop", "engine")]
+    if max(rates) / min(rates) > 30:
         ax.set_yscale("log")
     ax.set_title(f"MeZO step throughput, B={p['settings']['batch_size']}, {p['model']['name']} "
                  f"{p['model']['dtype']} on {p['meta']['device_name']}", fontsize=10)

@@ -1,4 +1,4 @@
-"""Workloads of bench_mezo.py (and of bench_sign_agreement.py, bench_estimators.py, bench_distributed.py):
+"""Workloads of bench_mezo.py (and of bench_estimators.py, bench_distributed.py):
 the scenarios and their sizes, the model (one set of weights for every contestant), the scenarios'
 examples, the reference MeZO step on transformers+PEFT, the careful transformers loop, and the
 engine's MeZOTrainer built on the same weights, plus the engine's plain unperturbed forward of the
@@ -32,7 +32,7 @@ import torch
 
 from bench.baselines.hf_loop import HFLoopMeZO, ScoredBatch, build_scored_batch
 from bench.baselines.reference_mezo import RefBatch, ReferenceMeZO, build_batch
-from bench.common import DTYPES, LLAMA_SHAPES, random_llama, timed
+from bench.common import DTYPES, random_llama, timed
 from engine import Engine
 from mezo import MeZOConfig
 from mezo.data import (BBC_TOPICS, ClassificationExample, LMExample, bbc_article_lines, bbc_news_rows,
@@ -40,8 +40,7 @@ from mezo.data import (BBC_TOPICS, ClassificationExample, LMExample, bbc_article
 from mezo.objectives import EncodedExample, encode, example_loss, scoring_requests
 from mezo.trainer import MeZOTrainer
 
-RANDOM_CONFIGS = LLAMA_SHAPES  # random-weight shapes; all use SmolLM2's tokenizer, so vocab is 49152
-VOCAB = 49152
+VOCAB = 49152  # random configs use SmolLM2's tokenizer (or synthetic ids in its range)
 CACHE_ROOT = Path(tempfile.gettempdir()) / "mezo_bench_cache"
 FULL_MODE_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -116,20 +115,6 @@ class SyntheticTokenizer:
         return " ".join(str(int(i)) for i in ids if not (skip_special_tokens and int(i) < 3))
 
 
-def synthetic_examples(scenario_key: str, sizes: Sizes, vocab: int, seed: int = 0) -> list:
-    """The scenario's batch in the BBC workloads' shapes (a shot is ~40 tokens), random ids."""
-    rng = random.Random(seed)
-    text = lambda n: " ".join(str(rng.randrange(8, vocab)) for _ in range(n))  # noqa: E731 - clear of the labels
-    candidates = [f" {3 + i}" for i in range(5)]  # five single-token labels
-    b = sizes.batch_size
-    if scenario_key in ("cls", "cls_full"):
-        return [ClassificationExample(text(rng.randint(10, 22)), candidates, i % 5) for i in range(b)]
-    if scenario_key == "cls_16shot":
-        prefix = text(max(512, 40 * sizes.shots)) + " "
-        return [ClassificationExample(prefix + text(rng.randint(30, 50)), candidates, i % 5) for i in range(b)]
-    if scenario_key == "lm_256":
-        return [LMExample(text(sizes.lm_prompt_tokens), " " + text(sizes.lm_target_tokens)) for _ in range(b)]
-    raise ValueError(f"unknown scenario {scenario_key!r}")
 @functools.lru_cache(maxsize=1)
 def _bbc_train_articles() -> list[tuple[str, str]]:
     """(topic, full text) of the fixed bbc_news train split, in the order of `bbc_news_rows('train')`."""
@@ -148,9 +133,18 @@ def fewshot_prefix(batch_size: int, shots: int) -> str:
 
 
 def build_examples(scenario: Scenario, sizes: Sizes, tokenizer: Any) -> list[ClassificationExample | LMExample]:
+    """The scenario's batch from BBC News; with a SyntheticTokenizer (no tokenizer / corpus on this
+    machine) random ids in the same shapes (a shot is ~40 tokens, five single-token labels)."""
     b = sizes.batch_size
-    if isinstance(tokenizer, SyntheticTokenizer):  # no tokenizer / corpus on this machine: random ids
-        return synthetic_examples(scenario.key, sizes, len(tokenizer))
+    if isinstance(tokenizer, SyntheticTokenizer):
+        rng = random.Random(0)
+        text = lambda n: " ".join(str(rng.randrange(8, len(tokenizer))) for _ in range(n))  # noqa: E731 - clear of the labels
+        if scenario.key == "lm_256":
+            return [LMExample(text(sizes.lm_prompt_tokens), " " + text(sizes.lm_target_tokens)) for _ in range(b)]
+        fewshot = scenario.key == "cls_16shot"
+        prefix = text(max(512, 40 * sizes.shots)) + " " if fewshot else ""
+        return [ClassificationExample(prefix + text(rng.randint(30, 50) if fewshot else rng.randint(10, 22)),
+                                      [f" {3 + i}" for i in range(5)], i % 5) for i in range(b)]
     if scenario.key in ("cls", "cls_full"):
         return load_examples("bbc_news", "classification", limit=b)
     if scenario.key == "cls_16shot":
@@ -197,10 +191,6 @@ def load_tokenizer(path: str | None = None) -> Any:
     return AutoTokenizer.from_pretrained(str(path) if path else str(_tokenizer_dir()))
 
 
-def _weights_file(model: str, dtype: str) -> Path:
-    return CACHE_ROOT / f"{hashlib.sha1(model.encode()).hexdigest()[:10]}-{dtype}" / "model.pt"
-
-
 def build_hf_model(ref: ModelRef) -> Any:
     """The transformers LlamaForCausalLM on ref.device in ref.dtype, eval mode.
 
@@ -212,7 +202,7 @@ def build_hf_model(ref: ModelRef) -> Any:
     dtype = ref.torch_dtype
     if ref.random_config is not None:
         return random_llama(ref.random_config, VOCAB, 8192, dtype, ref.device, ref.seed)
-    cache = _weights_file(ref.model, ref.dtype)
+    cache = CACHE_ROOT / f"{hashlib.sha1(ref.model.encode()).hexdigest()[:10]}-{ref.dtype}" / "model.pt"
     if cache.is_file():
         from transformers import CONFIG_MAPPING
 
@@ -270,10 +260,14 @@ def _peft_name(engine_key: str) -> str:
     return f"{head}.{ab}.default.weight"
 
 
-def _trainable_copy(hf: Any, scenario: Scenario, lora_init: dict[str, torch.Tensor] | None) -> Any:
-    """A copy of the transformers model with the engine's trainable tensors: PEFT LoRA holding the
-    engine's adapter values (`lora_init`, keyed as the engine names them), or every decoder projection
-    weight (full mode: the tensors the engine's full-parameter mode perturbs)."""
+def build_baseline(hf: Any, tok: Any, ref: ModelRef, scenario: Scenario, examples: list,
+                   lora_init: dict[str, torch.Tensor] | None = None,
+                   loop: bool = False) -> tuple[ReferenceMeZO, RefBatch] | tuple[HFLoopMeZO, ScoredBatch]:
+    """ReferenceMeZO (bench/baselines/reference_mezo.py) or, loop=True, the competent transformers loop
+    (bench/baselines/hf_loop.py), on a copy of the transformers model with the engine's trainable
+    tensors: PEFT LoRA holding the engine's adapter values (`lora_init`, keyed as the engine names
+    them), or every decoder projection weight (full mode: the tensors the engine's full-parameter mode
+    perturbs)."""
     cfg = mezo_config(scenario)
     model = copy.deepcopy(hf)
     if scenario.mode == "lora":
@@ -284,38 +278,21 @@ def _trainable_copy(hf: Any, scenario: Scenario, lora_init: dict[str, torch.Tens
             model = peft.get_peft_model(model, peft.LoraConfig(
                 r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_target_modules),
                 lora_dropout=0.0))
-        if lora_init is not None:
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for key, value in lora_init.items():
-                    params[_peft_name(key)].copy_(value)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for key, value in (lora_init or {}).items():  # engine 'X.lora_A.weight' is PEFT's 'X.lora_A.default.weight'
+                head, ab, _ = key.rsplit(".", 2)
+                params[f"{head}.{ab}.default.weight"].copy_(value)
     else:
         for name, p in model.named_parameters():
             p.requires_grad_(name.endswith(".weight") and name.split(".")[-2] in FULL_MODE_MODULES)
-    return model.eval()
-
-
-def build_hf_loop(hf: Any, tok: Any, ref: ModelRef, scenario: Scenario, examples: list,
-                  lora_init: dict[str, torch.Tensor] | None = None) -> tuple[HFLoopMeZO, ScoredBatch]:
-    """The competent transformers loop (bench/baselines/hf_loop.py) on the same weights and adapter."""
-    cfg = mezo_config(scenario)
-    model = _trainable_copy(hf, scenario, lora_init)
-    batch = build_scored_batch(examples, lambda s: list(tok.encode(s)),
-                               lambda s: list(tok.encode(s, add_special_tokens=False)), pad_id=tok.pad_token_id or 0)
-    return HFLoopMeZO(model, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay), batch.to(ref.device)
-
-
-def build_baseline(hf: Any, tok: Any, ref: ModelRef, scenario: Scenario, examples: list,
-                   lora_init: dict[str, torch.Tensor] | None = None) -> tuple[ReferenceMeZO, RefBatch]:
-    """ReferenceMeZO (bench/baselines/reference_mezo.py) on the same weights and adapter."""
-    cfg = mezo_config(scenario)
-    model = _trainable_copy(hf, scenario, lora_init)
-    mezo = ReferenceMeZO(model, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    batch = build_batch(examples, lambda s: list(tok.encode(s)), pad_id=tok.pad_token_id or 0,
-                        encode_continuation=lambda s: list(tok.encode(s, add_special_tokens=False)))
-    batch.input_ids = batch.input_ids.to(ref.device)
-    batch.attention_mask = batch.attention_mask.to(ref.device)
-    return mezo, batch
+    enc, cont = (lambda s: list(tok.encode(s))), (lambda s: list(tok.encode(s, add_special_tokens=False)))
+    pad, kw = tok.pad_token_id or 0, dict(lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if loop:
+        return HFLoopMeZO(model.eval(), **kw), build_scored_batch(examples, enc, cont, pad_id=pad).to(ref.device)
+    batch = build_batch(examples, enc, pad_id=pad, encode_continuation=cont)
+    batch.input_ids, batch.attention_mask = batch.input_ids.to(ref.device), batch.attention_mask.to(ref.device)
+    return ReferenceMeZO(model.eval(), **kw), batch
 
 
 def sub_batch(batch: RefBatch, examples: int) -> RefBatch:
@@ -358,12 +335,12 @@ def describe(scenario: Scenario, encoded: list[EncodedExample]) -> dict[str, Any
 
 
 # -- one contestant, and its peak memory in a fresh process ------------------------------------------
-ROLES = ("baseline", "hf_loop", "engine", "engine_forward", "engine_no_prefix_cache")
 
 
 class Contestant:
     """One side of a scenario, built from a spec of plain data (so that a fresh process builds the
-    same): model (ModelRef fields), scenario, sizes (Sizes fields), role (one of ROLES), threads, and
+    same): model (ModelRef fields), scenario, sizes (Sizes fields), role ("baseline", "hf_loop", "engine",
+    "engine_forward" or "engine_no_prefix_cache"), threads, and
     optional examples (run on the first N examples only; the step time is scaled by B / N),
     lora_init (file with the engine's initial adapter: the two transformers sides read it),
     save_lora_init (file to write the engine's initial adapter to)."""
@@ -380,7 +357,6 @@ class Contestant:
         self.scale = len(examples) / k
         self.calls: list[tuple[float, int]] = []  # (seconds, tokens computed) of the timed calls
         self.warmups: list[tuple[float, int]] = []
-        self.first_call_timed = False
         hf = build_hf_model(ref)
         self.info: dict[str, Any] = {"model_params": sum(p.numel() for p in hf.parameters()),
                                      "layers": hf.config.num_hidden_layers, "hidden": hf.config.hidden_size}
@@ -394,7 +370,7 @@ class Contestant:
                              workload_tokens_per_step=2 * sum(batch.lengths),
                              reference_trainable_params=sum(p.numel() for _, p in self.mezo.params))
         elif self.role == "hf_loop":
-            self.mezo, self.batch = build_hf_loop(hf, tok, ref, scenario, examples, init)
+            self.mezo, self.batch = build_baseline(hf, tok, ref, scenario, examples, init, loop=True)
         else:
             full_encoded = encode_examples(tok, examples)
             self.trainer, self.encoded = build_engine(

