@@ -30,4 +30,4 @@ bench: setup
 
 # The prepared GPU suite (tests on CUDA + every GPU benchmark, <= 8 min on one H100/H200)
 gpu-suite:
-	$(PYTHON) bench/gpu_suite.py
+	$(PYTHON) -m engine.cli bench --gpu

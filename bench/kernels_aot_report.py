@@ -8,9 +8,10 @@ Each kernel is compiled at every configuration its launcher chooses (kernels/lau
 benchmark shapes (bench/bench_kernels.py, bench/bench_attention.py) and the SmolLM2-135M / LLaMA-1B /
 LLaMA-8B shapes: dtype fp32/bf16/fp16, LoRA r 8 and 64, full-weight noise on/off (fp32 or 16-bit
 weights), head_dim 64/128, GQA groups 1-8, page sizes 1/16/64, 64-bit seeds (32-bit ones too at the
-benchmark shapes). Specs that specialize identically (Triton's own argument specialization, constexprs,
-warps/stages, target) are compiled once: ~11,800 launcher cases (each noisy-LoRA launch with and without per-row
-perturbation ids) -> 142 distinct compiles. The checks (kernels.aot.check_rows) are
+benchmark shapes). The matrix is `kernels.aot.matrix_specs`, the one enumeration tests/test_aot_compile.py
+also reads. Specs that specialize identically (Triton's own argument specialization, constexprs,
+warps/stages, target) are compiled once: ~11,800 launcher cases (each noisy-LoRA launch with and
+without per-row perturbation ids) -> 142 distinct compiles. The checks (kernels.aot.check_rows) are
 those tests/test_aot_compile.py asserts. Run without TRITON_INTERPRET (it is removed here).
 """
 from __future__ import annotations
@@ -25,94 +26,13 @@ os.environ.pop("TRITON_INTERPRET", None)  # the AOT check needs real JITFunction
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its default
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-
-from bench.common import LLAMA_SHAPES, loadavg, md_table, run_metadata, write_results  # noqa: E402
-from kernels.aot import (CompileSpec, check_rows, compile_all, decode_specs, dedupe, extend_specs,  # noqa: E402
-                         noisy_linear_specs, randn_specs, zo_update_specs)
-from kernels.attention import choose_num_kv_splits  # noqa: E402
-
-ARCHS = (90, 80)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-SEED64, SEED32 = (1 << 40) + 12345, 12345  # seeds >= 2^31 reach the kernels as i64
-# (hidden, intermediate, heads, kv heads) of the model shapes the check covers
-MODELS = {name: (LLAMA_SHAPES[name]["hidden_size"], LLAMA_SHAPES[name]["intermediate_size"],
-                 LLAMA_SHAPES[name]["num_attention_heads"], LLAMA_SHAPES[name]["num_key_value_heads"])
-          for name in ("smollm2", "1b")}
-MODELS["8b"] = (4096, 14336, 32, 8)  # Llama-3-8B
-BENCH_MKN = (2 * 16 * 256, 4096, 4096)  # bench/bench_kernels.py
-BENCH_ATTN = dict(heads=32, kv_heads=8, head_dim=128, page_size=16, dtype=torch.bfloat16)  # bench_attention.py
-DECODE_BATCHES, DECODE_CONTEXTS, EXTEND_BATCHES = (1, 16, 64), (512, 2048, 8192), (1, 8, 32)
-ROWS = (1, 16, 32, 64, 65, 4096)  # token rows of a noisy linear: both BLOCK_M buckets and their edges
-# (LoRA rank, full-weight noise, weights in fp32): LoRA mode keeps the model's weight dtype;
-# full-parameter mode keeps fp32 weights under 16-bit activations (engine/linear.py) or 16-bit ones (bench).
-LINEAR_MODES = ((8, False, False), (64, False, False), (0, True, False), (0, True, True), (8, True, False),
-                (8, True, True), (64, True, False), (64, True, True))
-
-
-def _bench_specs(arch: int) -> list[CompileSpec]:
-    m, n, k = BENCH_MKN
-    bf = torch.bfloat16
-    out = []
-    for seed in (SEED64, SEED32):
-        for r in (8, 64):
-            out += noisy_linear_specs(m, n, k, r, bf, bf, False, arch, seed, label="bench_kernels lora", benchmark=True)
-        out += noisy_linear_specs(m, n, k, 0, bf, bf, True, arch, seed, label="bench_kernels full", benchmark=True)
-    a = BENCH_ATTN
-    out += extend_specs(a["heads"], a["kv_heads"], a["head_dim"], a["dtype"], a["page_size"], arch,
-                        label="bench_attention extend", benchmark=True)
-    for bsz in DECODE_BATCHES:
-        for ctx in DECODE_CONTEXTS:
-            splits = choose_num_kv_splits(ctx, bsz, a["kv_heads"])
-            out += decode_specs(a["heads"], a["kv_heads"], a["head_dim"], a["dtype"], a["page_size"], splits, arch,
-                                batch=bsz, label="bench_attention decode", benchmark=True)
-    return out
-
-
-def all_specs(archs: tuple[int, ...] = ARCHS, bench_only: bool = False) -> list[CompileSpec]:
-    """Every (kernel, configuration) the check compiles, before de-duplication."""
-    specs: list[CompileSpec] = []
-    for arch in archs:
-        specs += _bench_specs(arch)
-        for n_seeds in (1, 2):
-            specs += zo_update_specs(4096 * 4096, n_seeds, arch, label="zo_update", benchmark=True)
-        for seed in (SEED64, SEED32):
-            specs += randn_specs(4096 * 4096, seed, arch, label="randn_triton")
-        if bench_only:
-            continue
-        for name, (hidden, inter, heads, kv_heads) in MODELS.items():
-            for dtype in DTYPES:
-                for m in ROWS:
-                    for n, k in ((hidden, hidden), (inter, hidden), (hidden, inter)):
-                        for r, wnoise, w32 in LINEAR_MODES:
-                            w_dtype = torch.float32 if w32 else dtype
-                            specs += noisy_linear_specs(m, n, k, r, dtype, w_dtype, wnoise, arch, SEED64,
-                                                        label=f"{name} linear")
-        for dtype in DTYPES:
-            for head_dim in (64, 128):
-                for group in range(1, 9):
-                    for page in (1, 16, 64):
-                        specs += extend_specs(8 * group, 8, head_dim, dtype, page, arch, label="attention matrix")
-                        specs += decode_specs(8 * group, 8, head_dim, dtype, page, 2, arch,
-                                              label="attention matrix")
-                for splits in range(1, 65):  # every split count choose_num_kv_splits can return
-                    specs += decode_specs(32, 8, head_dim, dtype, 16, splits, arch, label="decode splits")[1:]
-        for name, (hidden, inter, heads, kv_heads) in MODELS.items():
-            d = hidden // heads
-            for dtype in DTYPES:
-                for page in (1, 16, 64):
-                    specs += extend_specs(heads, kv_heads, d, dtype, page, arch, label=f"{name} attention")
-                    for bsz in DECODE_BATCHES:
-                        for ctx in DECODE_CONTEXTS:
-                            splits = choose_num_kv_splits(ctx, bsz, kv_heads)
-                            specs += decode_specs(heads, kv_heads, d, dtype, page, splits, arch, batch=bsz,
-                                                  label=f"{name} attention")
-    return specs
+from bench.common import loadavg, md_table, run_metadata, write_results  # noqa: E402
+from kernels.aot import ARCHS, check_rows, compile_all, dedupe, matrix_specs  # noqa: E402
 
 
 def run(archs: tuple[int, ...], jobs: int, bench_only: bool = False) -> tuple[list[dict], dict]:
     start, load_before = time.perf_counter(), loadavg()
-    requested = all_specs(archs, bench_only)
+    requested = matrix_specs(archs, bench_only)
     unique = dedupe(requested)
     dedupe_s = time.perf_counter() - start
     rows = compile_all(unique, jobs)

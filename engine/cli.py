@@ -64,6 +64,7 @@ EXAMPLES = """examples:
   mezo-engine finetune --list-presets
   mezo-engine bench --quick                  # every benchmark at toy size (minutes on a CPU)
   mezo-engine bench --device cuda --out DIR  # the GPU figures
+  mezo-engine bench --gpu [--dry-run]        # the GPU suite (<= 8 min on one H100/H200; CI: --dry-run)
 """
 
 

@@ -28,13 +28,13 @@ from typing import Any
 
 import torch
 
-from .attention import _dot_precision, _is_pow2, _page_shift
+from .attention import _dot_precision, _is_pow2, _page_shift, choose_num_kv_splits
 from .launch_config import (cuda_target, decode_attention_config, extend_attention_config, lora_down_config,
                             noise_norm_config, noisy_linear_config, randn_config, zo_update_config)
 
 __all__ = ["CompileSpec", "Resources", "compile_spec", "SHARED_LIMIT", "noisy_linear_specs", "extend_specs",
            "decode_specs", "zo_update_specs", "randn_specs", "noise_norm_specs", "specialization_key", "resources_row",
-           "Distinct", "dedupe", "compile_all", "expected_dot", "check_rows"]
+           "Distinct", "dedupe", "compile_all", "expected_dot", "check_rows", "ARCHS", "matrix_specs"]
 
 # Max dynamic shared memory per block (opt-in), bytes: sm_90 227 KiB, sm_80 163 KiB (CUDA guide, table 21).
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
@@ -419,3 +419,81 @@ def check_rows(rows: list[dict]) -> list[str]:
         if row["benchmark"] and row["spill_stores"]:
             problems.append(f"{name}: {row['spill_stores']} B spill stores at a benchmark configuration")
     return problems
+
+
+# -- the matrix of the check ------------------------------------------------------------------------------
+ARCHS = (90, 80)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SEED64, SEED32 = (1 << 40) + 12345, 12345  # seeds >= 2^31 reach the kernels as i64
+# (hidden, intermediate, heads, kv heads) of the model shapes the check covers
+MODELS = {"smollm2": (576, 1536, 9, 3), "1b": (2048, 8192, 32, 8), "8b": (4096, 14336, 32, 8)}  # SmolLM2-135M, Llama-3.2-1B, Llama-3-8B
+# the GPU benchmarks' shapes (bench/bench_kernels.py, bench/bench_attention.py): their rows are marked "benchmark"
+BENCH_MKN = (2 * 16 * 256, 4096, 4096)
+BENCH_ATTN = dict(heads=32, kv_heads=8, head_dim=128, page_size=16, dtype=torch.bfloat16)
+DECODE_BATCHES, DECODE_CONTEXTS, EXTEND_BATCHES = (1, 16, 64), (512, 2048, 8192), (1, 8, 32)
+ROWS = (1, 16, 32, 64, 65, 4096)  # token rows of a noisy linear: both BLOCK_M buckets and their edges
+# (LoRA rank, full-weight noise, weights in fp32): LoRA mode keeps the model's weight dtype;
+# full-parameter mode keeps fp32 weights under 16-bit activations (engine/linear.py) or 16-bit ones (bench).
+LINEAR_MODES = ((8, False, False), (64, False, False), (0, True, False), (0, True, True), (8, True, False),
+                (8, True, True), (64, True, False), (64, True, True))
+
+
+def _bench_specs(arch: int) -> list[CompileSpec]:
+    m, n, k = BENCH_MKN
+    bf = torch.bfloat16
+    out = []
+    for seed in (SEED64, SEED32):
+        for r in (8, 64):
+            out += noisy_linear_specs(m, n, k, r, bf, bf, False, arch, seed, label="bench_kernels lora", benchmark=True)
+        out += noisy_linear_specs(m, n, k, 0, bf, bf, True, arch, seed, label="bench_kernels full", benchmark=True)
+    a = BENCH_ATTN
+    out += extend_specs(a["heads"], a["kv_heads"], a["head_dim"], a["dtype"], a["page_size"], arch,
+                        label="bench_attention extend", benchmark=True)
+    for bsz in DECODE_BATCHES:
+        for ctx in DECODE_CONTEXTS:
+            splits = choose_num_kv_splits(ctx, bsz, a["kv_heads"])
+            out += decode_specs(a["heads"], a["kv_heads"], a["head_dim"], a["dtype"], a["page_size"], splits, arch,
+                                batch=bsz, label="bench_attention decode", benchmark=True)
+    return out
+
+
+def matrix_specs(archs: tuple[int, ...] = ARCHS, bench_only: bool = False) -> list[CompileSpec]:
+    """Every (kernel, configuration) of the AOT check (issue 10: bench/kernels_aot_report.py, tests/test_aot_compile.py),
+    before de-duplication: the benchmarks' shapes and, unless bench_only, the model-shape matrix."""
+    specs: list[CompileSpec] = []
+    for arch in archs:
+        specs += _bench_specs(arch)
+        for n_seeds in (1, 2):
+            specs += zo_update_specs(4096 * 4096, n_seeds, arch, label="zo_update", benchmark=True)
+        for seed in (SEED64, SEED32):
+            specs += randn_specs(4096 * 4096, seed, arch, label="randn_triton")
+        if bench_only:
+            continue
+        for name, (hidden, inter, heads, kv_heads) in MODELS.items():
+            for dtype in DTYPES:
+                for m in ROWS:
+                    for n, k in ((hidden, hidden), (inter, hidden), (hidden, inter)):
+                        for r, wnoise, w32 in LINEAR_MODES:
+                            w_dtype = torch.float32 if w32 else dtype
+                            specs += noisy_linear_specs(m, n, k, r, dtype, w_dtype, wnoise, arch, SEED64,
+                                                        label=f"{name} linear")
+        for dtype in DTYPES:
+            for head_dim in (64, 128):
+                for group in range(1, 9):
+                    for page in (1, 16, 64):
+                        specs += extend_specs(8 * group, 8, head_dim, dtype, page, arch, label="attention matrix")
+                        specs += decode_specs(8 * group, 8, head_dim, dtype, page, 2, arch,
+                                              label="attention matrix")
+                for splits in range(1, 65):  # every split count choose_num_kv_splits can return
+                    specs += decode_specs(32, 8, head_dim, dtype, 16, splits, arch, label="decode splits")[1:]
+        for name, (hidden, inter, heads, kv_heads) in MODELS.items():
+            d = hidden // heads
+            for dtype in DTYPES:
+                for page in (1, 16, 64):
+                    specs += extend_specs(heads, kv_heads, d, dtype, page, arch, label=f"{name} attention")
+                    for bsz in DECODE_BATCHES:
+                        for ctx in DECODE_CONTEXTS:
+                            splits = choose_num_kv_splits(ctx, bsz, kv_heads)
+                            specs += decode_specs(heads, kv_heads, d, dtype, page, splits, arch, batch=bsz,
+                                                  label=f"{name} attention")
+    return specs

