@@ -136,55 +136,7 @@ def select(todo: list[Stage], only: str | None) -> list[Stage]:
     return [s for s in todo if s.name in names]
 
 
-# -- the figures both suites read back -------------------------------------------------------------------
-def kernel_targets(stem: str) -> list[Target]:
-    f = f"{stem}_*.json"
-    return [Target("noisy LoRA fused / x@W.T (K=N=4096, M=8192, r 8)", f, "figures.fused_over_plain_r8", "<=", 1.15),
-            Target("noisy LoRA unfused torch / fused (r 8)", f, "figures.unfused_over_fused_r8", ">=", 2.0)]
-
-
-def attention_targets(stem: str) -> list[Target]:
-    f = f"{stem}_*.json"
-    return [Target("decode B64 ctx2048 page16: % of copy bandwidth", f, "figures.decode_b64_ctx2048_pct_copy", ">=", 60),
-            Target("extend 1024 cached + 64 new vs recompute 1088", f, "figures.extend_min_speedup_vs_recompute", ">=", 5)]
-
-
-def generate_target(glob: str, threshold: float | None = 3.0) -> Target:
-    return Target("generation: engine / transformers tok/s", glob, "ratio_engine_over_transformers", ">=", threshold)
-
-
-def stages(device: str, quick: bool, out: Path) -> list[Stage]:
-    py, o = sys.executable, ["--out-dir", str(out)]
-    gpu = device == "cuda"
-    if quick:
-        return [
-            Stage("kernels", [py, "bench/bench_kernels.py", "--quick", *o], 120,
-                  [Target("unfused / fused noisy LoRA, torch path (r 8)", "kernels-quick_*.json", "figures.unfused_over_fused_r8")]),
-            Stage("attention", [py, "bench/bench_attention.py", "--quick", *o], 120,
-                  [Target("paged torch decode, ms (B 4, ctx 512)", "attention-quick_*.json", "figures.decode_torch_b4_ctx512_ms")]),
-            Stage("generate", [py, "bench/bench_generate.py", "--quick", "--random-config", "tiny", "--device", device,
-                               "--threads", "1", *o], 180, [generate_target("generate_*-quick*.json", None)]),
-            Stage("mezo", [py, "bench/bench_mezo.py", "--quick", "--device", device, "--scenarios", "cls", "--steps", "1",
-                           "--name", "mezo_quick", *o], 240,
-                  [Target("MeZO step: engine vs careful transformers loop", "mezo_quick.json",
-                          "scenarios.cls.speedup_vs_hf_loop")]),
-        ]
-    dev = ["--device", device]
-    mezo = "mezo_*.json"
-    return [
-        Stage("kernels", [py, "bench/bench_kernels.py", *dev, *o], 600, kernel_targets("kernels") if gpu else []),
-        Stage("attention", [py, "bench/bench_attention.py", *o], 900, attention_targets("attention") if gpu else []),
-        Stage("generate", [py, "bench/bench_generate.py", *dev, *o], 3600,
-              [generate_target("generate_*.json", 3.0 if gpu else 1.0)]),
-        Stage("mezo", [py, "bench/bench_mezo.py", *dev, *o], 7200,
-              [Target("MeZO step vs reference (B 16)", mezo, "scenarios.cls.speedup", ">=", 4.0 if gpu else 1.5),
-               Target("MeZO step vs careful loop (B 16)", mezo, "scenarios.cls.speedup_vs_hf_loop", ">=", 1.5),
-               Target("MeZO, 16-shot prompt vs reference", mezo, "scenarios.cls_16shot.speedup", ">=",
-                      10.0 if gpu else 5.0)]),
-    ]
-
-
-# -- the GPU suite (--gpu) ---------------------------------------------------------------------------------
+# -- the stages ------------------------------------------------------------------------------------------
 # The tests that exercise what runs on a GPU: the kernels compiled, the engine and a MeZO step on them
 # (device-parametrized: fp32 and bf16 on CUDA), the CUDA sync check. The AOT compile check is a CPU
 # test (it needs the CPU machine's newer Triton) and is not repeated here.
@@ -194,48 +146,65 @@ GPU_TESTS = ["tests/test_noise.py", "tests/test_noisy_lora.py", "tests/test_zo_u
              "tests/test_host_syncs.py", "tests/test_cuda_fakes.py", "tests/test_mezo_exactness.py",
              "tests/test_mezo_shared_prefix.py", "tests/test_perturbation_ids_triton.py", "tests/test_noise_norm.py"]
 GPU_BUDGET_S = 480  # the whole GPU suite on one H100/H200
+MODES = ("quick", "full", "dry", "gpu")  # the columns of the stage table below
 
 
-def gpu_stages(out: Path, dry_run: bool) -> list[Stage]:
-    """The GPU suite's stages; dry_run: each one starts and runs at toy size on the CPU (not GPU figures),
-    with a budget for a shared CPU."""
+def stages(mode: str, device: str, out: Path) -> list[Stage]:
+    """One suite's stages, in order. mode: "quick" (toy sizes on `device`), "full" (the figures on
+    `device`), "gpu" (the GPU suite) or "dry" (the GPU suite's stages at toy size on the CPU, with
+    budgets for a shared CPU). A stage runs in the modes its table row gives arguments for."""
     missing = [t for t in GPU_TESTS if not (REPO_ROOT / t).is_file()]
     if missing:
         raise FileNotFoundError(f"bench/suite.py GPU_TESTS lists test files that do not exist: {missing}")
-
-    def stage(name: str, script: str, toy: list[str], real: list[str], budgets: tuple[int, int],
-              targets: list[Target]) -> Stage:
-        argv = ["-m", "pytest", "-q", "-p", "no:cacheprovider"] if script == "pytest" else [f"bench/{script}"]
-        dev = [] if script in ("pytest", "bench_attention.py") else ["--device", "cpu" if dry_run else "cuda"]
-        return Stage(name, [sys.executable, *argv, *(toy if dry_run else real), *dev,
-                            *([] if script == "pytest" else ["--out-dir", str(out)])],
-                     budgets[0] if dry_run else budgets[1], targets)
-
-    sfx, q, one_b, f = "-quick" if dry_run else "", ["--quick"], ["--random-config", "1b"], "mezo_gpu_suite.json"
-    mezo = ["--tokenizer", "synthetic", "--name", "mezo_gpu_suite"]
-    return [
-        stage("tests", "pytest", ["--collect-only", *GPU_TESTS], GPU_TESTS, (120, 100), []),
-        stage("kernels", "bench_kernels.py", q, [], (120, 40), kernel_targets("kernels" + sfx)),
-        stage("attention", "bench_attention.py", q, [], (120, 60), attention_targets("attention" + sfx)),
-        stage("mezo", "bench_mezo.py", [*q, *mezo, "--scenarios", "cls", "--steps", "1"],
-              [*one_b, *mezo, "--scenarios", "cls,cls_16shot", "--steps", "2", "--warmup", "1"], (300, 150),
-              [Target("MeZO-LoRA step vs reference (1B, B 16)", f, "scenarios.cls.speedup", ">=", 4),
-               Target("  same, >= 512-token shared prompt", f, "scenarios.cls_16shot.speedup", ">=", 10),
-               Target("  vs careful transformers loop", f, "scenarios.cls.speedup_vs_hf_loop"),
-               Target("ZO overhead (step / inference)", f, "scenarios.cls.zo_overhead", "<=", 1.05),
-               Target("peak memory finetune / inference", f, "scenarios.cls.memory.step_vs_inference_peak", "<=", 1.2)]),
-        stage("generate", "bench_generate.py", [*q, "--threads", "1"],
-              [*one_b, "--num-prompts", "64", "--max-tokens", "64", "--repeats", "1"], (180, 60),
-              [generate_target(f"generate_*{sfx}*.json")]),
-        stage("sign", "bench_estimators.py", ["--sign-agreement", *q, "--batch-size", "4"],
-              ["--sign-agreement", *one_b, "--seeds", "32"], (180, 40),
-              [Target("bf16 estimator sign agreement", f"sign_agreement{sfx}_*.json", "figures.bf16_sign_agreement",
-                      ">=", 0.9)]),
-        stage("estimators", "bench_estimators.py", [*q, "--threads", "1"],
-              [*one_b, "--scenario", "cls", "--n", "4", "--batch-size", "16"], (120, 30),
-              [Target("n-SPSA n = 4 step / n = 1 step (B 16)", "estimators_*_quick.json" if dry_run else "estimators_*.json",
-                      "cost_ratio_n_vs_1", "<=", 1.5)]),
+    toy, cuda = mode in ("quick", "dry"), mode == "gpu" or (mode == "full" and device == "cuda")
+    q, one_b, sfx, mz = ["--quick"], ["--random-config", "1b"], "-quick" if toy else "", ["--tokenizer", "synthetic"]
+    mz_json = {"quick": "mezo_quick.json", "full": "mezo_*.json"}.get(mode, "mezo_gpu_suite.json")
+    k, a = f"kernels{sfx}_*.json", f"attention{sfx}_*.json"
+    kernels = [Target("noisy LoRA fused / x@W.T (K=N=4096, M=8192, r 8)", k, "figures.fused_over_plain_r8", "<=", 1.15),
+               Target("noisy LoRA unfused torch / fused (r 8)", k, "figures.unfused_over_fused_r8", ">=", 2.0)]
+    attention = [Target("decode B64 ctx2048 page16: % of copy bandwidth", a, "figures.decode_b64_ctx2048_pct_copy", ">=", 60),
+                 Target("extend 1024 cached + 64 new vs recompute 1088", a, "figures.extend_min_speedup_vs_recompute", ">=", 5)]
+    if mode == "quick":  # the figures a toy run on the torch path has
+        attention = [Target("paged torch decode, ms (B 4, ctx 512)", a, "figures.decode_torch_b4_ctx512_ms")]
+    mezo = [Target("MeZO step: engine vs reference (cls, B 16)", mz_json, "scenarios.cls.speedup", ">=", 4.0 if cuda else 1.5),
+            Target("MeZO step: engine vs careful transformers loop", mz_json, "scenarios.cls.speedup_vs_hf_loop", ">=",
+                   None if cuda else 1.5),
+            *([] if toy else [Target("  same, >= 512-token shared prompt vs reference", mz_json,
+                                     "scenarios.cls_16shot.speedup", ">=", 10.0 if cuda else 5.0)]),
+            *([Target("ZO overhead (step / inference)", mz_json, "scenarios.cls.zo_overhead", "<=", 1.05),
+               Target("peak memory finetune / inference", mz_json, "scenarios.cls.memory.step_vs_inference_peak", "<=",
+                      1.2)] if mode in ("dry", "gpu") else [])]
+    # name, script, arguments (quick, full, dry, gpu; None: not a stage there), budgets s, targets
+    table = [
+        ("tests", "pytest", (None, None, ["--collect-only", *GPU_TESTS], GPU_TESTS), (0, 0, 120, 100), []),
+        ("kernels", "bench_kernels.py", (q, [], q, []), (120, 600, 120, 40), kernels if cuda or toy else []),
+        ("attention", "bench_attention.py", (q, [], q, []), (120, 900, 120, 60), attention if cuda or toy else []),
+        ("mezo", "bench_mezo.py", ([*q, "--scenarios", "cls", "--steps", "1", "--name", "mezo_quick"], [],
+                                   [*q, *mz, "--name", "mezo_gpu_suite", "--scenarios", "cls", "--steps", "1"],
+                                   [*one_b, *mz, "--name", "mezo_gpu_suite", "--scenarios", "cls,cls_16shot",
+                                    "--steps", "2", "--warmup", "1"]), (240, 7200, 300, 150), mezo),
+        ("generate", "bench_generate.py", ([*q, "--threads", "1"], [], [*q, "--threads", "1"],
+                                           [*one_b, "--num-prompts", "64", "--max-tokens", "64", "--repeats", "1"]),
+         (180, 3600, 180, 60), [Target("generation: engine / transformers tok/s", f"generate_*{sfx}*.json",
+                                       "ratio_engine_over_transformers", ">=", 1.0 if mode == "full" and not cuda else 3.0)]),
+        ("sign", "bench_estimators.py", (None, None, ["--sign-agreement", *q, "--batch-size", "4"],
+                                         ["--sign-agreement", *one_b, "--seeds", "32"]), (0, 0, 180, 40),
+         [Target("bf16 estimator sign agreement", f"sign_agreement{sfx}_*.json", "figures.bf16_sign_agreement", ">=", 0.9)]),
+        ("estimators", "bench_estimators.py", (None, None, [*q, "--threads", "1"],
+                                               [*one_b, "--scenario", "cls", "--n", "4", "--batch-size", "16"]),
+         (0, 0, 120, 30), [Target("n-SPSA n = 4 step / n = 1 step (B 16)",
+                                  "estimators_*_quick.json" if toy else "estimators_*.json", "cost_ratio_n_vs_1", "<=", 1.5)]),
     ]
+    i, dev = MODES.index(mode), {"dry": "cpu", "gpu": "cuda"}.get(mode, device)
+    out_stages = []
+    for name, script, args, budgets, targets in table:
+        if args[i] is None:
+            continue
+        head = ["-m", "pytest", "-q", "-p", "no:cacheprovider"] if script == "pytest" else [f"bench/{script}"]
+        tail = [] if script == "pytest" else (["--out-dir", str(out)] if script == "bench_attention.py" else
+                                              ["--device", dev, "--out-dir", str(out)])
+        out_stages.append(Stage(name, [sys.executable, *head, *args[i], *tail], budgets[i], targets))
+    return out_stages
 
 
 def preflight(gpu: bool, dry_run: bool) -> list[str]:
@@ -275,8 +244,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     inside = (REPO_ROOT / "bench" / "results").is_dir() and (REPO_ROOT / ".git").exists()
     out = (args.out or (REPO_ROOT / "bench" / "results" if inside else Path.cwd() / "bench-results")).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    assert sum(s.budget_s for s in gpu_stages(out, False)) <= GPU_BUDGET_S, "GPU stage budgets exceed 8 minutes"
-    todo = select(gpu_stages(out, dry) if gpu else stages(device, args.quick, out), args.only)
+    assert sum(s.budget_s for s in stages("gpu", "cuda", out)) <= GPU_BUDGET_S, "GPU stage budgets exceed 8 minutes"
+    mode = ("dry" if dry else "gpu") if gpu else ("quick" if args.quick else "full")
+    todo = select(stages(mode, device, out), args.only)
     notes = preflight(gpu, dry)
     for n in notes:
         print("note:", n, flush=True)
@@ -284,7 +254,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     argv = argv[1:] if argv[:1] == ["bench"] else argv  # as `mezo-engine bench ...`: the suite's own arguments
     t0 = time.perf_counter()
     results = run_stages(todo, out, progress=not args.no_progress)
-    table, rows = summary(todo, results, out, judge=not dry)
+    table, rows = summary(todo, results, out, judge=mode in ("full", "gpu"))
     if dry:
         table = "DRY RUN (toy sizes on the CPU: these are not GPU figures)\n" + table
     wall = time.perf_counter() - t0
