@@ -82,29 +82,33 @@ def measure(impls: dict[str, Callable[[], torch.Tensor]], dev: str, error: Calla
     return rows
 
 
-def decode_case(args, dev: str, bsz: int, ctx: int, gen) -> list[dict]:
-    h, hkv, d, dtype = args.heads, args.kv_heads, args.head_dim, args.dtype
-    scale = d ** -0.5
-    q = torch.randn(bsz, h, d, dtype=dtype, device=dev)
-    k = torch.randn(bsz, ctx, hkv, d, dtype=dtype, device=dev)
+def build_case(args, dev: str, bsz: int, q_len: int, kv_len: int, gen) -> tuple:
+    """q [B, q_len, H, D], k/v [B, kv_len, Hkv, D]; their paged copies (page size --page-size, and 256
+    when flash-attn is present, else None); contiguous [B, H, L, D] copies of q, k, v for SDPA."""
+    q = torch.randn(bsz, q_len, args.heads, args.head_dim, dtype=args.dtype, device=dev)
+    k = torch.randn(bsz, kv_len, args.kv_heads, args.head_dim, dtype=args.dtype, device=dev)
     v = torch.randn_like(k)
-    k_pool, v_pool, pt = paged_copy(k, v, args.page_size, gen)
-    seq_lens = torch.full((bsz,), ctx, dtype=torch.int32, device=dev)
-    kc, vc, qc = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(), q[:, :, None]
-    kv_bytes = 2 * bsz * ctx * hkv * d * k.element_size()
+    paged256 = paged_copy(k, v, 256, gen) if flash_attn_available() else None
+    return q, k, v, paged_copy(k, v, args.page_size, gen), paged256, [t.transpose(1, 2).contiguous() for t in (q, k, v)]
+
+
+def decode_case(args, dev: str, bsz: int, ctx: int, gen) -> list[dict]:
+    scale = args.head_dim ** -0.5
+    q4, k, v, paged, paged256, (qc, kc, vc) = build_case(args, dev, bsz, 1, ctx, gen)
+    q, seq_lens = q4[:, 0], torch.full((bsz,), ctx, dtype=torch.int32, device=dev)
+    kv_bytes = 2 * k.numel() * k.element_size()
     impls: dict[str, Callable[[], torch.Tensor]] = {"sdpa_contiguous": lambda: sdpa(qc, kc, vc, scale)[:, :, 0]}
     if dev == "cuda":
-        impls["triton_paged"] = lambda: decode_attention_triton(q, k_pool, v_pool, pt, seq_lens, scale,
-                                                                max_seq_len=ctx)
+        impls["triton_paged"] = lambda: decode_attention_triton(q, *paged, seq_lens, scale, max_seq_len=ctx)
     else:
-        impls["torch_paged"] = lambda: decode_attention_torch(q, k_pool, v_pool, pt, seq_lens, scale)
-    if flash_attn_available():
+        impls["torch_paged"] = lambda: decode_attention_torch(q, *paged, seq_lens, scale)
+    if paged256 is not None:
         from flash_attn import flash_attn_with_kvcache
         impls["flash_attn_contiguous"] = lambda: flash_attn_with_kvcache(
-            q[:, None], k, v, cache_seqlens=seq_lens, softmax_scale=scale)[:, 0]
-        k256, v256, pt256 = paged_copy(k, v, 256, gen)
-        impls["flash_attn_paged256"] = lambda: decode_attention_flash(q, k256, v256, pt256, seq_lens, scale)
+            q4, k, v, cache_seqlens=seq_lens, softmax_scale=scale)[:, 0]
+        impls["flash_attn_paged256"] = lambda: decode_attention_flash(q, *paged256, seq_lens, scale)
     ref = impls["sdpa_contiguous"]().float()   # errors are relative to SDPA on the same inputs
+
     def figures(name: str, ms: float) -> dict[str, Any]:
         gbps = kv_bytes / (ms * 1e-3) / 1e9
         return {"kv_gbps": gbps, "pct_peak": 100 * gbps / args.peak_gbps if dev == "cuda" else None,
@@ -115,20 +119,15 @@ def decode_case(args, dev: str, bsz: int, ctx: int, gen) -> list[dict]:
 
 
 def extend_case(args, dev: str, bsz: int, prefix: int, new: int, gen) -> list[dict]:
-    h, hkv, d, dtype = args.heads, args.kv_heads, args.head_dim, args.dtype
-    scale, total = d ** -0.5, prefix + new
-    k = torch.randn(bsz, total, hkv, d, dtype=dtype, device=dev)
-    v = torch.randn_like(k)
-    q_all = torch.randn(bsz, total, h, d, dtype=dtype, device=dev)
-    k_pool, v_pool, pt = paged_copy(k, v, args.page_size, gen)
+    h, d, scale, total = args.heads, args.head_dim, args.head_dim ** -0.5, prefix + new
+    q_all, _, _, paged, paged256, (qc, kc, vc) = build_case(args, dev, bsz, total, total, gen)
     q_new = q_all[:, prefix:].reshape(bsz * new, h, d).contiguous()
     qo = torch.arange(0, bsz * new + 1, new, dtype=torch.int32, device=dev)
     pre = torch.full((bsz,), prefix, dtype=torch.int32, device=dev)
-    qc, kc, vc = (t.transpose(1, 2).contiguous() for t in (q_all, k, v))
     q_new_c = qc[:, :, prefix:].contiguous()
     # FLOPs actually needed for the new tokens: 2 matmuls x 2 flops over the visible kv.
     flops = 4 * bsz * h * d * sum(prefix + i + 1 for i in range(new))
-    ref = extend_attention_torch(q_new.float(), k_pool.float(), v_pool.float(), pt, qo, pre, scale)
+    ref = extend_attention_torch(q_new.float(), paged[0].float(), paged[1].float(), paged[2], qo, pre, scale)
     impls: dict[str, Callable[[], torch.Tensor]] = {
         "sdpa_recompute_all": lambda: sdpa(qc, kc, vc, scale, is_causal=True)[:, :, prefix:],
     }
@@ -139,13 +138,11 @@ def extend_case(args, dev: str, bsz: int, prefix: int, new: int, gen) -> list[di
     except ImportError:
         pass
     if dev == "cuda":
-        impls["triton_paged"] = lambda: extend_attention_triton(q_new, k_pool, v_pool, pt, qo, pre, scale,
-                                                                max_extend_len=new)
+        impls["triton_paged"] = lambda: extend_attention_triton(q_new, *paged, qo, pre, scale, max_extend_len=new)
     else:
-        impls["torch_paged"] = lambda: extend_attention_torch(q_new, k_pool, v_pool, pt, qo, pre, scale)
-    if flash_attn_available():
-        k256, v256, pt256 = paged_copy(k, v, 256, gen)
-        impls["flash_attn_paged256"] = lambda: extend_attention_flash(q_new, k256, v256, pt256, qo, pre, scale)
+        impls["torch_paged"] = lambda: extend_attention_torch(q_new, *paged, qo, pre, scale)
+    if paged256 is not None:
+        impls["flash_attn_paged256"] = lambda: extend_attention_flash(q_new, *paged256, qo, pre, scale)
     base = {}
 
     def figures(name: str, ms: float) -> dict[str, Any]:

@@ -41,8 +41,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (DTYPES, loadavg, md_table, random_llama, resolve_standard_args, standard_args,  # noqa: E402
-                          timed, write_results)
+from bench.common import DTYPES, loadavg, md_table, resolve_standard_args, standard_args, timed, write_results  # noqa: E402
+from bench.mezo_workloads import VOCAB, ModelRef, build_hf_model  # noqa: E402
 from engine import Engine, SamplingParams  # noqa: E402
 
 # Random-weight LLaMA shapes (bench.common.LLAMA_SHAPES) with each model's own (vocab, context).
@@ -97,19 +97,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 # -- model and prompts --------------------------------------------------------------------------
 def build_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
-    """(transformers model on the device, tokenizer or None, description)."""
-    from transformers import AutoModelForCausalLM
-
+    """(transformers model on the device, tokenizer or None, description), by mezo_workloads.build_hf_model."""
+    vocab, context = RANDOM_CONFIGS.get(args.random_config, (VOCAB, 8192))
+    model = build_hf_model(ModelRef(args.model, args.random_config, args.dtype, str(args.device), args.seed,
+                                    vocab_size=vocab, context=context))
     if args.random_config is not None:
-        vocab, context = RANDOM_CONFIGS[args.random_config]
-        model = random_llama(args.random_config, vocab, context, args.torch_dtype, args.device, args.seed)
         return model, None, f"random-{args.random_config}"
     from engine.loader import load_tokenizer, resolve_model
 
     source = resolve_model(args.model)
-    kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=args.torch_dtype, **kw)
-    return model.to(args.device).eval(), load_tokenizer(source), source.name
+    return model, load_tokenizer(source), source.name
 
 
 def make_prompts(args: argparse.Namespace, tokenizer: Any, vocab_size: int) -> list[list[int]]:

@@ -80,6 +80,8 @@ class ModelRef:
     device: str
     seed: int = 0
     tokenizer_path: str | None = None
+    vocab_size: int = VOCAB  # random configs only
+    context: int = 8192
 
     @property
     def label(self) -> str:
@@ -201,7 +203,7 @@ def build_hf_model(ref: ModelRef) -> Any:
 
     dtype = ref.torch_dtype
     if ref.random_config is not None:
-        return random_llama(ref.random_config, VOCAB, 8192, dtype, ref.device, ref.seed)
+        return random_llama(ref.random_config, ref.vocab_size, ref.context, dtype, ref.device, ref.seed)
     cache = CACHE_ROOT / f"{hashlib.sha1(ref.model.encode()).hexdigest()[:10]}-{ref.dtype}" / "model.pt"
     if cache.is_file():
         from transformers import CONFIG_MAPPING
@@ -252,12 +254,6 @@ def encode_examples(tok: Any, examples: list) -> list[EncodedExample]:
     """The examples as the engine encodes them (`mezo.objectives.encode` needs only these two of an engine)."""
     like_engine = SimpleNamespace(tokenizer=tok, encode=lambda text: list(tok.encode(text)))
     return [encode(like_engine, ex) for ex in examples]  # type: ignore[arg-type]
-
-
-def _peft_name(engine_key: str) -> str:
-    """'base_model.model.X.lora_A.weight' -> PEFT's parameter name 'base_model.model.X.lora_A.default.weight'."""
-    head, ab, _ = engine_key.rsplit(".", 2)
-    return f"{head}.{ab}.default.weight"
 
 
 def build_baseline(hf: Any, tok: Any, ref: ModelRef, scenario: Scenario, examples: list,

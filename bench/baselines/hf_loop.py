@@ -14,16 +14,14 @@ mean token log-prob; LM = mean token cross-entropy over the batch's targets.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pad_sequence
 
+from bench.baselines.reference_mezo import Encode, pad_rows, tokenize
 from mezo.data import ClassificationExample, LMExample
-
-Encode = Callable[[str], list[int]]
 
 
 @dataclass
@@ -53,36 +51,27 @@ class ScoredBatch:
 
 def build_scored_batch(examples: Sequence[ClassificationExample | LMExample], encode: Encode,
                        encode_continuation: Encode, pad_id: int = 0) -> ScoredBatch:
-    """Tokenize as the engine does: prompt with BOS, continuation without (so scores match)."""
+    """Tokenize as the engine does (`reference_mezo.tokenize`: prompt with BOS, continuation without)."""
     rows: list[list[int]] = []
     row, col, target, seq = [], [], [], []
-    labels, num_options = [], []
+    per_example = tokenize(examples, encode, encode_continuation)
     n_seq = 0
-    for ex in examples:
-        prompt = encode(ex.prompt)
-        if isinstance(ex, ClassificationExample):
-            conts = [encode_continuation(c) for c in ex.candidates]
-            labels.append(ex.label)
-            num_options.append(len(conts))
-            if all(len(c) == 1 for c in conts):  # one row; all candidates read off its last position
-                rows.append(prompt)
-                for c in conts:
-                    row.append(len(rows) - 1), col.append(len(prompt) - 1), target.append(c[0]), seq.append(n_seq)
-                    n_seq += 1
-                continue
-        else:
-            conts = [encode_continuation(ex.target)]
-        for c in conts:
-            rows.append(prompt + c)
-            for j, tok in enumerate(c):
-                row.append(len(rows) - 1), col.append(len(prompt) - 1 + j), target.append(tok), seq.append(n_seq)
+    for ex_rows, label in per_example:
+        one_row = label is not None and all(k == 1 for _, k in ex_rows)  # every candidate off the prompt's last position
+        if one_row:
+            rows.append(ex_rows[0][0][:-1])
+        for ids, k in ex_rows:
+            if not one_row:
+                rows.append(ids)
+            for j in range(len(ids) - k, len(ids)):
+                row.append(len(rows) - 1), col.append(j - 1), target.append(ids[j]), seq.append(n_seq)
             n_seq += 1
-    ids = pad_sequence([torch.tensor(r, dtype=torch.long) for r in rows], batch_first=True, padding_value=pad_id)
-    mask = pad_sequence([torch.ones(len(r), dtype=torch.long) for r in rows], batch_first=True)
-    cls = bool(labels)
+    ids, mask = pad_rows(rows, pad_id)
+    cls = per_example[0][1] is not None
     as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
     return ScoredBatch(ids, mask, as_long(row), as_long(col), as_long(target), as_long(seq), n_seq,
-                       as_long(labels) if cls else None, num_options if cls else None)
+                       as_long([lab for _, lab in per_example]) if cls else None,
+                       [len(r) for r, _ in per_example] if cls else None)
 
 
 def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -37,42 +37,46 @@ class RefBatch:
     num_options: list[int] | None = None
 
 
-def _row(encode: Encode, encode_continuation: Encode | None, prompt: str, cont: str) -> tuple[list[int], int]:
-    if encode_continuation is not None:
-        tail = encode_continuation(cont)
-        return encode(prompt) + tail, len(tail)
-    # MeZO's encode_prompt: tokenize the whole text; the continuation is the length difference.
-    ids = encode(prompt + cont)
-    return ids, len(ids) - len(encode(prompt))
+def tokenize(examples: Sequence[ClassificationExample | LMExample], encode: Encode,
+             encode_continuation: Encode | None = None) -> list[tuple[list[tuple[list[int], int]], int | None]]:
+    """Per example: (its rows, label or None for LM); a row, one per candidate or the LM target, is
+    (token ids, k continuation tokens at the end). Prompt and continuation are tokenized separately
+    with ``encode_continuation`` (no BOS), as an engine that caches prompt KV must; without it as MeZO's
+    ``encode_prompt``: the whole text, k the length difference. ValueError: mixed kinds, k outside [1, length)."""
+    if len({type(ex) for ex in examples}) != 1:
+        raise ValueError(f"a batch must hold one kind of example, got {sorted({type(ex).__name__ for ex in examples})}")
+    out, i = [], 0
+    for ex in examples:
+        cls, rows = isinstance(ex, ClassificationExample), []
+        for cont in ex.candidates if cls else [ex.target]:
+            tail = encode_continuation(cont) if encode_continuation is not None else None
+            ids = encode(ex.prompt) + tail if tail is not None else encode(ex.prompt + cont)
+            k = len(tail) if tail is not None else len(ids) - len(encode(ex.prompt))
+            if k < 1 or k >= len(ids):
+                raise ValueError(f"row {i}: continuation is {k} tokens of {len(ids)}; need 1 <= k < length")
+            rows.append((ids, k))
+            i += 1
+        out.append((rows, ex.label if cls else None))
+    return out
+
+
+def pad_rows(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded [rows, width] int64 token ids and the 0/1 attention mask."""
+    ids = pad_sequence([torch.tensor(r, dtype=torch.long) for r in rows], batch_first=True, padding_value=pad_id)
+    return ids, pad_sequence([torch.ones(len(r), dtype=torch.long) for r in rows], batch_first=True)
 
 
 def build_batch(examples: Sequence[ClassificationExample | LMExample], encode: Encode, pad_id: int = 0,
                 encode_continuation: Encode | None = None) -> RefBatch:
-    """Tokenize examples into a ``RefBatch``. ``encode`` maps text to ids (e.g. an HF tokenizer's
-    ``encode``, BOS included); pass ``encode_continuation`` (no BOS) to tokenize prompt and
-    continuation separately, as an engine that caches prompt KV must."""
-    rows: list[tuple[list[int], int]] = []
-    labels: list[int] = []
-    num_options: list[int] = []
-    kinds = {type(ex) for ex in examples}
-    if len(kinds) != 1:
-        raise ValueError(f"a batch must hold one kind of example, got {sorted(k.__name__ for k in kinds)}")
-    for ex in examples:
-        if isinstance(ex, ClassificationExample):
-            rows += [_row(encode, encode_continuation, ex.prompt, c) for c in ex.candidates]
-            labels.append(ex.label)
-            num_options.append(len(ex.candidates))
-        else:
-            rows.append(_row(encode, encode_continuation, ex.prompt, ex.target))
-    for i, (ids, k) in enumerate(rows):
-        if k < 1 or k >= len(ids):
-            raise ValueError(f"row {i}: continuation is {k} tokens of {len(ids)}; need 1 <= k < length")
-    input_ids = pad_sequence([torch.tensor(ids, dtype=torch.long) for ids, _ in rows], batch_first=True,
-                             padding_value=pad_id)
-    mask = pad_sequence([torch.ones(len(ids), dtype=torch.long) for ids, _ in rows], batch_first=True)
-    cls = isinstance(examples[0], ClassificationExample)
+    """Tokenize examples (``tokenize``) into a ``RefBatch``: one row per candidate. ``encode`` maps text
+    to ids (e.g. an HF tokenizer's ``encode``, BOS included)."""
+    per_example = tokenize(examples, encode, encode_continuation)
+    rows = [row for ex_rows, _ in per_example for row in ex_rows]
+    input_ids, mask = pad_rows([ids for ids, _ in rows], pad_id)
+    cls = per_example[0][1] is not None
     return RefBatch(input_ids, mask, [len(ids) for ids, _ in rows], [k for _, k in rows],
-                    torch.tensor(labels) if cls else None, num_options if cls else None)
+                    torch.tensor([lab for _, lab in per_example]) if cls else None,
+                    [len(r) for r, _ in per_example] if cls else None)
 
 
 def _target_logprobs(model: torch.nn.Module, batch: RefBatch) -> tuple[torch.Tensor, torch.Tensor]:
