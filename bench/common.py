@@ -83,18 +83,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def device_name(device: str | torch.device) -> str:
-    dev = resolve_device(device)
-    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model()
-
-
-def device_slug(device: str | torch.device) -> str:
-    """'cpu' for any CPU (the machine details live inside the results), else the GPU name's slug
-    ('NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3')."""
-    dev = resolve_device(device)
-    return "cpu" if dev.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", device_name(dev).lower()).strip("-")
-
-
 def loadavg() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -222,41 +210,32 @@ def timed(fn: Callable[[], Any], device: str | torch.device) -> tuple[Any, float
 
 
 # -- results --------------------------------------------------------------------------------------------
-def package_versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__}
-    for pkg in ("triton", "transformers", "peft"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def run_metadata(device: str | torch.device, script: str | Path, argv: Sequence[str] | None) -> dict[str, Any]:
     """What every result file carries: how to reproduce it and where it ran."""
+    from importlib.metadata import PackageNotFoundError, version
+
     dev = resolve_device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model()
     status = _git("status", "--porcelain", "--untracked-files=no")
     meta = {"command": command_line(script, argv),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "commit": _git("rev-parse", "--short", "HEAD") or None, "dirty_tree": None if status is None else bool(status),
-            "device": str(dev), "device_name": device_name(dev), "device_slug": device_slug(dev),
+            "device": str(dev), "device_name": name,  # slug: 'cpu', or 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'
+            "device_slug": "cpu" if dev.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"),
             "cpu_model": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "platform": platform.platform(), "loadavg": loadavg(), **package_versions()}
+            "platform": platform.platform(), "loadavg": loadavg(), "python": platform.python_version(),
+            "torch": torch.__version__}
+    for pkg in ("triton", "transformers", "peft"):
+        try:
+            meta[pkg] = version(pkg)
+        except PackageNotFoundError:
+            meta[pkg] = None
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
         meta.update(gpu_name=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
                     cuda=torch.version.cuda, gpu_count=torch.cuda.device_count())
     return meta
-
-
-def metadata_markdown(meta: dict[str, Any]) -> str:
-    versions = ", ".join(f"{k} {meta.get(k)}" for k in ("torch", "triton", "transformers", "peft", "python"))
-    dirty = " (uncommitted changes)" if meta.get("dirty_tree") else ""
-    return (f"`{meta['command']}`\n\n{meta['date']}; commit {meta['commit']}{dirty}; {meta['device_name']} "
-            f"({meta['device']}, {meta['torch_threads']} torch threads); load average {meta['loadavg']}; {versions}")
 
 
 def write_results(name: str, payload: dict[str, Any], markdown: str, *, title: str, device: str | torch.device,
@@ -272,5 +251,9 @@ def write_results(name: str, payload: dict[str, Any], markdown: str, *, title: s
     stem = stem or f"{name}_{meta['device_slug']}{variant}"
     jpath, mpath = out / f"{stem}.json", out / f"{stem}.md"
     jpath.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    mpath.write_text(f"# {title}\n\n{metadata_markdown(meta)}\n\n{markdown.strip()}\n")
+    versions = ", ".join(f"{k} {meta.get(k)}" for k in ("torch", "triton", "transformers", "peft", "python"))
+    mpath.write_text(f"# {title}\n\n`{meta['command']}`\n\n{meta['date']}; commit {meta['commit']}"
+                     f"{' (uncommitted changes)' if meta.get('dirty_tree') else ''}; {meta['device_name']} ({meta['device']}, "
+                     f"{meta['torch_threads']} torch threads); load average {meta['loadavg']}; {versions}\n\n"
+                     f"{markdown.strip()}\n")
     return jpath, mpath
