@@ -218,7 +218,7 @@ class DistributedMeZOTrainer(MeZOTrainer):
         tokens_before = self.engine.runner.tokens_computed
         error: Exception | None = None
         try:
-            per_branch = self.run_plan(shard, plan, offset=lo)  # per_example ids: global example index
+            per_branch = self.run_plan(shard, plan, range(lo, hi))  # per_example ids: global example index
             for b, reqs in enumerate(per_branch):
                 slots[b, lo:hi] = self.example_losses(shard, reqs).to(buf.device, torch.float64)
         except Exception as err:  # noqa: BLE001 - re-raised below, on every rank

@@ -160,31 +160,37 @@ class MeZOTrainer:
         finally:
             self.engine.cache.reset()  # failed step or not
 
-    def plan_requests(self, encoded: list[EncodedExample], plan: LaunchPlan, offset: int = 0) -> list[list[list]]:
+    def plan_requests(self, encoded: list[EncodedExample], plan: LaunchPlan,
+                      indices: Sequence[int] | None = None) -> list[list[list]]:
         """Per branch, per example, the requests of `encoded` under that branch (sign, perturbation id
-        and namespace), branches in plan order (grouped by perturbation id). ``offset``: the global
-        batch index of encoded[0] (a data-parallel shard), which names per_example perturbations."""
+        and namespace), branches in plan order (grouped by perturbation id). ``indices``: the global
+        batch index of each of `encoded` (a data-parallel shard; None: 0, 1, ...), which names its
+        per_example perturbation. ValueError for indices of another length."""
+        indices = range(len(encoded)) if indices is None else list(indices)
+        if len(indices) != len(encoded):
+            raise ValueError(f"plan_requests: {len(indices)} indices for {len(encoded)} examples")
         out = []
         for b, (_, sign) in enumerate(plan.branches):
             groups = []
-            for j, ex in enumerate(encoded):
-                namespace = plan.namespace(b, offset + j)
+            for i, ex in zip(indices, encoded):
+                namespace = plan.namespace(b, i)
                 if self.config.objective in ("accuracy", "f1"):
                     group = [generation_request(self.engine, ex, sign, namespace, self.config.max_new_tokens)]
                 else:
                     group = scoring_requests(self.engine, ex, sign, namespace)
                 for req in group:
-                    req.perturbation_id = plan.perturbation_id(b, offset + j)
+                    req.perturbation_id = plan.perturbation_id(b, i)
                 groups.append(group)
             out.append(groups)
         return out
 
-    def run_plan(self, encoded: list[EncodedExample], plan: LaunchPlan, offset: int = 0) -> list[list[list]]:
+    def run_plan(self, encoded: list[EncodedExample], plan: LaunchPlan,
+                 indices: Sequence[int] | None = None) -> list[list[list]]:
         """Run every branch of `plan` over `encoded` as one set of requests (one launch per prefix
         depth); returns `plan_requests`' groups, finished. ValueError (before anything runs) when the
-        branches' KV does not fit the pool. The caller resets the cache afterwards. ``offset`` as in
+        branches' KV does not fit the pool. The caller resets the cache afterwards. ``indices`` as in
         `plan_requests`."""
-        per_branch = self.plan_requests(encoded, plan, offset)
+        per_branch = self.plan_requests(encoded, plan, indices)
         check_kv_budget(self.engine, per_branch, self.config, plan.per_example)
         self.engine.run_requests([r for groups in per_branch for g in groups for r in g], perturbation=plan.table)
         return per_branch
