@@ -192,7 +192,11 @@ class MeZOTrainer:
         `plan_requests`."""
         per_branch = self.plan_requests(encoded, plan, indices)
         check_kv_budget(self.engine, per_branch, self.config, plan.per_example)
-        self.engine.run_requests([r for groups in per_branch for g in groups for r in g], perturbation=plan.table)
+        if plan.per_example:  # rows grouped by perturbation id (example i's + and − rows together): denser tiles
+            reqs = [r for j in range(len(encoded)) for groups in per_branch for r in groups[j]]
+        else:
+            reqs = [r for groups in per_branch for g in groups for r in g]
+        self.engine.run_requests(reqs, perturbation=plan.table)
         return per_branch
 
     def _encoded(self, examples) -> list[EncodedExample]:
