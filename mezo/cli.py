@@ -22,8 +22,11 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eps", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--n-spsa", type=int, default=None, help="perturbations per step (all in one launch)")
-    p.add_argument("--estimator", default=None, choices=["spsa", "one_sided"],
-                   help="spsa: MeZO's n-SPSA; one_sided: FZOO's batched one-sided estimate")
+    p.add_argument("--estimator", default=None, choices=["spsa", "one_sided", "per_example"],
+                   help="spsa: MeZO's n-SPSA; one_sided: FZOO's batched one-sided estimate; per_example: "
+                        "GRZO, one perturbation per example of the batch")
+    p.add_argument("--no-group-relative", dest="per_example_group_relative", action="store_false", default=None,
+                   help="per_example: plain per-example SPSA instead of GRZO's group-relative (std) scaling")
     p.add_argument("--one-sided-std-scaling", action="store_true", default=None,
                    help="one_sided: divide the step by the std of the perturbed losses (FZOO)")
     p.add_argument("--normalize-perturbations", action="store_true", default=None, help="perturb by z/||z||")
@@ -46,7 +49,8 @@ def build_config(args: argparse.Namespace):
 
     overrides = dict(DEMO_OVERRIDES) if args.demo else {}
     for field in ("steps", "lr", "eps", "batch_size", "n_spsa", "objective", "eval_size", "eval_every",
-                  "checkpoint_every", "seed", "estimator", "one_sided_std_scaling", "normalize_perturbations"):
+                  "checkpoint_every", "seed", "estimator", "one_sided_std_scaling", "normalize_perturbations",
+                  "per_example_group_relative"):
         value = getattr(args, field)
         if value is not None:
             overrides[field] = value

@@ -20,7 +20,8 @@ SCHEDULES = ("constant", "linear", "cosine")
 MODES = ("lora", "full")
 OBJECTIVES = ("classification", "lm", "accuracy", "f1")
 DTYPES = ("float32", "bfloat16", "float16")
-ESTIMATORS = ("spsa", "one_sided")  # mezo/estimators.py implements them
+ESTIMATORS = ("spsa", "one_sided", "per_example")  # mezo/estimators.py implements them
+MAX_PER_EXAMPLE_BATCH = 2**10  # per_example: one sample seed per example, k < 2**10 (mezo/seeds.py)
 
 
 def _is_int(v: Any) -> bool:
@@ -68,6 +69,7 @@ class MeZOConfig:
     one_sided_std_scaling: bool = False
     one_sided_std_floor: float = 1e-6
     normalize_perturbations: bool = False
+    per_example_group_relative: bool = True
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -98,7 +100,7 @@ class MeZOConfig:
                 raise bad(name, f"must be one of {choices}")
         if self.estimator not in ESTIMATORS:
             raise bad("estimator", f"unknown estimator; choose one of {ESTIMATORS}")
-        for name in ("one_sided_std_scaling", "normalize_perturbations"):
+        for name in ("one_sided_std_scaling", "normalize_perturbations", "per_example_group_relative"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be True or False")
         if not _is_real(self.one_sided_std_floor) or self.one_sided_std_floor <= 0:
@@ -107,6 +109,17 @@ class MeZOConfig:
             raise bad("one_sided_std_scaling", f"needs estimator='one_sided' and n_spsa >= 2 (the std of the "
                                                f"perturbed losses), got estimator={self.estimator!r}, "
                                                f"n_spsa={self.n_spsa}")
+        if self.estimator == "per_example":
+            if self.n_spsa != 1:
+                raise bad("n_spsa", "must be 1 with estimator='per_example' (each example of the batch is one "
+                                    "perturbation: the step draws batch_size of them)")
+            if self.batch_size > MAX_PER_EXAMPLE_BATCH:
+                raise bad("batch_size", f"must be <= {MAX_PER_EXAMPLE_BATCH} with estimator='per_example' (one "
+                                        f"noise seed per example; seeds are distinct for samples < 2**10)")
+            if self.per_example_group_relative and self.batch_size < 2:
+                raise bad("batch_size", "must be >= 2 with estimator='per_example' and "
+                                        "per_example_group_relative=True (GRZO divides by the std over the batch); "
+                                        "set per_example_group_relative=False for plain per-example SPSA")
         if self.objective in ("accuracy", "f1") and self.max_new_tokens < 1:
             raise bad("max_new_tokens", f"must be >= 1 for the generation objective {self.objective!r}")
 

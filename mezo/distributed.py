@@ -200,8 +200,9 @@ class DistributedMeZOTrainer(MeZOTrainer):
 
     # -- the step's one collective ----------------------------------------------------------------
     def launch_losses(self, encoded: list[EncodedExample], plan: LaunchPlan) -> torch.Tensor:
-        """Every branch's batch-mean loss over the GLOBAL batch: this rank runs all branches of its
-        shard in one launch, then one all_reduce gathers the per-example losses of every branch."""
+        """Every branch's batch-mean loss over the GLOBAL batch (per_example plans: the per-example
+        losses [branches, batch]): this rank runs all branches of its shard in one launch, then one
+        all_reduce gathers the per-example losses of every branch."""
         branches, batch = len(plan.branches), len(encoded)
         if batch < self.ctx.world_size:
             raise ValueError(f"a batch of {batch} examples cannot be sharded over {self.ctx.world_size} ranks")
@@ -217,7 +218,7 @@ class DistributedMeZOTrainer(MeZOTrainer):
         tokens_before = self.engine.runner.tokens_computed
         error: Exception | None = None
         try:
-            per_branch = self.run_plan(shard, plan)
+            per_branch = self.run_plan(shard, plan, range(lo, hi))  # per_example ids: global example index
             for b, reqs in enumerate(per_branch):
                 slots[b, lo:hi] = self.example_losses(shard, reqs).to(buf.device, torch.float64)
         except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
@@ -247,6 +248,8 @@ class DistributedMeZOTrainer(MeZOTrainer):
         # the batch mean as `MeZOTrainer._batch_loss` takes it: fp32 mean of fp32 losses; float64 for scores
         mean = (slots.sum(dim=-1) / batch).float() if self.config.objective in ("accuracy", "f1") \
             else slots.float().mean(dim=-1)
+        if plan.per_example:  # the estimator takes the per-example losses, as on one process
+            mean = slots.float()
         losses = torch.where((tail[2] == 0) & count_ok, mean, nan)
         return losses.to(self.engine.device)
 

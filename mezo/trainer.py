@@ -15,7 +15,7 @@ from kernels import derive_seed, randn, zo_update_many_
 from kernels.noise_cache import clear_noise_cache, prefetch_step_noise, set_noise_cache_limit
 from kernels.noise_norm import perturbation_norms
 
-from .config import MeZOConfig
+from .config import MAX_PER_EXAMPLE_BATCH, MeZOConfig
 from .data import ClassificationExample, LMExample, load_examples
 from .estimators import LaunchPlan, check_kv_budget, estimate, launch_plan
 from .seeds import step_seed  # noqa: F401  (re-exported: mezo.trainer.step_seed)
@@ -77,7 +77,8 @@ class MeZOTrainer:
     """Zeroth-order training of the engine's trainable tensors (LoRA by default).
 
     A step draws n sample seeds and runs every branch its estimator needs (n-SPSA: ±εz_k for each
-    k; one_sided: +εz_k for each k and the unperturbed model) as ONE set of engine requests
+    k; one_sided: +εz_k for each k and the unperturbed model; per_example: ±εz_i for example i of
+    the batch, B seeds) as ONE set of engine requests
     (per-sequence perturbation id and sign; within a branch the examples share their common prompt
     KV through the radix cache, namespaced by (seed, sign)), forms the estimate on the device
     (mezo/estimators.py) and applies p ← p − lr·(Σ_k c_k z_k + wd·p) with the in-place kernel that
@@ -100,12 +101,14 @@ class MeZOTrainer:
     # -- noise ------------------------------------------------------------------------------
     def noise_memo_budget(self) -> int:
         """Bytes the CPU path may keep of a step's z between its launches and the update: a twentieth
-        of the weights' bytes, or all of the step's z (n_spsa float32 copies of the trainable tensors)
-        when that is at most a tenth of them — so LoRA keeps every perturbation's z at any n_spsa a
+        of the weights' bytes, or all of the step's z (n_spsa float32 copies of the trainable tensors;
+        batch_size of them for per_example) when that is at most a tenth of them — so LoRA keeps every perturbation's z at any n_spsa a
         step can hold, while full-parameter mode keeps part and regenerates the rest and the step
         stays near the memory of inference (MeZO's point)."""
         weights = sum(p.numel() * p.element_size() for p in self.engine.model.parameters())
-        step_z = self.config.n_spsa * 4 * sum(p.numel() for p in self.params.values())
+        cfg = self.config
+        perturbations = cfg.batch_size if cfg.estimator == "per_example" else cfg.n_spsa
+        step_z = perturbations * 4 * sum(p.numel() for p in self.params.values())
         return max(weights // 20, step_z if step_z <= weights // 10 else 0)
 
     def noise(self, seed: int) -> dict[str, torch.Tensor]:
@@ -141,11 +144,15 @@ class MeZOTrainer:
 
     def launch_losses(self, encoded: list[EncodedExample], plan: LaunchPlan) -> torch.Tensor:
         """Batch-mean loss of every branch of `plan` (fp32 [len(plan.branches)], on the device), all
-        branches in ONE run of requests. The hook that data-parallel training (mezo/distributed.py)
-        overrides. The prefix cache is reset afterwards: KV under perturbed weights is never reused."""
+        branches in ONE run of requests; for a per_example plan the per-example losses instead (fp32
+        [len(plan.branches), len(encoded)]). The hook that data-parallel training
+        (mezo/distributed.py) overrides. The prefix cache is reset afterwards: KV under perturbed
+        weights is never reused."""
         try:
             # run_requests aborts its requests and resets the perturbation itself if it raises
             per_branch = self.run_plan(encoded, plan)
+            if plan.per_example:
+                return torch.stack([self.example_losses(encoded, reqs).float() for reqs in per_branch])
             return torch.stack([self._batch_loss(encoded, reqs) for reqs in per_branch])
         except BaseException:
             clear_noise_cache()  # nothing of the failed step (its z) outlives it
@@ -153,30 +160,43 @@ class MeZOTrainer:
         finally:
             self.engine.cache.reset()  # failed step or not
 
-    def plan_requests(self, encoded: list[EncodedExample], plan: LaunchPlan) -> list[list[list]]:
+    def plan_requests(self, encoded: list[EncodedExample], plan: LaunchPlan,
+                      indices: Sequence[int] | None = None) -> list[list[list]]:
         """Per branch, per example, the requests of `encoded` under that branch (sign, perturbation id
-        and the branch's namespace), branches in plan order (grouped by perturbation id)."""
+        and namespace), branches in plan order (grouped by perturbation id). ``indices``: the global
+        batch index of each of `encoded` (a data-parallel shard; None: 0, 1, ...), which names its
+        per_example perturbation. ValueError for indices of another length."""
+        indices = range(len(encoded)) if indices is None else list(indices)
+        if len(indices) != len(encoded):
+            raise ValueError(f"plan_requests: {len(indices)} indices for {len(encoded)} examples")
         out = []
-        for b, (pid, sign) in enumerate(plan.branches):
-            namespace = plan.namespace(b)
-            if self.config.objective in ("accuracy", "f1"):
-                groups = [[generation_request(self.engine, ex, sign, namespace, self.config.max_new_tokens)]
-                          for ex in encoded]
-            else:
-                groups = [scoring_requests(self.engine, ex, sign, namespace) for ex in encoded]
-            for group in groups:
+        for b, (_, sign) in enumerate(plan.branches):
+            groups = []
+            for i, ex in zip(indices, encoded):
+                namespace = plan.namespace(b, i)
+                if self.config.objective in ("accuracy", "f1"):
+                    group = [generation_request(self.engine, ex, sign, namespace, self.config.max_new_tokens)]
+                else:
+                    group = scoring_requests(self.engine, ex, sign, namespace)
                 for req in group:
-                    req.perturbation_id = pid
+                    req.perturbation_id = plan.perturbation_id(b, i)
+                groups.append(group)
             out.append(groups)
         return out
 
-    def run_plan(self, encoded: list[EncodedExample], plan: LaunchPlan) -> list[list[list]]:
+    def run_plan(self, encoded: list[EncodedExample], plan: LaunchPlan,
+                 indices: Sequence[int] | None = None) -> list[list[list]]:
         """Run every branch of `plan` over `encoded` as one set of requests (one launch per prefix
         depth); returns `plan_requests`' groups, finished. ValueError (before anything runs) when the
-        branches' KV does not fit the pool. The caller resets the cache afterwards."""
-        per_branch = self.plan_requests(encoded, plan)
-        check_kv_budget(self.engine, per_branch, self.config)
-        self.engine.run_requests([r for groups in per_branch for g in groups for r in g], perturbation=plan.table)
+        branches' KV does not fit the pool. The caller resets the cache afterwards. ``indices`` as in
+        `plan_requests`."""
+        per_branch = self.plan_requests(encoded, plan, indices)
+        check_kv_budget(self.engine, per_branch, self.config, plan.per_example)
+        if plan.per_example:  # rows grouped by perturbation id (example i's + and − rows together): denser tiles
+            reqs = [r for j in range(len(encoded)) for groups in per_branch for r in groups[j]]
+        else:
+            reqs = [r for groups in per_branch for g in groups for r in g]
+        self.engine.run_requests(reqs, perturbation=plan.table)
         return per_branch
 
     def _encoded(self, examples) -> list[EncodedExample]:
@@ -214,14 +234,18 @@ class MeZOTrainer:
         The record holds what replays the step (`mezo.finetune.replay_trajectory`): the sample
         seeds, the update ``coefficients`` given to `apply_update`, the ``estimator``, the per-branch
         losses (launch order: spsa (k, +), (k, −) for each k; one_sided (k, +) for each k, then the
-        unperturbed copy) and, when normalized, ``norms`` (‖z_k‖).
+        unperturbed copy; per_example: ℓ_i(θ+εz_i) for every example i, then ℓ_i(θ−εz_i)) and, when
+        normalized, ``norms`` (‖z_k‖). per_example: one seed per example of the batch,
+        ``projected_grad`` the per-example δ_i/(2ε). ValueError for a per_example batch of more than
+        1024 examples, or of fewer than 2 with group-relative scaling.
         """
         cfg = self.config
         if self._torn_update is not None:
             raise RuntimeError(self._torn_update)
         encoded = self._encoded(examples)
         tokens_before = self.engine.runner.tokens_computed
-        seeds = [step_seed(cfg.seed, self.step_count, k) for k in range(cfg.n_spsa)]
+        n = self.perturbation_count(len(encoded))
+        seeds = [step_seed(cfg.seed, self.step_count, k) for k in range(n)]
         if self.engine.kernels == "torch":  # the torch path reads z from the memo: fill it in one batched pass
             prefetch_step_noise(seeds, list(self.params.values()))
         norms = norm_values = None
@@ -230,13 +254,12 @@ class MeZOTrainer:
             norm_values = norms.tolist()  # the launch takes ε/‖z_k‖ as scalars: a second host read
         plan = launch_plan(cfg.estimator, seeds, cfg.eps, norm_values)
         losses = self.launch_losses(encoded, plan)
-        est = estimate(cfg.estimator, losses, cfg.n_spsa, cfg.eps, norms, cfg.one_sided_std_scaling,
-                       cfg.one_sided_std_floor)
+        est = estimate(cfg.estimator, losses, n, cfg.eps, norms, cfg.one_sided_std_scaling,
+                       cfg.one_sided_std_floor, cfg.per_example_group_relative)
         lr = cfg.lr_at(self.step_count)
-        n = cfg.n_spsa
         # the step's one host sync: the logged loss, projected gradients, coefficients and losses together
         values = torch.cat([est.loss.reshape(1).float(), est.projected_grad.float(), est.coefficients.float(),
-                            losses.float()]).tolist()
+                            losses.float().reshape(-1)]).tolist()
         loss_value, g_values, coeffs, branch_values = values[0], values[1:1 + n], values[1 + n:1 + 2 * n], values[1 + 2 * n:]
         finite = all(math.isfinite(v) for v in (loss_value, *g_values, *coeffs))
         record = {"step": self.step_count, "seeds": seeds, "projected_grad": g_values, "lr": lr,
@@ -257,6 +280,18 @@ class MeZOTrainer:
                     f"lower lr ({cfg.lr}) or eps ({cfg.eps})")
         self.step_count += 1
         return record
+
+    def perturbation_count(self, batch: int) -> int:
+        """Perturbations of a step on `batch` examples: n_spsa, or one per example for per_example
+        (ValueError when the batch breaks the config's per_example limits)."""
+        cfg = self.config
+        if cfg.estimator != "per_example":
+            return cfg.n_spsa
+        if batch > MAX_PER_EXAMPLE_BATCH or (cfg.per_example_group_relative and batch < 2):
+            low = 2 if cfg.per_example_group_relative else 1
+            raise ValueError(f"estimator='per_example' needs a batch of {low}..{MAX_PER_EXAMPLE_BATCH} examples "
+                             f"(one perturbation each{', GRZO std over the batch' if low == 2 else ''}), got {batch}")
+        return batch
 
     def apply_update(self, seeds: Sequence[int], grads: torch.Tensor, lr: float,
                      tensor_seed: Callable[[int, int], int] = derive_seed) -> None:

@@ -4,7 +4,7 @@
 
 The environment is what torchrun sets; JOB.json names the data, the tokenizer directory (see
 mezo_finetune_worker.py), and a list of scenarios run one after the other in the same process group:
-{"name", "out", "mode", "steps", "batch_size", "crash_at" (raise on every rank when that step starts),
+{"name", "out", "mode", "steps", "batch_size", "config" (MeZOConfig overrides), "crash_at" (raise on every rank when that step starts),
 "alter_rank" (that rank adds 1e-3 to one trainable tensor after step 0), "eval" (JSONL or null)}.
 Every rank writes REPORT-<rank>.json: per scenario its status (ok or the error) and the collectives it
 made, in order, with "<step>"/"</step>" around each MeZO step.
@@ -24,12 +24,14 @@ COLLECTIVES = ("all_reduce", "broadcast", "broadcast_object_list", "all_gather",
                "reduce", "gather", "scatter", "barrier", "all_to_all")
 
 
-def dist_config(mode: str, steps: int, batch_size: int):
-    """The one config every distributed test (and its single-process reference) uses."""
+def dist_config(mode: str, steps: int, batch_size: int, **extra):
+    """The one config every distributed test (and its single-process reference) uses; `extra`
+    overrides fields (a scenario's "config", e.g. another estimator)."""
     from mezo import MeZOConfig
 
-    return MeZOConfig(lr=1e-2 if mode == "lora" else 1e-3, eps=1e-2, steps=steps, batch_size=batch_size,
-                      checkpoint_every=2, eval_every=2, eval_size=None, seed=3, mode=mode)
+    return MeZOConfig(**{"lr": 1e-2 if mode == "lora" else 1e-3, "eps": 1e-2, "steps": steps,
+                         "batch_size": batch_size, "checkpoint_every": 2, "eval_every": 2, "eval_size": None,
+                         "seed": 3, "mode": mode, **extra})
 
 
 def install_hooks(events: list[str], scenario: dict, rank: int) -> None:
@@ -103,7 +105,7 @@ def main() -> int:
             report[sc["name"]] = agree_scenario(sc["agree_fail_rank"], rank)
             continue
         engine, _, _ = mezo_fixtures.tiny_text_engine()
-        config = dist_config(sc["mode"], sc["steps"], sc["batch_size"])
+        config = dist_config(sc["mode"], sc["steps"], sc["batch_size"], **sc.get("config", {}))
         try:
             result = engine.finetune(job["data"], sc.get("eval"), config, out_dir=sc["out"], progress=False)
             status = {"ok": True, "resumed_from": result.resumed_from, "evals": result.evals,

@@ -51,7 +51,7 @@ def _assert_close(a: dict, b: dict, atol: float = 1e-6) -> None:
 
 
 def _single(data: Path, eval_path: Path | None, out: Path, mode: str, crash_at: int | None = None,
-            monkeypatch=None):
+            monkeypatch=None, **extra):
     """The single-process run (no process group) of the same config, optionally crashing at a step."""
     engine = make_engine()
     if crash_at is not None:
@@ -67,8 +67,8 @@ def _single(data: Path, eval_path: Path | None, out: Path, mode: str, crash_at: 
             engine.finetune(str(data), None, dist_config(mode, STEPS, BATCH), out_dir=out, progress=False)
         monkeypatch.setattr(MeZOTrainer, "step", step)
         return None
-    return engine.finetune(str(data), str(eval_path) if eval_path else None, dist_config(mode, STEPS, BATCH),
-                           out_dir=out, progress=False)
+    return engine.finetune(str(data), str(eval_path) if eval_path else None,
+                           dist_config(mode, STEPS, BATCH, **extra), out_dir=out, progress=False)
 
 
 def test_shard_range_tiles_the_batch():
@@ -114,7 +114,8 @@ def test_two_ranks_match_one_process(tmp_path, monkeypatch):
     job = {"data": str(data), "tokenizer": str(tok_dir), "report_dir": str(tmp_path), "scenarios": [
         sc("lora2", eval=str(eval_path)), sc("full2", "full"), sc("crash2", crash_at=3),
         {**sc("resume1to2"), "out": str(tmp_path / "crash1")}, sc("guard2", alter_rank=1),
-        sc("toolarge", batch_size=1), sc("loadfail", agree_fail_rank=1)]}
+        sc("toolarge", batch_size=1), sc("loadfail", agree_fail_rank=1),
+        sc("grzo2", config={"estimator": "per_example"})]}
     (tmp_path / "job.json").write_text(json.dumps(job))
     port = _free_port()
     procs = []
@@ -126,18 +127,21 @@ def test_two_ranks_match_one_process(tmp_path, monkeypatch):
     # the single-process references run while the ranks start
     ref_lora = _single(data, eval_path, tmp_path / "lora1", "lora")
     _single(data, None, tmp_path / "full1", "full")
+    _single(data, None, tmp_path / "grzo1", "lora", estimator="per_example")
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(outs)
     reports = [json.loads((tmp_path / f"REPORT-{r}.json").read_text()) for r in range(2)]
     rep = reports[0]
 
-    # 1. LoRA and full mode: the same tensors and trajectory as one process; the same evaluations
-    for name, ref in (("lora2", "lora1"), ("full2", "full1")):
+    # 1. LoRA and full mode, and per-example perturbations (rank 1's examples 3, 4 perturbed by the
+    # global batch's z_3, z_4): the same tensors and trajectory as one process; the same evaluations
+    for name, ref in (("lora2", "lora1"), ("full2", "full1"), ("grzo2", "grzo1")):
         assert all(r[name]["ok"] for r in reports), [r[name] for r in reports]
         _assert_close(_trainable(tmp_path / name), _trainable(tmp_path / ref))
         got, want = (TrajectoryLog(tmp_path / d / "trajectory.jsonl").read() for d in (name, ref))
         assert [(r.step, r.seed, r.lr) for r in got] == [(r.step, r.seed, r.lr) for r in want] and len(got) == STEPS
         for g, w in zip(got, want):
+            assert g.seeds == w.seeds and len(g.seeds) == (BATCH if name == "grzo2" else 1)
             assert g.projected_grad == pytest.approx(w.projected_grad, rel=1e-5, abs=1e-5)
             assert g.loss == pytest.approx(w.loss, rel=1e-6, abs=1e-6)
     _assert_close(load_file(tmp_path / "lora2" / "adapter" / "adapter_model.safetensors"),
