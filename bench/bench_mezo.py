@@ -32,6 +32,7 @@ Results: bench/results/mezo_<device-slug>.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import multiprocessing as mp
 import statistics
@@ -173,6 +174,9 @@ def run_scenario(key: str, ref: ModelRef, args: argparse.Namespace, sizes: Sizes
         if args.profile:
             res[name]["profile"] = profile_table(lambda: c.run(10**6), args.profile)
     by.clear()  # free the timed contestants before the memory probes build them again
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # (a child's peak is its own; this leaves it the free memory)
     for name, spec in specs.items() if args.memory else ():
         mem = res[name]["memory"] = measure_memory(spec, args.warmup, f"{key}-{name}")
         if "extrapolated_from_examples" in res[name]:

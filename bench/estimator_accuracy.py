@@ -30,11 +30,13 @@ from bench.common import RESULTS_DIR, md_table, write_results  # noqa: E402
 # grzo16: per-example perturbations (GRZO, B = 16 directions in MeZO n = 1's 2B sequences), the std-
 # normalized step scaled to MeZO's: at the initial adapter, over the same 8 batches, lr·‖Σ c_i z_i‖ is
 # 9.09e3·lr (rms; it hardly varies, ‖z‖/(2ε√B)·√(1 + mean²/std²) of δ) and spsa1's lr·|g|·‖z‖ is 0.917
-# (rms) at lr 1e-3, so lr 1.0e-4 (0.1x) matches; grzo16_lr3 takes 3x that.
+# (rms) at lr 1e-3, so lr 1.0e-4 (0.1x) matches; grzo16_lr3 and grzo16_lr10 take 3x and 10x that. spsa1_lr2
+# and spsa1_lr3 give MeZO n = 1 the same larger steps, so a gain is not just a larger lr.
 RUNS: dict[str, tuple[str, int, float, bool]] = {
     "spsa1": ("spsa", 1, 1.0, False), "spsa4": ("spsa", 4, 1.0, False), "one_sided7": ("one_sided", 7, 1.0, False),
     "spsa4_lr4": ("spsa", 4, 4.0, False), "one_sided7_std": ("one_sided", 7, 1e-2, True),
-    "grzo16": ("per_example", 1, 0.1, False), "grzo16_lr3": ("per_example", 1, 0.3, False)}
+    "grzo16": ("per_example", 1, 0.1, False), "grzo16_lr3": ("per_example", 1, 0.3, False),
+    "spsa1_lr2": ("spsa", 1, 2.0, False), "spsa1_lr3": ("spsa", 1, 3.0, False), "grzo16_lr10": ("per_example", 1, 1.0, False)}
 
 
 def sequences_per_example(estimator: str, n: int) -> int:

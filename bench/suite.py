@@ -180,7 +180,7 @@ def stages(mode: str, device: str, out: Path) -> list[Stage]:
         ("kernels", "bench_kernels.py", (q, [], q, []), (120, 600, 120, 40), kernels if cuda or toy else []),
         ("attention", "bench_attention.py", (q, [], q, []), (120, 900, 120, 60), attention if cuda or toy else []),
         ("mezo", "bench_mezo.py", ([*q, "--scenarios", "cls", "--steps", "1", "--name", "mezo_quick"], [],
-                                   [*q, *mz, "--name", "mezo_gpu_suite", "--scenarios", "cls", "--steps", "1"],
+                                   [*q, *mz, "--memory", "--name", "mezo_gpu_suite", "--scenarios", "cls", "--steps", "1"],
                                    [*one_b, *mz, "--name", "mezo_gpu_suite", "--scenarios", "cls,cls_16shot",
                                     "--steps", "2", "--warmup", "1"]), (240, 7200, 300, 150), mezo),
         ("generate", "bench_generate.py", ([*q, "--threads", "1"], [], [*q, "--threads", "1"],

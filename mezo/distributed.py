@@ -246,10 +246,12 @@ class DistributedMeZOTrainer(MeZOTrainer):
         count_ok = tail[1] == batch
         nan = torch.tensor(float("nan"), dtype=torch.float32, device=buf.device)
         # the batch mean as `MeZOTrainer._batch_loss` takes it: fp32 mean of fp32 losses; float64 for scores
-        mean = (slots.sum(dim=-1) / batch).float() if self.config.objective in ("accuracy", "f1") \
-            else slots.float().mean(dim=-1)
         if plan.per_example:  # the estimator takes the per-example losses, as on one process
             mean = slots.float()
+        elif self.config.objective in ("accuracy", "f1"):
+            mean = (slots.sum(dim=-1) / batch).float()
+        else:
+            mean = slots.float().mean(dim=-1)
         losses = torch.where((tail[2] == 0) & count_ok, mean, nan)
         return losses.to(self.engine.device)
 

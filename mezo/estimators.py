@@ -89,6 +89,21 @@ class Estimate:
     loss: torch.Tensor
 
 
+# GRZO divides by the spread s of the δ_i, which vanishes when every example moves the same way (all
+# δ_i equal: a 0/±1 accuracy or F1 loss flipping together, or a tiny batch), and then a_i = δ_i/ϵ is an
+# enormous step. s is therefore held at >= this fraction of rms(δ) (so |a_i| <= √B / fraction). With
+# independent z_i, mean(δ) is about rms(δ)/√B, so the bound binds only when |mean δ| > 0.995 rms(δ):
+# never in an ordinary step. A safeguard of this project, not part of the paper.
+GROUP_SPREAD_MIN_FRACTION = 0.1
+
+
+def group_spread(delta: torch.Tensor) -> torch.Tensor:
+    """GRZO's s for the per-example differences δ [B] (float64): the population std of δ, held at >=
+    GROUP_SPREAD_MIN_FRACTION · rms(δ) (see there). 0 only when every δ_i is 0."""
+    rms = delta.square().mean().sqrt()
+    return torch.maximum(delta.std(correction=0), GROUP_SPREAD_MIN_FRACTION * rms)
+
+
 def estimate(estimator: str, branch_losses: torch.Tensor, n: int, eps: float, norms: torch.Tensor | None = None,
              std_scaling: bool = False, std_floor: float = 1e-6, group_relative: bool = True) -> Estimate:
     """g, update coefficients and the logged loss from the plan's branch losses ([len(branches)] fp32,
@@ -104,7 +119,7 @@ def estimate(estimator: str, branch_losses: torch.Tensor, n: int, eps: float, no
         g = (delta / (2 * eps)).float()
         loss = branch_losses.mean()
         if group_relative:  # GRZO: a_i = δ_i / (s + ϵ), s the population std of δ (not mean-centred)
-            delta = delta / (delta.std(correction=0) + std_floor)
+            delta = delta / (group_spread(delta) + std_floor)
         coeffs = (delta / (2 * eps * n)).float()
     elif estimator == "spsa":
         pm = branch_losses.reshape(n, 2)
@@ -173,8 +188,10 @@ def check_kv_budget(engine, per_branch: list[list[list]], config, per_example: b
     usable = engine.pool.num_usable_pages
     if need > usable:
         shared = "no prefix shared across examples" if per_example else "prefix + suffixes"
+        advice = ("lower batch_size or raise the engine's max_cache_tokens, or use estimator='spsa' (examples "
+                  "then share their prompt's KV)" if per_example else
+                  "lower n_spsa or batch_size, or raise the engine's max_cache_tokens")
         raise ValueError(
             f"one MeZO step needs {need} pages of KV ({len(per_branch)} branches x {per} pages of {page_size} "
             f"tokens: {shared}; estimator={config.estimator!r}, n_spsa={config.n_spsa}) but the KV pool "
-            f"holds {usable} pages ({usable * page_size} tokens); lower n_spsa or batch_size, or raise the "
-            f"engine's max_cache_tokens")
+            f"holds {usable} pages ({usable * page_size} tokens); {advice}")

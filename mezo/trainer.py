@@ -80,7 +80,8 @@ class MeZOTrainer:
     k; one_sided: +εz_k for each k and the unperturbed model; per_example: ±εz_i for example i of
     the batch, B seeds) as ONE set of engine requests
     (per-sequence perturbation id and sign; within a branch the examples share their common prompt
-    KV through the radix cache, namespaced by (seed, sign)), forms the estimate on the device
+    KV through the radix cache, namespaced by (seed, sign); per_example's examples share nothing, each
+    running under its own z_i), forms the estimate on the device
     (mezo/estimators.py) and applies p ← p − lr·(Σ_k c_k z_k + wd·p) with the in-place kernel that
     regenerates z.
     """

@@ -165,6 +165,21 @@ def test_estimate_formula():
     assert plan.namespace(0, 1) != plan.namespace(1, 1) != plan.namespace(1, 2)
 
 
+def test_equal_differences_keep_a_bounded_step():
+    """All δ_i equal (s = 0): GRZO's δ_i/ϵ would be a 1e6-times step; the spread is held at
+    GROUP_SPREAD_MIN_FRACTION · rms(δ), so |a_i| <= 1/fraction; an ordinary δ (spread above the bound)
+    is untouched (test_estimate_formula), and all-zero δ stays a zero step."""
+    from mezo.estimators import GROUP_SPREAD_MIN_FRACTION
+
+    same = torch.tensor([[2.0, 2.0, 2.0, 2.0], [1.0, 1.0, 1.0, 1.0]])
+    est = estimate("per_example", same, 4, 0.01, std_floor=1e-6)
+    a = 1.0 / (GROUP_SPREAD_MIN_FRACTION * 1.0 + 1e-6)
+    assert est.coefficients.tolist() == pytest.approx([a / (2 * 0.01 * 4)] * 4, rel=1e-6)
+    assert max(abs(c) for c in est.coefficients.tolist()) < 1e3  # not 2.5e7
+    zero = estimate("per_example", torch.ones(2, 4), 4, 0.01)
+    assert zero.coefficients.tolist() == [0.0] * 4
+
+
 def test_trajectory_replays(tmp_path):
     from safetensors.torch import load_file
 
