@@ -147,15 +147,17 @@ def worker(args: argparse.Namespace) -> None:
         _file_barrier(Path(args.worker).parent, args.shard[0], args.shard[1])
     agent = os.getppid() if ctx is not None else None
     agent_cpu0 = _cpu_seconds(agent) if agent else None
-    times, records = [], []
+    times, cpu, records = [], [], []
     waits.clear()
     for _ in range(args.steps):
+        c0 = time.process_time()  # CPU this process got: wall - CPU is time it waited (peers, or other work)
         times.append(bench_seconds(lambda: records.append(trainer.step(batch)), engine.device, repeats=1))
+        cpu.append(time.process_time() - c0)
     agent_cpu1 = _cpu_seconds(agent) if agent else None
     record = records[-1]
     rank = args.shard[0] if args.shard is not None else (0 if ctx is None else ctx.rank)
     Path(f"{args.worker}.rank{rank}").write_text(json.dumps({
-        "rank": rank, "core": core, "step_seconds": times, "all_reduce_seconds": waits,
+        "rank": rank, "core": core, "step_seconds": times, "cpu_seconds": cpu, "all_reduce_seconds": waits,
         "tokens_computed_per_step": record["tokens_computed"],
         "examples": len(trainer.shard(batch)) if ctx is not None else len(batch),
         "agent_cpu_s": None if agent_cpu0 is None or agent_cpu1 is None else round(agent_cpu1 - agent_cpu0, 3)}))
@@ -182,6 +184,7 @@ def _summarize_ranks(out: dict, per_rank: list[dict]) -> dict:
         for p in per_rank]
     out["all_reduce_wait_s_per_rank"] = [round(statistics.median(p["all_reduce_seconds"]), 4)
                                          if p["all_reduce_seconds"] else 0.0 for p in per_rank]
+    out["cpu_s_per_rank"] = [round(statistics.median(p["cpu_seconds"]), 3) for p in per_rank]
     out["examples_per_rank"] = [p["examples"] for p in per_rank]
     out["cores"] = [p["core"] for p in per_rank]
     agent = [p["agent_cpu_s"] for p in per_rank if p["agent_cpu_s"] is not None]
@@ -262,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             r = run(args, world, argv)
             r["round"] = rnd
             print(f"round {rnd}, {r['kind']}: {r['steps_per_s']:.3f} steps/s (median step {r['median_step_s']:.3f} s, "
-                  f"compute per process {r['compute_s_per_rank']}, load {loadavg()})", flush=True)
+                  f"compute per process {r['compute_s_per_rank']}, CPU {r['cpu_s_per_rank']}, load {loadavg()})",
+                  flush=True)
             rounds[i].append(r)
     rows = [max(rs, key=lambda r: r["steps_per_s"]) for rs in rounds]
     for r in rows:
@@ -286,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"{rs[0]['kind']} " + " / ".join(f"{r['steps_per_s']:.3f}" for r in rs) for rs in rounds)
              + " steps/s); 1 rank = one process without a process group; "
              f"ceiling = the ranks' shards as independent processes run together, no process group (steps/s = "
-             f"1 / the slowest one's median step). "
+             f"1 / the slowest one's median step). Compute = step minus all_reduce wait; CPU = the process's "
+             f"CPU time in the step (compute well above CPU means it was descheduled: other work on its core). "
              + ("Each process pinned to its own core (os.sched_setaffinity, core = LOCAL_RANK)."
                 if payload["pinned"] else "Processes not pinned."), ""]
     if args.note:
@@ -295,12 +300,14 @@ def main(argv: list[str] | None = None) -> int:
                         f"{r['median_step_s']:.3f}", r["tokens_computed_per_step"],
                         " / ".join(str(e) for e in r["examples_per_rank"]),
                         " / ".join(f"{c:.3f}" for c in r["compute_s_per_rank"]),
+                        " / ".join(f"{c:.3f}" for c in r["cpu_s_per_rank"]),
                         " / ".join(f"{w:.3f}" for w in r["all_reduce_wait_s_per_rank"]),
                         "-" if r["torchrun_agent_cpu_s"] is None else f"{r['torchrun_agent_cpu_s']:.2f}")
                        for r in rows],
                       ["contestant", "backend", "steps/s", "scaling", "median step s",
                        "tokens computed/step (all processes)", "examples per process",
-                       "median compute s/step per process", "median all_reduce wait s per rank",
+                       "median compute s/step per process", "median CPU s/step per process",
+                       "median all_reduce wait s per rank",
                        "torchrun agent CPU s (all timed steps)"])
     if "target" in payload:
         t = payload["target"]
