@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=12, help="timed steps per contestant")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=2,
+    p.add_argument("--rounds", type=int, default=3,
                    help="run every contestant this many times, interleaved; each row is its fastest round "
                         "(the one least disturbed by other work on a shared machine); every round is saved")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="world sizes; 1 = no process group")
