@@ -284,14 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"Load average (1/5/15 min): start {load_start}, end {payload['load_average']['end']}; "
              f"{args.threads} torch thread(s) per process.", "",
              f"Model {payload['model']} ({args.dtype}), opt-lora preset, B = {args.batch_size} BBC headlines "
-             f"(the same global batch for every world size, split over the ranks by tokens); median of "
+             "(the same global batch for every world size, split over the ranks by tokens); median of "
              f"{args.steps} timed steps after {args.warmup} warm-up, the fastest of {args.rounds} interleaved "
-             f"round(s) per contestant (all rounds: " + ", ".join(
+             "round(s) per contestant (all rounds: " + ", ".join(
                  f"{rs[0]['kind']} " + " / ".join(f"{r['steps_per_s']:.3f}" for r in rs) for rs in rounds)
              + " steps/s); 1 rank = one process without a process group; "
-             f"ceiling = the ranks' shards as independent processes run together, no process group (steps/s = "
-             f"1 / the slowest one's median step). Compute = step minus all_reduce wait; CPU = the process's "
-             f"CPU time in the step (compute well above CPU means it was descheduled: other work on its core). "
+             "ceiling = the ranks' shards as independent processes run together, no process group (steps/s = "
+             "1 / the slowest one's median step). Compute = step minus all_reduce wait; CPU = the process's "
+             "CPU time in the step (compute well above CPU means it was descheduled: other work on its core). "
              + ("Each process pinned to its own core (os.sched_setaffinity, core = LOCAL_RANK)."
                 if payload["pinned"] else "Processes not pinned."), ""]
     if args.note:
