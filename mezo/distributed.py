@@ -1,5 +1,5 @@
-"""Data-parallel MeZO on torch.distributed (DESIGN §13): every rank holds the model, takes a contiguous
-shard of each step's global batch, runs every branch of its shard (all perturbations of the step's
+"""Data-parallel MeZO on torch.distributed (DESIGN §13): every rank holds the model, takes a
+shard of each step's global batch (balanced by estimated tokens, mezo/sharding.py), runs every branch of its shard (all perturbations of the step's
 estimator, mezo/estimators.py) in one launch, and ONE all_reduce of a small float64 vector gives every
 rank the same branch losses (hence the same projected gradients); the update, regenerated from the
 shared seeds, is then bit-identical on every rank.
@@ -33,6 +33,7 @@ from kernels.noise_cache import clear_noise_cache
 from .config import MeZOConfig
 from .estimators import LaunchPlan
 from .objectives import EncodedExample, candidate_scores, generation_request, scoring_requests
+from .sharding import balanced_shards, example_tokens, shard_range
 from .trainer import MeZOTrainer
 
 T = TypeVar("T")
@@ -127,14 +128,6 @@ def process_group_from_env(device: str = "auto", backend: str | None = None) -> 
         dist.destroy_process_group()
 
 
-def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[lo, hi) of rank's contiguous shard of n items; sizes differ by at most one (the first
-    n % world_size ranks take one more)."""
-    base, extra = divmod(n, world_size)
-    lo = rank * base + min(rank, extra)
-    return lo, lo + base + (1 if rank < extra else 0)
-
-
 def agree(ctx: DistContext | None, fn: Callable[[], T], what: str) -> T:
     """Run `fn` on every rank and make sure it succeeded everywhere: one all_reduce of a failure
     flag per rank. Raises RankFailedError naming the failed ranks on EVERY rank (chained to the
@@ -198,6 +191,15 @@ class DistributedMeZOTrainer(MeZOTrainer):
         super().__init__(engine, config)
         self.ctx = ctx
 
+    def shard(self, encoded: list[EncodedExample]) -> list[int]:
+        """Ascending indices of this rank's examples of `encoded`: shards balanced by estimated tokens
+        (mezo/sharding.py), the same split on every rank; empty for some ranks only when `encoded` has
+        fewer examples than ranks (evaluation; a step refuses that)."""
+        if len(encoded) < self.ctx.world_size:
+            lo, hi = shard_range(len(encoded), self.ctx.rank, self.ctx.world_size)
+            return list(range(lo, hi))
+        return balanced_shards([example_tokens(ex) for ex in encoded], self.ctx.world_size)[self.ctx.rank]
+
     # -- the step's one collective ----------------------------------------------------------------
     def launch_losses(self, encoded: list[EncodedExample], plan: LaunchPlan) -> torch.Tensor:
         """Every branch's batch-mean loss over the GLOBAL batch (per_example plans: the per-example
@@ -206,8 +208,8 @@ class DistributedMeZOTrainer(MeZOTrainer):
         branches, batch = len(plan.branches), len(encoded)
         if batch < self.ctx.world_size:
             raise ValueError(f"a batch of {batch} examples cannot be sharded over {self.ctx.world_size} ranks")
-        lo, hi = shard_range(batch, self.ctx.rank, self.ctx.world_size)
-        shard = encoded[lo:hi]
+        idx = self.shard(encoded)
+        shard = [encoded[i] for i in idx]
         # slots: [branch, example] losses, then tokens computed, the example count, the non-finite
         # flag, and one failure flag per rank (so a rank whose shard raised never leaves the others
         # waiting in this collective: every rank learns of it and raises)
@@ -218,9 +220,9 @@ class DistributedMeZOTrainer(MeZOTrainer):
         tokens_before = self.engine.runner.tokens_computed
         error: Exception | None = None
         try:
-            per_branch = self.run_plan(shard, plan, range(lo, hi))  # per_example ids: global example index
+            per_branch = self.run_plan(shard, plan, idx)  # per_example ids: global example indices
             for b, reqs in enumerate(per_branch):
-                slots[b, lo:hi] = self.example_losses(shard, reqs).to(buf.device, torch.float64)
+                slots[b, idx] = self.example_losses(shard, reqs).to(buf.device, torch.float64)
         except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
             error = err
         except BaseException:  # an interrupt: torchrun stops every rank anyway
@@ -228,9 +230,9 @@ class DistributedMeZOTrainer(MeZOTrainer):
             raise
         finally:
             self.engine.cache.reset()  # KV under perturbed weights is never reused, failed step or not
-        local = slots[:, lo:hi]
+        local = slots[:, idx]
         tail[0] = self.engine.runner.tokens_computed - tokens_before
-        tail[1] = hi - lo
+        tail[1] = len(idx)
         tail[2] = (~torch.isfinite(local)).any().to(torch.float64)
         tail[3 + self.ctx.rank] = float(error is not None)
         dist.all_reduce(buf)
@@ -266,8 +268,8 @@ class DistributedMeZOTrainer(MeZOTrainer):
         """Sharded evaluation, gathered with one all_reduce; the same metrics as on one process."""
         encoded = self._encoded(examples)
         total = len(encoded)
-        lo, hi = shard_range(total, self.ctx.rank, self.ctx.world_size)
-        shard = encoded[lo:hi]
+        idx = self.shard(encoded)
+        shard = [encoded[i] for i in idx]
         objective = self.config.objective
         buf = torch.zeros(2, total, dtype=torch.float64, device=self.ctx.comm_device)  # [value, correct]
         if shard:
@@ -279,9 +281,9 @@ class DistributedMeZOTrainer(MeZOTrainer):
                 reqs = [scoring_requests(self.engine, ex, 0.0, namespace) for ex in shard]
             self.engine.run_requests([r for group in reqs for r in group])
             losses = self.example_losses(shard, reqs).to(buf.device, torch.float64)
-            buf[0, lo:hi] = -losses if objective in ("accuracy", "f1") else losses  # scores, or losses
+            buf[0, idx] = -losses if objective in ("accuracy", "f1") else losses  # scores, or losses
             if objective == "classification":
-                buf[1, lo:hi] = torch.tensor([float(int(candidate_scores(ex, r).argmax()) == ex.label)
+                buf[1, idx] = torch.tensor([float(int(candidate_scores(ex, r).argmax()) == ex.label)
                                               for ex, r in zip(shard, reqs)], dtype=torch.float64)
         dist.all_reduce(buf)
         values = buf.cpu()
