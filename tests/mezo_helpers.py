@@ -117,3 +117,18 @@ def peft_adapter(path, **lora_config):
                 p.normal_(0, 0.05)
     model.save_pretrained(path)
     return model
+
+
+def assert_replays(out_dir, records, config) -> None:
+    """A finetune run in `out_dir` moved its adapter, and replaying its trajectory `records` from the
+    initial checkpoint on a fresh engine gives the saved adapter within 1e-6."""
+    from safetensors.torch import load_file
+
+    from mezo import replay_trajectory
+
+    initial = load_file(out_dir / "checkpoints" / "initial.safetensors")
+    replayed = replay_trajectory(make_engine(), initial, records, config)
+    final = load_file(out_dir / "adapter" / "adapter_model.safetensors")
+    assert any(not torch.equal(final[k], initial[k]) for k in final)
+    for k in final:
+        torch.testing.assert_close(replayed[k], final[k], rtol=0, atol=1e-6)

@@ -14,12 +14,12 @@ import math
 import pytest
 import torch
 
-from mezo import ClassificationExample, MeZOConfig, MeZOTrainer, finetune, replay_trajectory
+from mezo import ClassificationExample, MeZOConfig, MeZOTrainer, finetune
 from mezo.checkpoint import TrajectoryLog
 from mezo.estimators import estimate, launch_plan, trie_tokens
 from mezo.seeds import step_seed
 from mezo_fixtures import FEW_SHOT, HEADLINES
-from mezo_helpers import make_engine, randomize_lora_b, snapshot
+from mezo_helpers import assert_replays, make_engine, randomize_lora_b, snapshot
 
 REL = 1e-5
 CANDS = [" business", " entertainment", " politics", " sport", " tech"]  # one token each
@@ -181,8 +181,6 @@ def test_equal_differences_keep_a_bounded_step():
 
 
 def test_trajectory_replays(tmp_path):
-    from safetensors.torch import load_file
-
     config = MeZOConfig(lr=1e-3, eps=1e-2, steps=3, batch_size=3, checkpoint_every=3, seed=3, estimator="per_example")
     train = [{"prompt": f"Headline: {h}\nTopic:", "candidates": CANDS, "label": i % 5}
              for i, h in enumerate(HEADLINES[:4])]
@@ -190,12 +188,7 @@ def test_trajectory_replays(tmp_path):
     records = TrajectoryLog(tmp_path / "trajectory.jsonl").read()
     assert [r.estimator for r in records] == ["per_example"] * 3
     assert all(len(r.seeds) == len(r.coefficients) == 3 and len(r.branch_losses) == 6 for r in records)
-    initial = load_file(tmp_path / "checkpoints" / "initial.safetensors")
-    replayed = replay_trajectory(make_engine(), initial, records, config)
-    final = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
-    assert any(not torch.equal(final[k], initial[k]) for k in final)
-    for k in final:
-        torch.testing.assert_close(replayed[k], final[k], rtol=0, atol=1e-6)
+    assert_replays(tmp_path, records, config)
 
 
 def test_a_step_syncs_once():

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from engine.forward_batch import PerturbationTable
-from mezo import ClassificationExample, MeZOConfig, MeZOTrainer, finetune, replay_trajectory
+from mezo import ClassificationExample, MeZOConfig, MeZOTrainer, finetune
 from mezo.checkpoint import TrajectoryLog
 from mezo.estimators import LaunchPlan, branch_kv_pages, launch_plan, trie_tokens
 from mezo.seeds import step_seed
 from mezo_fixtures import FEW_SHOT, HEADLINES
-from mezo_helpers import make_engine, randomize_lora_b, snapshot
+from mezo_helpers import assert_replays, make_engine, randomize_lora_b, snapshot
 
 REL = 1e-5
 CANDS = [" business", " entertainment", " politics", " sport", " tech"]  # one token each
@@ -196,8 +196,6 @@ ESTIMATOR_CASES = [dict(estimator="spsa", n_spsa=2), dict(estimator="spsa", n_sp
 
 @pytest.mark.parametrize("cfg", ESTIMATOR_CASES, ids=["nspsa", "nspsa-normalized", "one-sided-std"])
 def test_trajectory_replays_every_estimator(cfg, tmp_path):
-    from safetensors.torch import load_file
-
     config = MeZOConfig(lr=1e-2, eps=1e-2, steps=3, batch_size=2, checkpoint_every=3, seed=3, **cfg)
     train = [{"prompt": f"Headline: {h}\nTopic:", "candidates": CANDS, "label": i % 5}
              for i, h in enumerate(HEADLINES[:4])]
@@ -208,12 +206,7 @@ def test_trajectory_replays_every_estimator(cfg, tmp_path):
     assert all((r.norms is not None) == cfg.get("normalize_perturbations", False) for r in records)
     if cfg["estimator"] == "one_sided":  # std scaling: the coefficients are not the projected gradients
         assert all(r.coefficients != pytest.approx(r.projected_grad) for r in records)
-    initial = load_file(tmp_path / "checkpoints" / "initial.safetensors")
-    replayed = replay_trajectory(make_engine(), initial, records, config)
-    final = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
-    assert any(not torch.equal(final[k], initial[k]) for k in final)
-    for k in final:
-        torch.testing.assert_close(replayed[k], final[k], rtol=0, atol=1e-6)
+    assert_replays(tmp_path, records, config)
 
 
 def test_a_four_perturbation_step_syncs_once():
