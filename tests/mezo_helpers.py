@@ -132,3 +132,16 @@ def assert_replays(out_dir, records, config) -> None:
     assert any(not torch.equal(final[k], initial[k]) for k in final)
     for k in final:
         torch.testing.assert_close(replayed[k], final[k], rtol=0, atol=1e-6)
+
+
+def assert_step_refused(trainer, encoded, match: str) -> None:
+    """trainer.step(encoded) raises ValueError matching `match` before anything runs: no forward pass,
+    no step counted, the trainable tensors untouched."""
+    import pytest
+
+    engine = trainer.engine
+    before, passes = snapshot(engine), engine.runner.forward_passes
+    with pytest.raises(ValueError, match=match):
+        trainer.step(encoded)
+    assert engine.runner.forward_passes == passes and trainer.step_count == 0
+    assert all(torch.equal(v, before[k]) for k, v in engine.trainable_parameters().items())
