@@ -55,9 +55,12 @@ def train_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     steps = args.budget // per_step
     cfg = MeZOConfig.preset("opt-lora", lr=args.lr * lr_scale, eps=args.eps, steps=steps, batch_size=args.batch_size,
                             estimator=estimator, n_spsa=n, one_sided_std_scaling=std_scaling,
-                            eval_every=max(1, steps // 4), eval_size=args.eval_size)
+                            eval_every=max(1, steps // 4), eval_size=args.eval_size,
+                            **({} if args.seed is None else {"seed": args.seed}))
     engine = Engine(args.model, device="cpu", dtype="float32")
     result = finetune(engine, "bbc_news", "bbc_news", cfg, progress=not args.no_progress)
+    if args.seed is not None:  # a repeat with another seed (batches and perturbations): its own row
+        name = f"{name}-seed{args.seed}"
     run = {"name": name, "estimator": estimator, "n": n, "lr": cfg.lr, "std_scaling": std_scaling, "steps": steps,
            "sequences_per_step": per_step,
            "seconds": result.seconds, "threads": torch.get_num_threads(),
@@ -119,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--run-dir", default="runs/estimator_accuracy", help="per-run JSON files")
     ap.add_argument("--no-report", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--seed", type=int, default=None, help="training seed (default: the preset's); saved as <run>-seed<N>")
     ap.add_argument("--note", default="", help="provenance of the saved runs, printed above the table")
     args = ap.parse_args(argv)
     names = [] if args.runs == "none" else args.runs.split(",")
@@ -127,8 +131,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             ap.error(f"--runs: unknown run {name!r}; choices {list(RUNS)}")
         train_one(name, args)
     if not args.no_report:
-        saved = [json.loads(p.read_text()) for p in sorted(Path(args.run_dir).glob("*.json")) if p.stem in RUNS]
-        report(sorted(saved, key=lambda r: list(RUNS).index(r["name"])), args, argv)
+        saved = [json.loads(p.read_text()) for p in sorted(Path(args.run_dir).glob("*.json"))
+                 if p.stem.split("-seed")[0] in RUNS]
+        report(sorted(saved, key=lambda r: (list(RUNS).index(r["name"].split("-seed")[0]), r["name"])), args, argv)
 
 
 if __name__ == "__main__":
