@@ -105,8 +105,9 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace, argv: Sequence[
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in runs:
-        ax.plot([c["sequences"] for c in r["curve"]], [c["accuracy"] for c in r["curve"]], marker="o", label=r["name"])
+    for i, r in enumerate(runs):  # tab20: distinct colours for more than 10 runs
+        ax.plot([c["sequences"] for c in r["curve"]], [c["accuracy"] for c in r["curve"]], marker="o", label=r["name"],
+                color=plt.cm.tab20.colors[i % 20])
     ax.set(xlabel="sequence forwards", ylabel="held-out accuracy", title="BBC headlines, SmolLM2-135M MeZO-LoRA")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
