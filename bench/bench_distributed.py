@@ -275,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "distributed", "load_average": {"start": load_start, "end": loadavg()},
         "model": args.random_config and f"random-{args.random_config}" or args.model, "dtype": args.dtype,
         "batch_size": args.batch_size, "threads_per_process": args.threads, "timed_steps": args.steps,
-        "warmup_steps": args.warmup, "rounds": args.rounds, "all_rounds": rounds, "pinned": args.pin and args.device == "cpu", "note": args.note, "results": rows,
+        "warmup_steps": args.warmup, "rounds": args.rounds, "all_rounds": rounds,
+        "pinned": args.pin and args.device == "cpu", "note": args.note, "results": rows,
     }
     two = next((r for r in rows if r["world_size"] == 2 and r["backend"] is not None), None)
     if two is not None and rows[0]["world_size"] == 1:

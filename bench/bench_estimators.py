@@ -42,7 +42,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--scenario", default=None, choices=["cls", "cls_16shot"],
                     help="bench_mezo's workload: headlines alone, or behind a shared 16-shot prompt (default; --quick cls)")
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per side (default 3; --quick 1)")
-    ap.add_argument("--sign-agreement", action="store_true", help="bf16 vs fp32 sign of g instead (scenario cls, n = 1; --kernels/--mode/--n/--repeats unused)")
+    ap.add_argument("--sign-agreement", action="store_true",
+                    help="bf16 vs fp32 sign of g instead (scenario cls, n = 1; --kernels/--mode/--n/--repeats unused)")
     ap.add_argument("--seeds", type=int, default=None, help="--sign-agreement: step seeds (default 64; --quick 4)")
     args = ap.parse_args(argv)
     if args.sign_agreement and args.scenario is None:

@@ -103,9 +103,9 @@ class MeZOTrainer:
     def noise_memo_budget(self) -> int:
         """Bytes the CPU path may keep of a step's z between its launches and the update: a twentieth
         of the weights' bytes, or all of the step's z (n_spsa float32 copies of the trainable tensors;
-        batch_size of them for per_example) when that is at most a tenth of them — so LoRA keeps every perturbation's z at any n_spsa a
-        step can hold, while full-parameter mode keeps part and regenerates the rest and the step
-        stays near the memory of inference (MeZO's point)."""
+        batch_size of them for per_example) when that is at most a tenth of them — so LoRA keeps every
+        perturbation's z at any n_spsa a step can hold, while full-parameter mode keeps part and
+        regenerates the rest and the step stays near the memory of inference (MeZO's point)."""
         weights = sum(p.numel() * p.element_size() for p in self.engine.model.parameters())
         cfg = self.config
         perturbations = cfg.batch_size if cfg.estimator == "per_example" else cfg.n_spsa
