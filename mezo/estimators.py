@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.forward_batch import PerturbationTable
+from engine.radix_cache import common_prefix_len
 
 from .config import ESTIMATORS
 
@@ -145,12 +146,8 @@ def trie_tokens(sequences: list[list[int]]) -> int:
     seqs = sorted(sequences)
     total = sum(len(s) for s in seqs)
     for a, b in zip(seqs, seqs[1:]):
-        total -= next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        total -= common_prefix_len(a, b)
     return total
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def branch_kv_pages(reqs: list, page_size: int) -> int:
@@ -167,7 +164,7 @@ def branch_kv_pages(reqs: list, page_size: int) -> int:
     reqs = sorted(reqs, key=lambda r: r.prompt_ids)
     pages = sum(-(-max(r.max_total_tokens(), len(r.prompt_ids)) // page_size) for r in reqs)
     for a, b in zip(reqs, reqs[1:]):
-        pages -= min(_common_prefix(a.prompt_ids, b.prompt_ids), limit(a), limit(b)) // page_size
+        pages -= min(common_prefix_len(a.prompt_ids, b.prompt_ids), limit(a), limit(b)) // page_size
     return pages
 
 
