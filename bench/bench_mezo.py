@@ -208,7 +208,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ref = ModelRef(args.model, args.random_config, args.dtype, str(args.device), tokenizer_path=args.tokenizer)
     sizes = Sizes(args.batch_size, args.shots, *args.lm_tokens)
     load = {"start": loadavg()}
-    build_hf_model(ref)  # one GGUF conversion, cached for every contestant and memory probe
+    if ref.random_config is None:  # one GGUF conversion, cached for every contestant and memory probe
+        build_hf_model(ref)
     setup_s = time.perf_counter() - t_start
     meta = run_metadata(args.device, __file__, argv)  # taken now: the run's start
     payload: dict[str, Any] = {

@@ -145,3 +145,20 @@ def assert_step_refused(trainer, encoded, match: str) -> None:
         trainer.step(encoded)
     assert engine.runner.forward_passes == passes and trainer.step_count == 0
     assert all(torch.equal(v, before[k]) for k, v in engine.trainable_parameters().items())
+
+
+TOPICS = [" business", " entertainment", " politics", " sport", " tech"]  # BBC topics, one token each
+
+
+def perturbation_trainer(mode: str, kernels: str = "torch", **cfg):
+    """A MeZOTrainer on a fresh tiny engine with the perturbation tests' settings (eps 1e-2 / lr 1e-3
+    for LoRA, 1e-3 / 1e-5 for full; seed 7; `cfg` overrides), LoRA B randomized so z_B matters."""
+    from mezo import MeZOConfig, MeZOTrainer
+
+    engine = make_engine(kernels=kernels)
+    cfg = {"mode": mode, "eps": 1e-2 if mode == "lora" else 1e-3, "lr": 1e-3 if mode == "lora" else 1e-5,
+           "seed": 7, **cfg}
+    trainer = MeZOTrainer(engine, MeZOConfig(**cfg))
+    if mode == "lora":
+        randomize_lora_b(engine)
+    return trainer

@@ -19,25 +19,20 @@ from mezo.checkpoint import TrajectoryLog
 from mezo.estimators import estimate, launch_plan, trie_tokens
 from mezo.seeds import step_seed
 from mezo_fixtures import FEW_SHOT, HEADLINES
-from mezo_helpers import assert_replays, assert_step_refused, make_engine, randomize_lora_b, snapshot
+from mezo_helpers import (TOPICS, assert_replays, assert_step_refused, classification_examples, make_engine,
+                          perturbation_trainer, snapshot)
 
 REL = 1e-5
-CANDS = [" business", " entertainment", " politics", " sport", " tech"]  # one token each
+CANDS = TOPICS
 FLOOR = 1e-6  # MeZOConfig.one_sided_std_floor's default: GRZO's ϵ
 
 
 def _examples(n: int = 3, prefix: str = FEW_SHOT) -> list[ClassificationExample]:
-    return [ClassificationExample(f"{prefix}Headline: {h}\nTopic:", CANDS, i % 5) for i, h in enumerate(HEADLINES[:n])]
+    return classification_examples(prefix, CANDS, n)
 
 
 def _trainer(mode: str, kernels: str = "torch", **cfg) -> MeZOTrainer:
-    engine = make_engine(kernels=kernels)
-    cfg = {"mode": mode, "eps": 1e-2 if mode == "lora" else 1e-3, "lr": 1e-3 if mode == "lora" else 1e-5,
-           "seed": 7, "estimator": "per_example", "batch_size": 3, **cfg}
-    trainer = MeZOTrainer(engine, MeZOConfig(**cfg))
-    if mode == "lora":
-        randomize_lora_b(engine)
-    return trainer
+    return perturbation_trainer(mode, kernels, **{"estimator": "per_example", "batch_size": 3, **cfg})
 
 
 _REF: dict[str, MeZOTrainer] = {}

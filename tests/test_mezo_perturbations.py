@@ -19,26 +19,20 @@ from mezo.checkpoint import TrajectoryLog
 from mezo.estimators import LaunchPlan, branch_kv_pages, launch_plan, trie_tokens
 from mezo.seeds import step_seed
 from mezo_fixtures import FEW_SHOT, HEADLINES
-from mezo_helpers import assert_replays, assert_step_refused, make_engine, randomize_lora_b, snapshot
+from mezo_helpers import (TOPICS, assert_replays, assert_step_refused, classification_examples, make_engine,
+                          perturbation_trainer, snapshot)
 
 REL = 1e-5
-CANDS = [" business", " entertainment", " politics", " sport", " tech"]  # one token each
+CANDS = TOPICS
 SEEDS = [1001, 2002, 3003, 4004]
 EPS = [1e-2, 2e-2, 5e-3, 1.5e-2]
 
 
 def _examples(n: int = 3) -> list[ClassificationExample]:
-    return [ClassificationExample(f"{FEW_SHOT}Headline: {h}\nTopic:", CANDS, i % 5) for i, h in enumerate(HEADLINES[:n])]
+    return classification_examples(FEW_SHOT, CANDS, n)
 
 
-def _trainer(mode: str, kernels: str = "torch", **cfg) -> MeZOTrainer:
-    engine = make_engine(kernels=kernels)
-    cfg = {"mode": mode, "eps": 1e-2 if mode == "lora" else 1e-3, "lr": 1e-3 if mode == "lora" else 1e-5,
-           "seed": 7, **cfg}
-    trainer = MeZOTrainer(engine, MeZOConfig(**cfg))
-    if mode == "lora":
-        randomize_lora_b(engine)
-    return trainer
+_trainer = perturbation_trainer
 
 
 def _bound(encoded) -> int:
