@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 import torch
 
+from kernels._device import host_to_device
+
 
 @dataclass(frozen=True)
 class PerturbationTable:
@@ -79,7 +81,7 @@ class Perturbation:
                 if sign != 0:
                     buckets[pid].append(row)
             device = self.token_signs.device
-            self._rows = [torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True) for rows in buckets]
+            self._rows = [host_to_device(torch.tensor(rows, dtype=torch.int64), device) for rows in buckets]
         return self._rows
 
     @property

@@ -30,6 +30,12 @@ _cache_bytes = 0
 _limit_bytes = DEFAULT_LIMIT_BYTES
 
 
+def _key(seed: int, numel: int, device: torch.device) -> tuple[int, int, str]:
+    """The memo's key, shared by `cached_randn` and `prefetch_noise` so a prefetch is always found: keyed
+    by element count, since z depends only on the flat index."""
+    return int(seed), int(numel), str(device)
+
+
 def cached_randn(seed: int, shape: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
     """`randn(seed, shape)` (offset 0), memoized by (seed, numel, device) while the memo has room.
     The returned tensor may be shared: never modify it in place."""
@@ -39,7 +45,7 @@ def cached_randn(seed: int, shape: Sequence[int], device: torch.device | str | N
     numel = 1
     for s in shape:
         numel *= s
-    key = (int(seed), numel, str(dev))  # keyed by element count: z depends only on the flat index
+    key = _key(seed, numel, dev)
     hit = _cache.get(key)
     if hit is not None:
         return hit.view(shape)
@@ -66,7 +72,7 @@ def prefetch_noise(seeds: Sequence[int], numels: Sequence[int], device: torch.de
     taken: set[tuple[int, int, str]] = set()
     room = _limit_bytes - _cache_bytes
     for seed, numel in zip(seeds, numels):
-        key = (int(seed), int(numel), str(dev))
+        key = _key(seed, numel, dev)
         if key[1] < 0:
             raise ValueError(f"prefetch_noise: numels must be >= 0, got {key[1]}")
         if key in _cache or key in taken or key[1] * 4 > room:
