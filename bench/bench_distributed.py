@@ -6,17 +6,16 @@
 
 Each contestant is a fresh set of processes (`torchrun --nproc-per-node N`, each with --threads torch
 threads); rank 0 times `trainer.step` on the global batch after warm-up steps. On CPU each process is
-pinned to its own core (os.sched_setaffinity to core LOCAL_RANK, what a careful user of a shared box does;
---no-pin turns it off): the single process to core 0, rank r to core r.
+pinned to its own core (os.sched_setaffinity to core LOCAL_RANK, what a careful user of a shared box
+does; --no-pin turns it off).
 
-The "ceiling" row (--ceiling, on by default with 2+ ranks): the same shards (mezo/sharding.py) run as
-independent single processes, started together without a process group and pinned like the ranks,
-each timing plain MeZO steps on its shard; its steps/s is 1 / the slowest process's median step. That is
-what perfect communication would give, so "2 ranks" vs "ceiling" isolates the cost of the process
-group, and "ceiling" vs "1 rank" what the hardware (shared memory bandwidth, the fixed per-step work
-every process repeats) allows.
+The "ceiling" row (on by default with 2+ ranks on CPU): the same shards (mezo/sharding.py) as
+independent single processes started together, no process group, pinned like the ranks; its steps/s
+is 1 / the slowest process's median step, what perfect communication would give. So "2 ranks" vs
+"ceiling" isolates the cost of the process group, and "ceiling" vs "1 rank" what the hardware (shared
+memory bandwidth, the fixed per-step work every process repeats) allows.
 
-Writes bench/results/distributed_<device>.json and .md (machine, commit, command, date, load average).
+Writes bench/results/distributed_<device>.json and .md.
 """
 from __future__ import annotations
 
@@ -31,19 +30,16 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the checkout importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import bench_seconds, loadavg, md_table, write_results  # noqa: E402
-from bench.mezo_workloads import ModelRef, build_hf_model, encode_examples, kv_tokens_needed, load_tokenizer  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import bench_seconds, loadavg, md_table, resolve_standard_args, standard_args, write_results  # noqa: E402
+from bench.mezo_workloads import (SCENARIOS, ModelRef, Sizes, build_engine, build_examples,  # noqa: E402
+                                  build_hf_model, load_tokenizer)
 
 TARGET_SCALING = 1.8
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m", help="built-in model (ignored with --random-config)")
-    p.add_argument("--random-config", default=None, help="a random-weight shape of bench.common.LLAMA_SHAPES (GPU runs)")
+    p = standard_args(__doc__)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=12, help="timed steps per contestant")
     p.add_argument("--warmup", type=int, default=2)
@@ -51,24 +47,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run every contestant this many times, interleaved; each row is its fastest round "
                         "(the one least disturbed by other work on a shared machine); every round is saved")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="world sizes; 1 = no process group")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
     p.add_argument("--backend", default=None, choices=["gloo", "nccl"])
-    p.add_argument("--out", default=None, help="results directory (default bench/results)")
     p.add_argument("--note", default="")
     p.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin each process to its own core")
     p.add_argument("--no-ceiling", dest="ceiling", action="store_false",
                    help="skip the independent-processes ceiling row")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: result file of rank 0
+    p.set_defaults(device="cpu")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: where the ranks write
     p.add_argument("--shard", type=int, nargs=2, default=None, help=argparse.SUPPRESS)  # internal: ceiling (r, n)
-    return p.parse_args(argv)
-
-
-def _model_ref(args: argparse.Namespace, device: str) -> ModelRef:
-    if device.startswith("cuda") and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    return ModelRef(None if args.random_config else args.model, args.random_config, args.dtype, device)
+    args = resolve_standard_args(p.parse_args(argv), {"threads": 1}, {"threads": 1})
+    args.device = str(args.device)
+    return args
 
 
 def _pin(core: int) -> int | None:
@@ -76,9 +65,8 @@ def _pin(core: int) -> int | None:
     if not hasattr(os, "sched_setaffinity"):
         return None
     cores = sorted(os.sched_getaffinity(0))
-    core = cores[core % len(cores)]
-    os.sched_setaffinity(0, {core})
-    return core
+    os.sched_setaffinity(0, {cores[core % len(cores)]})
+    return cores[core % len(cores)]
 
 
 def _cpu_seconds(pid: int) -> float | None:
@@ -107,8 +95,6 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(args.threads)
-    from engine import Engine
-    from mezo import MeZOConfig, load_examples
     from mezo.distributed import current_context, init_from_env, launched_by_torchrun, make_trainer
     from mezo.sharding import balanced_shards, example_tokens
 
@@ -117,14 +103,12 @@ def worker(args: argparse.Namespace) -> None:
     if launched_by_torchrun():
         init_from_env(args.device, args.backend)
     ctx = current_context()
-    ref = _model_ref(args, args.device)
-    hf, tok = build_hf_model(ref), load_tokenizer()
-    examples = load_examples("bbc_news", "classification", limit=args.batch_size)
-    engine = Engine.from_hf(hf, tok, dtype=ref.torch_dtype, device=ref.device,
-                            max_cache_tokens=kv_tokens_needed(encode_examples(tok, examples)))
-    del hf
-    trainer = make_trainer(engine, MeZOConfig.preset("opt-lora", steps=10_000))
-    batch = trainer.encode(examples)
+    device = f"cuda:{local}" if args.device.startswith("cuda") and ctx is not None else args.device
+    ref = ModelRef(args.model, args.random_config, args.dtype, device)
+    tok = load_tokenizer()
+    examples = build_examples(SCENARIOS["cls"], Sizes(batch_size=args.batch_size), tok)
+    trainer, batch = build_engine(build_hf_model(ref), tok, ref, SCENARIOS["cls"], examples,
+                                  trainer_cls=make_trainer)
     if args.shard is not None:  # the ceiling: this process's shard as a plain single-process batch
         me, parties = args.shard
         batch = [batch[i] for i in balanced_shards([example_tokens(ex) for ex in batch], parties)[me]]
@@ -151,22 +135,16 @@ def worker(args: argparse.Namespace) -> None:
     waits.clear()
     for _ in range(args.steps):
         c0 = time.process_time()  # CPU this process got: wall - CPU is time it waited (peers, or other work)
-        times.append(bench_seconds(lambda: records.append(trainer.step(batch)), engine.device, repeats=1))
+        times.append(bench_seconds(lambda: records.append(trainer.step(batch)), trainer.engine.device, repeats=1))
         cpu.append(time.process_time() - c0)
     agent_cpu1 = _cpu_seconds(agent) if agent else None
-    record = records[-1]
-    rank = args.shard[0] if args.shard is not None else (0 if ctx is None else ctx.rank)
+    rank = local if ctx is None else ctx.rank
     Path(f"{args.worker}.rank{rank}").write_text(json.dumps({
-        "rank": rank, "core": core, "step_seconds": times, "cpu_seconds": cpu, "all_reduce_seconds": waits,
-        "tokens_computed_per_step": record["tokens_computed"],
+        "core": core, "step_seconds": times, "cpu_seconds": cpu, "all_reduce_seconds": waits,
+        "tokens_computed_per_step": records[-1]["tokens_computed"], "loss_last": records[-1]["loss"],
         "examples": len(trainer.shard(batch)) if ctx is not None else len(batch),
+        "backend": None if ctx is None else ctx.backend,
         "agent_cpu_s": None if agent_cpu0 is None or agent_cpu1 is None else round(agent_cpu1 - agent_cpu0, 3)}))
-    if ctx is None or ctx.is_writer:
-        Path(args.worker).write_text(json.dumps({
-            "world_size": 1 if ctx is None else ctx.world_size, "backend": None if ctx is None else ctx.backend,
-            "step_seconds": times, "median_step_s": statistics.median(times),
-            "steps_per_s": 1.0 / statistics.median(times), "tokens_computed_per_step": record["tokens_computed"],
-            "loss_last": record["loss"]}))
     if ctx is not None:
         dist.destroy_process_group()
 
@@ -177,69 +155,50 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _summarize_ranks(out: dict, per_rank: list[dict]) -> dict:
-    # a rank's own compute per step = its step time minus its wait in the all_reduce
-    out["compute_s_per_rank"] = [round(statistics.median(
-        [t - w for t, w in zip(p["step_seconds"], p["all_reduce_seconds"] or [0.0] * len(p["step_seconds"]))]), 3)
-        for p in per_rank]
-    out["all_reduce_wait_s_per_rank"] = [round(statistics.median(p["all_reduce_seconds"]), 4)
-                                         if p["all_reduce_seconds"] else 0.0 for p in per_rank]
-    out["cpu_s_per_rank"] = [round(statistics.median(p["cpu_seconds"]), 3) for p in per_rank]
-    out["examples_per_rank"] = [p["examples"] for p in per_rank]
-    out["cores"] = [p["core"] for p in per_rank]
-    agent = [p["agent_cpu_s"] for p in per_rank if p["agent_cpu_s"] is not None]
-    out["torchrun_agent_cpu_s"] = agent[0] if agent else None  # the ranks share one agent: rank 0's reading
-    return out
-
-
-def run_contestant(args: argparse.Namespace, world: int, argv: list[str]) -> dict:
-    """The single process (world 1) or `world` ranks under torchrun: rank 0's result plus per-rank figures."""
+def run_contestant(args: argparse.Namespace, world: int, argv: list[str], ceiling: bool = False) -> dict:
+    """The single process (world 1), `world` ranks under torchrun, or (ceiling) `world` independent
+    processes, one per shard, started together: rank 0's step time (ceiling: the slowest process's)
+    and per-process figures."""
     with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "rank0.json"
-        script = str(Path(__file__).resolve())
-        if world == 1:
-            cmd = [sys.executable, script, *argv, "--worker", str(result)]
+        result = Path(tmp) / "result.json"
+        script = [str(Path(__file__).resolve()), *argv, "--worker", str(result)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        if ceiling:
+            for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # never join a group, even when run under one
+                env.pop(key, None)
+            cmds = [[sys.executable, *script, "--shard", str(r), str(world)] for r in range(world)]
+        elif world == 1:
+            cmds = [[sys.executable, *script]]
         else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-                   "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), script, *argv,
-                   "--worker", str(result)]
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+            cmds = [[sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
+                     "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *script]]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{world}-rank contestant failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                               f"{proc.stderr[-3000:]}")
-        out = json.loads(result.read_text())
-        out = _summarize_ranks(out, [json.loads(Path(f"{result}.rank{r}").read_text()) for r in range(world)])
-        out["kind"] = "single process" if world == 1 else f"{world} ranks"
-        out["process_seconds"] = round(time.perf_counter() - t0, 1)
-        return out
-
-
-def run_ceiling(args: argparse.Namespace, world: int, argv: list[str]) -> dict:
-    """`world` independent single processes, one per shard, timed together (no process group)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "proc.json"
-        script = str(Path(__file__).resolve())
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # never join a group, even when run under one
-            env.pop(key, None)
-        t0 = time.perf_counter()
-        procs = [subprocess.Popen([sys.executable, script, *argv, "--worker", str(result), "--shard", str(r), str(world)],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for r in range(world)]
-        outs = [p.communicate()[0] for p in procs]
+        procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for c in cmds]
+        logs = [p.communicate()[0] for p in procs]
         if any(p.returncode != 0 for p in procs):
-            raise RuntimeError("ceiling processes failed:\n" + "\n".join(o[-3000:] for o in outs))
+            raise RuntimeError(f"contestant of {world} process(es) failed:\n" + "\n".join(s[-3000:] for s in logs))
         per = [json.loads(Path(f"{result}.rank{r}").read_text()) for r in range(world)]
-        slowest = max(statistics.median(p["step_seconds"]) for p in per)
-        out = {"world_size": world, "backend": None, "kind": f"ceiling: {world} independent processes",
-               "median_step_s": slowest, "steps_per_s": 1.0 / slowest,
-               "step_seconds_per_process": [p["step_seconds"] for p in per],
-               "tokens_computed_per_step": sum(p["tokens_computed_per_step"] for p in per)}
-        out = _summarize_ranks(out, per)
-        out["process_seconds"] = round(time.perf_counter() - t0, 1)
-        return out
+    step = max(statistics.median(p["step_seconds"]) for p in per) if ceiling else \
+        statistics.median(per[0]["step_seconds"])
+    # a process's own compute per step = its step time minus its wait in the all_reduce
+    compute = [[t - w for t, w in zip(p["step_seconds"], p["all_reduce_seconds"] or [0.0] * len(p["step_seconds"]))]
+               for p in per]
+    agent = [p["agent_cpu_s"] for p in per if p["agent_cpu_s"] is not None]
+    return {"world_size": world, "backend": per[0]["backend"],
+            "kind": f"ceiling: {world} independent processes" if ceiling else
+            ("single process" if world == 1 else f"{world} ranks"),
+            "median_step_s": step, "steps_per_s": 1.0 / step,
+            "step_seconds_per_process": [p["step_seconds"] for p in per],
+            "tokens_computed_per_step": sum(p["tokens_computed_per_step"] for p in per) if ceiling
+            else per[0]["tokens_computed_per_step"], "loss_last": None if ceiling else per[0]["loss_last"],
+            "compute_s_per_rank": [round(statistics.median(c), 3) for c in compute],
+            "all_reduce_wait_s_per_rank": [round(statistics.median(p["all_reduce_seconds"]), 4)
+                                           if p["all_reduce_seconds"] else 0.0 for p in per],
+            "cpu_s_per_rank": [round(statistics.median(p["cpu_seconds"]), 3) for p in per],
+            "examples_per_rank": [p["examples"] for p in per], "cores": [p["core"] for p in per],
+            "torchrun_agent_cpu_s": agent[0] if agent else None,  # the ranks share one agent: rank 0's reading
+            "process_seconds": round(time.perf_counter() - t0, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,69 +211,63 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--batch-size {args.batch_size} is smaller than the largest world size {max(args.ranks)}")
     load_tokenizer()  # fill the caches once, so the contestants load in seconds
     if not args.random_config:
-        build_hf_model(_model_ref(args, "cpu"))
-    load_start = loadavg()
-    contestants = []
-    for world in args.ranks:
-        contestants.append((run_contestant, world))
-        if world > 1 and args.ceiling and args.device == "cpu":
-            contestants.append((run_ceiling, world))
+        build_hf_model(ModelRef(args.model, None, args.dtype, "cpu"))
+    load = {"start": loadavg()}
+    contestants = [(w, c) for w in args.ranks for c in (False, True) if not c or (w > 1 and args.ceiling
+                                                                                 and args.device == "cpu")]
     rounds: list[list[dict]] = [[] for _ in contestants]
     for rnd in range(args.rounds):
-        for i, (run, world) in enumerate(contestants):
-            r = run(args, world, argv)
+        for i, (world, ceiling) in enumerate(contestants):
+            r = run_contestant(args, world, argv, ceiling)
             r["round"] = rnd
             print(f"round {rnd}, {r['kind']}: {r['steps_per_s']:.3f} steps/s (median step {r['median_step_s']:.3f} s, "
                   f"compute per process {r['compute_s_per_rank']}, CPU {r['cpu_s_per_rank']}, load {loadavg()})",
                   flush=True)
             rounds[i].append(r)
+    load["end"] = loadavg()
     rows = [max(rs, key=lambda r: r["steps_per_s"]) for rs in rounds]
     for r in rows:
         r["scaling"] = r["steps_per_s"] / rows[0]["steps_per_s"]
     payload = {
-        "benchmark": "distributed", "load_average": {"start": load_start, "end": loadavg()},
-        "model": args.random_config and f"random-{args.random_config}" or args.model, "dtype": args.dtype,
-        "batch_size": args.batch_size, "threads_per_process": args.threads, "timed_steps": args.steps,
-        "warmup_steps": args.warmup, "rounds": args.rounds, "all_rounds": rounds,
+        "benchmark": "distributed", "load_average": load, "model": args.model or f"random-{args.random_config}",
+        "dtype": args.dtype, "batch_size": args.batch_size, "threads_per_process": args.threads,
+        "timed_steps": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds, "all_rounds": rounds,
         "pinned": args.pin and args.device == "cpu", "note": args.note, "results": rows,
     }
     two = next((r for r in rows if r["world_size"] == 2 and r["backend"] is not None), None)
     if two is not None and rows[0]["world_size"] == 1:
         payload["target"] = {"metric": "2-rank scaling", "target": TARGET_SCALING, "value": two["scaling"],
                              "met": two["scaling"] >= TARGET_SCALING}
-    lines = [f"Load average (1/5/15 min): start {load_start}, end {payload['load_average']['end']}; "
+    all_rounds = ", ".join(f"{rs[0]['kind']} " + " / ".join(f"{r['steps_per_s']:.3f}" for r in rs) for rs in rounds)
+    lines = [f"Load average (1/5/15 min): start {load['start']}, end {load['end']}; "
              f"{args.threads} torch thread(s) per process.", "",
-             f"Model {payload['model']} ({args.dtype}), opt-lora preset, B = {args.batch_size} BBC headlines "
-             "(the same global batch for every world size, split over the ranks by tokens); median of "
-             f"{args.steps} timed steps after {args.warmup} warm-up, the fastest of {args.rounds} interleaved "
-             "round(s) per contestant (all rounds: " + ", ".join(
-                 f"{rs[0]['kind']} " + " / ".join(f"{r['steps_per_s']:.3f}" for r in rs) for rs in rounds)
-             + " steps/s); 1 rank = one process without a process group; "
-             "ceiling = the ranks' shards as independent processes run together, no process group (steps/s = "
-             "1 / the slowest one's median step). Compute = step minus all_reduce wait; CPU = the process's "
-             "CPU time in the step (compute well above CPU means it was descheduled: other work on its core). "
-             + ("Each process pinned to its own core (os.sched_setaffinity, core = LOCAL_RANK)."
-                if payload["pinned"] else "Processes not pinned."), ""]
+             f"Model {payload['model']} ({args.dtype}), opt-lora preset, B = {args.batch_size} BBC headlines (the "
+             f"same global batch for every world size, split over the ranks by tokens); median of {args.steps} "
+             f"timed steps after {args.warmup} warm-up, the fastest of {args.rounds} interleaved round(s) per "
+             f"contestant (all rounds: {all_rounds} steps/s). 1 rank = one process, no process group; ceiling = "
+             "the ranks' shards as independent processes run together (steps/s = 1 / the slowest one's median "
+             "step). Compute = step minus all_reduce wait; CPU = the process's CPU time in the step (compute "
+             "well above CPU: descheduled by other work on its core). " + (
+                 "Each process pinned to its own core (core = LOCAL_RANK)." if payload["pinned"] else
+                 "Processes not pinned."), ""]
     if args.note:
         lines += [f"Note: {args.note}", ""]
+    per_rank = lambda xs, fmt="{:.3f}": " / ".join(fmt.format(x) for x in xs)  # noqa: E731
     lines += md_table([(r["kind"], r["backend"] or "-", r["steps_per_s"], f"{r['scaling']:.2f}x",
                         f"{r['median_step_s']:.3f}", r["tokens_computed_per_step"],
-                        " / ".join(str(e) for e in r["examples_per_rank"]),
-                        " / ".join(f"{c:.3f}" for c in r["compute_s_per_rank"]),
-                        " / ".join(f"{c:.3f}" for c in r["cpu_s_per_rank"]),
-                        " / ".join(f"{w:.3f}" for w in r["all_reduce_wait_s_per_rank"]),
+                        per_rank(r["examples_per_rank"], "{}"), per_rank(r["compute_s_per_rank"]),
+                        per_rank(r["cpu_s_per_rank"]), per_rank(r["all_reduce_wait_s_per_rank"]),
                         "-" if r["torchrun_agent_cpu_s"] is None else f"{r['torchrun_agent_cpu_s']:.2f}")
                        for r in rows],
                       ["contestant", "backend", "steps/s", "scaling", "median step s",
                        "tokens computed/step (all processes)", "examples per process",
                        "median compute s/step per process", "median CPU s/step per process",
-                       "median all_reduce wait s per rank",
-                       "torchrun agent CPU s (all timed steps)"])
+                       "median all_reduce wait s per rank", "torchrun agent CPU s (all timed steps)"])
     if "target" in payload:
         t = payload["target"]
         lines += ["", f"Target: 2-rank scaling >= {t['target']}x: {t['value']:.2f}x, {'met' if t['met'] else 'NOT met'}"]
     jpath, mpath = write_results("distributed", payload, "\n".join(lines), title="Data-parallel MeZO-LoRA scaling",
-                                 device=args.device, script=__file__, argv=argv, out_dir=args.out)
+                                 device=args.device, script=__file__, argv=argv, out_dir=args.out_dir)
     print("\n".join(lines))
     print(f"wrote {jpath} and {mpath}")
     return 0

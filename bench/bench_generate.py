@@ -1,31 +1,25 @@
 """End-to-end generation throughput: MeZO Engine vs transformers `generate`, same weights, same prompts.
 
-Both sides get the same token-id prompts (varied lengths, drawn from --prompt-len) and produce exactly
---max-tokens greedy tokens per prompt: the engine with `ignore_eos=True`, transformers with EOS
-disabled (`eos_token_id=[]`), so neither stops early. transformers runs all prompts as one batch,
-left-padded; the engine runs them with its own continuous batching. The Engine is built with
-`Engine.from_hf` from the very transformers model that is benchmarked, so the weights are identical
-and loaded once. Each side is warmed up once (full batch, 2 tokens; the engine's prefix cache is then
-reset, so the timed run computes every prompt token) before the timed run(s).
+Both sides get the same token-id prompts (lengths drawn from --prompt-len) and produce exactly
+--max-tokens greedy tokens per prompt (engine `ignore_eos=True`, transformers `eos_token_id=[]`).
+transformers runs all prompts as one left-padded batch, the engine with its own continuous batching;
+the Engine is built with `Engine.from_hf` from the very model benchmarked (identical weights). Each side
+is warmed up once (full batch, 2 tokens; the engine's prefix cache is then reset, so the timed run
+computes every prompt token).
 
 Reported per side: output tokens/s = prompts * max_tokens / wall time of the whole generate call
-(prefill included), from the fastest of --repeats timed runs taken in ABBA order (other processes on a
-shared machine only ever add time; every run's time and the load average are recorded too); the
-ratio engine / transformers; for the engine, the time in prefill (extend)
-passes, in decode passes and outside the model (scheduling, sampling, detokenizing). Greedy outputs
-of the two are compared (exact-match share; small numeric differences can flip a near-tie).
-
-Results: bench/results/generate_<device-slug>[-<variant>].{json,md}, with the exact command line,
-versions, the CPU model / core count or GPU name, and os.getloadavg() before and after.
+(prefill included), the fastest of --repeats timed runs in ABBA order (other processes only ever add
+time; every run's time and load average are recorded); the ratio engine / transformers; the engine's
+time in prefill (extend) passes, decode passes and outside the model (scheduling, sampling,
+detokenizing); the share of identical greedy outputs (small numeric differences can flip a near-tie).
 
     python bench/bench_generate.py                                   # CPU: SmolLM2-135M, fp32
     python bench/bench_generate.py --random-config 1b                # GPU default: ~1.2B LLaMA, bf16
     python bench/bench_generate.py --quick --random-config tiny --out-dir /tmp/x   # CI smoke
 
-On a small CPU shared with other busy processes, torch's default of one OpenMP thread per core makes
-every op wait for descheduled threads (measured here: ~5x slower, 2x run-to-run spread, on 2 cores at
-load 4-5); `--threads 1` gives steadier numbers (results then go to generate_<slug>-t1.*). The load
-average is recorded before, after each timed run and after.
+On a small shared CPU, one OpenMP thread per core makes every op wait for descheduled threads
+(measured: ~5x slower, 2x spread, 2 cores at load 4-5); `--threads 1` is steadier (results then go to
+generate_<slug>-t1.*). Results: bench/results/generate_<device-slug>[-<variant>].{json,md}.
 """
 from __future__ import annotations
 
@@ -41,7 +35,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import DTYPES, loadavg, md_table, resolve_standard_args, standard_args, timed, write_results  # noqa: E402
+from bench.common import (DTYPES, loadavg, md_table, resolve_standard_args, standard_args, timed,  # noqa: E402
+                          write_results)
 from bench.mezo_workloads import VOCAB, ModelRef, build_hf_model  # noqa: E402
 from engine import Engine, SamplingParams  # noqa: E402
 
@@ -136,9 +131,9 @@ def hf_generate(model: Any, prompts: list[list[int]], n: int, pad_id: int, devic
     from torch.nn.utils.rnn import pad_sequence
     from transformers import GenerationConfig
 
-    pad = lambda rows, value: pad_sequence(rows, batch_first=True, padding_value=value, padding_side="left")  # noqa: E731
-    ids = pad([torch.tensor(p) for p in prompts], pad_id)
-    mask, width = pad([torch.ones(len(p), dtype=torch.long) for p in prompts], 0), ids.shape[1]
+    ids = pad_sequence([torch.tensor(p) for p in prompts], batch_first=True, padding_value=pad_id, padding_side="left")
+    mask = pad_sequence([torch.ones(len(p), dtype=torch.long) for p in prompts], batch_first=True, padding_side="left")
+    width = ids.shape[1]
     gc = GenerationConfig(max_new_tokens=n, do_sample=False, num_beams=1, use_cache=True,
                           pad_token_id=pad_id, eos_token_id=[])  # [] = never stop at EOS, like ignore_eos
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gc)

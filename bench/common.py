@@ -1,16 +1,14 @@
 """The benchmarks' shared harness: timing through libraries, one results writer, machine metadata,
-and the random-weight LLaMA models the GPU runs use.
+the options every model benchmark shares, and the random-weight LLaMA models the GPU runs use.
 
-Timing: `bench_ms` (short calls, many repetitions) uses `triton.testing.do_bench` on a GPU (CUDA
-events, L2 flushed before each call, median) and `torch.utils.benchmark.Timer.blocked_autorange`
-on a CPU (median of blocks); `bench_seconds` (calls of a second or more: a generation run, a MeZO
-step) uses stdlib `timeit` one call per sample, CUDA synchronised around each (torch's Timer would
-add two hidden warm-up calls per sample, which a state-resetting caller cannot afford).
+Timing: `bench_ms` (short calls) is `triton.testing.do_bench` on a GPU (CUDA events, L2 flushed, median)
+and `torch.utils.benchmark.Timer.blocked_autorange` on a CPU (median of blocks); `bench_seconds` (calls
+of a second or more) is stdlib `timeit`, one call per sample, CUDA synchronised around each (torch's
+Timer adds two hidden warm-up calls per sample, which a state-resetting caller cannot afford).
 
-Results: `write_results(name, payload, markdown, ...)` writes `<out_dir>/<name>_<device slug>.json`
-and `.md`; both carry the same metadata (`run_metadata`): command, date, git commit (and whether the
-tree was dirty), device and its name, CPU, threads, load average, torch / triton / transformers /
-peft / python versions. The device slug is `cpu`, or the GPU's name such as `nvidia-h100-80gb-hbm3`.
+Results: `write_results` writes `<out_dir>/<name>_<device slug>.json` and `.md`, both with the same
+`run_metadata`: command, date, git commit (and a dirty tree), device and its name (slug `cpu`, or e.g.
+`nvidia-h100-80gb-hbm3`), CPU, threads, load average, torch / triton / transformers / peft / python.
 """
 from __future__ import annotations
 
@@ -75,19 +73,15 @@ def cpu_model() -> str:
     """The CPU's marketing name from /proc/cpuinfo (Linux), else whatever platform knows."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith(("model name", "hardware", "cpu model")):
-                    return line.split(":", 1)[1].strip()
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.lower().startswith(("model name", "hardware"))]
     except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+        names = []
+    return names[0] if names else (platform.processor() or platform.machine() or "unknown")
 
 
 def loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (OSError, AttributeError):
-        return None
+    """The 1/5/15-minute load average, or None where the OS has none."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def _git(*args: str) -> str | None:
@@ -103,10 +97,7 @@ def command_line(script: str | Path, argv: Sequence[str] | None) -> str:
     """The command that reproduces this run, e.g. 'python bench/bench_generate.py --quick'."""
     argv = list(sys.argv[1:] if argv is None else argv)
     path = Path(script).resolve()
-    try:
-        path = path.relative_to(REPO_ROOT)
-    except ValueError:
-        pass
+    path = path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path
     return " ".join(["python", shlex.quote(str(path)), *map(shlex.quote, argv)])
 
 
@@ -143,15 +134,17 @@ def standard_args(doc: str | None) -> argparse.ArgumentParser:
     --dtype, --threads, --quick, --out-dir (resolved by `resolve_standard_args`)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None, help="built-in name, HF directory or .gguf (default on CPU: smollm2-135m)")
+    src.add_argument("--model", default=None,
+                     help="built-in name, HF directory or .gguf (default on CPU: smollm2-135m)")
     src.add_argument("--random-config", choices=sorted(LLAMA_SHAPES), default=None,
                      help="random-weight LLaMA shape (default on GPU: 1b; --quick: tiny)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    ap.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto = float32 on CPU, bfloat16 on GPU")
+    ap.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                    help="auto = float32 on CPU, bfloat16 on GPU")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's; 1 on a shared machine avoids OpenMP stalls)")
     ap.add_argument("--quick", action="store_true", help="tiny random model and sizes (CI smoke test)")
-    ap.add_argument("--out-dir", type=Path, default=None, help="default bench/results/")
+    ap.add_argument("--out-dir", "--out", type=Path, default=None, help="results folder (default bench/results/)")
     return ap
 
 
@@ -212,25 +205,23 @@ def timed(fn: Callable[[], Any], device: str | torch.device) -> tuple[Any, float
 # -- results --------------------------------------------------------------------------------------------
 def run_metadata(device: str | torch.device, script: str | Path, argv: Sequence[str] | None) -> dict[str, Any]:
     """What every result file carries: how to reproduce it and where it ran."""
-    from importlib.metadata import PackageNotFoundError, version
+    from importlib.metadata import version
+    from importlib.util import find_spec as distribution_exists
 
     dev = resolve_device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model()
     status = _git("status", "--porcelain", "--untracked-files=no")
     meta = {"command": command_line(script, argv),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "commit": _git("rev-parse", "--short", "HEAD") or None, "dirty_tree": None if status is None else bool(status),
-            "device": str(dev), "device_name": name,  # slug: 'cpu', or 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'
+            "commit": _git("rev-parse", "--short", "HEAD") or None,
+            "dirty_tree": None if status is None else bool(status), "device": str(dev), "device_name": name,
             "device_slug": "cpu" if dev.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"),
             "cpu_model": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "platform": platform.platform(), "loadavg": loadavg(), "python": platform.python_version(),
             "torch": torch.__version__}
     for pkg in ("triton", "transformers", "peft"):
-        try:
-            meta[pkg] = version(pkg)
-        except PackageNotFoundError:
-            meta[pkg] = None
+        meta[pkg] = version(pkg) if distribution_exists(pkg) else None
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
         meta.update(gpu_name=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
@@ -252,8 +243,8 @@ def write_results(name: str, payload: dict[str, Any], markdown: str, *, title: s
     jpath, mpath = out / f"{stem}.json", out / f"{stem}.md"
     jpath.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     versions = ", ".join(f"{k} {meta.get(k)}" for k in ("torch", "triton", "transformers", "peft", "python"))
-    mpath.write_text(f"# {title}\n\n`{meta['command']}`\n\n{meta['date']}; commit {meta['commit']}"
-                     f"{' (uncommitted changes)' if meta.get('dirty_tree') else ''}; {meta['device_name']} ({meta['device']}, "
-                     f"{meta['torch_threads']} torch threads); load average {meta['loadavg']}; {versions}\n\n"
-                     f"{markdown.strip()}\n")
+    dirty = " (uncommitted changes)" if meta.get("dirty_tree") else ""
+    mpath.write_text(f"# {title}\n\n`{meta['command']}`\n\n{meta['date']}; commit {meta['commit']}{dirty}; "
+                     f"{meta['device_name']} ({meta['device']}, {meta['torch_threads']} torch threads); load average "
+                     f"{meta['loadavg']}; {versions}\n\n{markdown.strip()}\n")
     return jpath, mpath

@@ -39,7 +39,7 @@ def summary_table(scenarios: dict[str, Any]) -> str:
     rows = []
     for key, r in scenarios.items():
         b, e = r["baseline"], r["engine"]
-        peaks = "/".join(_mb(dotted(r, f"{side}.memory.peak_bytes")) for side in ("baseline", "engine", "engine_forward"))
+        peaks = "/".join(_mb(dotted(r, f"{s}.memory.peak_bytes")) for s in ("baseline", "engine", "engine_forward"))
         rows.append([key, b["steps_per_s"], r["hf_loop"]["steps_per_s"], e["steps_per_s"], f"{_f(r['speedup'])}x",
                      f"{_f(r['speedup_vs_hf_loop'])}x", b["tokens_per_s"], e["tokens_per_s"],
                      f"{b['tokens_computed_per_step']} / {e['tokens_computed_per_step']}", r["zo_overhead"],
@@ -59,7 +59,8 @@ def _details(r: dict[str, Any]) -> list[str]:
              f"reference batch {r['reference_rows']} rows x {r['reference_width']} tokens",
              f"workload {r['workload_tokens_per_step']} tokens/step", f"engine KV pool {r['kv_pool_tokens']} tokens",
              *[text.format(r[key]) for key, text in (
-                 ("target_tokens_mean", "target tokens mean {:.1f}"), ("shared_prefix_tokens", "shared prefix {} tokens"),
+                 ("target_tokens_mean", "target tokens mean {:.1f}"),
+                 ("shared_prefix_tokens", "shared prefix {} tokens"),
                  ("single_token_candidates", "single-token candidates: {}")) if r.get(key) is not None]]
     srows = [[side, d["step_s"], d["steps_per_s"], d["tokens_per_s"], d["tokens_computed_per_step"], d["timed_steps"],
               ", ".join(_f(x) for x in d["step_s_all"]), ", ".join(_f(x) for x in d["warmup_s"]) or "—",
@@ -87,21 +88,21 @@ def to_markdown(p: dict[str, Any]) -> str:
                    if (mm := r["engine"].get("memory", {})).get("method")), "not measured (run with --memory)")
     lines = [
         f"Machine: {hw} ({m['device']}); torch threads: {s.get('torch_threads')}",
-        f"Load average (1/5/15 min): {', '.join(f'{k} {v_}' for k, v_ in p['loadavg'].items())}",
+        f"Load average (1/5/15 min): {', '.join(f'{k} {v}' for k, v in p['loadavg'].items())}",
         f"Model {p['model']['name']} ({p['model']['params'] / 1e6:.1f} M parameters), {p['model']['dtype']}; "
         f"B = {s['batch_size']}; {s['steps']} timed step(s) per contestant after {s['warmup']} warm-up, "
-        f"contestants interleaved in one process with rotating order; median step time. Whole run {p.get('wall_s', 0) / 60:.1f} min.",
+        "contestants interleaved in one process with rotating order; median step time. "
+        f"Whole run {p.get('wall_s', 0) / 60:.1f} min.",
         *[f"Note: {n}" for n in p.get("notes", [])], "", "## Results", "", summary_table(p["scenarios"]), "",
-        "ref = `ReferenceMeZO` (bench/baselines/reference_mezo.py) on transformers + PEFT; hf-loop = "
-        "`HFLoopMeZO` (bench/baselines/hf_loop.py), the loop a careful transformers user writes (padded SDPA "
-        "forward per branch, LM head only at scored positions, one row per example for single-token "
-        "candidates); engine = `MeZOTrainer.step`. tok/s = the workload's tokens (every reference row "
-        "unpadded, both branches) per second, the same numerator for both sides; *tokens computed* = what "
-        "each side pushed through the model per step (reference: padded rows x width x 2; engine: "
-        "`runner.tokens_computed`). ZO overhead = engine step / the engine's plain unperturbed forward of the "
-        "same 2xB requests. Peak memory: each contestant is built again in its own fresh process, makes its "
-        "warm-up calls, then one call is measured, " + method + "; the engine's KV pool is sized to hold every sequence of the step unshared.",
-        "", "## Targets", ""]
+        "ref = `ReferenceMeZO` (bench/baselines/reference_mezo.py) on transformers + PEFT; hf-loop = `HFLoopMeZO` "
+        "(bench/baselines/hf_loop.py), the loop a careful transformers user writes (padded SDPA forward per "
+        "branch, LM head only at scored positions, one row per example for single-token candidates); engine = "
+        "`MeZOTrainer.step`. tok/s = the workload's tokens (every reference row unpadded, both branches) per "
+        "second, the same numerator for all; *tokens computed* = what each side pushed through the model per "
+        "step (reference: padded rows x width x 2; engine: `runner.tokens_computed`). ZO overhead = engine "
+        "step / the engine's plain unperturbed forward of the same 2xB requests. Peak memory: each contestant "
+        f"built again in its own fresh process, warm-up calls, then one call measured, {method}; the engine's "
+        "KV pool holds every sequence of the step unshared.", "", "## Targets", ""]
     trows = [[key, t["metric"], t["target"], t["value"], {True: "met", False: "MISSED", None: "not measured"}[t["met"]]]
              for key, r in p["scenarios"].items() for t in r["targets"]]
     lines += md_table(trows, ["scenario", "metric", "target", "value", "result"]) + ["", "## Details", ""]

@@ -238,15 +238,17 @@ def kv_tokens_needed(encoded: list[EncodedExample], page_size: int = 16) -> int:
 
 
 def build_engine(hf: Any, tok: Any, ref: ModelRef, scenario: Scenario, examples: list, *,
-                 prefix_cache: bool = True, cache_tokens: int | None = None) -> tuple[MeZOTrainer, list[EncodedExample]]:
+                 prefix_cache: bool = True, cache_tokens: int | None = None,
+                 trainer_cls: Any = MeZOTrainer) -> tuple[MeZOTrainer, list[EncodedExample]]:
     """Engine on the transformers model's weights (Engine.from_hf copies them), with the trainer's
-    LoRA (PEFT init, seed cfg.seed) or full-parameter mode attached."""
+    LoRA (PEFT init, seed cfg.seed) or full-parameter mode attached; `trainer_cls(engine, cfg)` builds
+    the trainer (mezo.distributed.make_trainer for data-parallel ranks)."""
     cfg = mezo_config(scenario)
     if cache_tokens is None:  # size the KV pool for this batch: every sequence of both branches, unshared
         cache_tokens = kv_tokens_needed(encode_examples(tok, examples))
     engine = Engine.from_hf(hf, tok, dtype=ref.torch_dtype, device=ref.device, max_cache_tokens=cache_tokens,
                             enable_prefix_cache=prefix_cache)
-    trainer = MeZOTrainer(engine, cfg)
+    trainer = trainer_cls(engine, cfg)
     return trainer, trainer.encode(examples)
 
 
