@@ -16,7 +16,6 @@ reference, not GPU speed. Results: bench/results/attention[-quick]_<device-slug>
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import sys
@@ -27,13 +26,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import bench_ms, md_cell, md_table, write_results  # noqa: E402
+from bench.common import base_args, bench_ms, md_cell, md_table, resolve_device, write_results  # noqa: E402
 from kernels.attention import (decode_attention_flash, decode_attention_torch,  # noqa: E402
                                decode_attention_triton, extend_attention_flash,
                                extend_attention_torch, extend_attention_triton, flash_attn_available)
 
-DECODE_BATCHES, DECODE_CONTEXTS = (1, 16, 64), (512, 2048, 8192)
-EXTEND_BATCHES, EXTEND_PREFIX, EXTEND_NEW = (1, 8, 32), 1024, 64
+DECODE_BATCHES, DECODE_CONTEXTS, EXTEND_BATCHES = (1, 16, 64), (512, 2048, 8192), (1, 8, 32)
 
 
 def copy_gbps(nbytes: int = 1 << 30) -> float:
@@ -89,7 +87,8 @@ def build_case(args, dev: str, bsz: int, q_len: int, kv_len: int, gen) -> tuple:
     k = torch.randn(bsz, kv_len, args.kv_heads, args.head_dim, dtype=args.dtype, device=dev)
     v = torch.randn_like(k)
     paged256 = paged_copy(k, v, 256, gen) if flash_attn_available() else None
-    return q, k, v, paged_copy(k, v, args.page_size, gen), paged256, [t.transpose(1, 2).contiguous() for t in (q, k, v)]
+    contiguous = [t.transpose(1, 2).contiguous() for t in (q, k, v)]
+    return q, k, v, paged_copy(k, v, args.page_size, gen), paged256, contiguous
 
 
 def decode_case(args, dev: str, bsz: int, ctx: int, gen) -> list[dict]:
@@ -181,20 +180,14 @@ def figures(rows: list[dict]) -> dict[str, float]:
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = base_args(__doc__)  # --quick (implied without CUDA): tiny shapes, the torch path only
     ap.add_argument("--peak-gbps", type=float, default=3350.0, help="HBM peak for %% of peak (H100 SXM: 3350)")
-    ap.add_argument("--quick", "--cpu-smoke", dest="quick", action="store_true",
-                    help="tiny torch-only run (implied without CUDA)")
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--page-size", type=int, default=16)
-    ap.add_argument("--out-dir", type=Path, default=None)
+    for name, default in (("--heads", 32), ("--kv-heads", 8), ("--head-dim", 128), ("--page-size", 16)):
+        ap.add_argument(name, type=int, default=default)
     args = ap.parse_args(argv)
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    smoke = args.quick or not torch.cuda.is_available()
-    args.copy_gbps = None
+    smoke, args.copy_gbps = args.quick or resolve_device(args.device).type != "cuda", None
     if smoke:
         args.heads, args.kv_heads, args.head_dim, args.dtype, dev = 4, 2, 64, torch.float32, "cpu"
         print("GPU figures pending: this run exercises the script and the torch path only.")
@@ -203,7 +196,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.dtype, dev, args.copy_gbps = torch.bfloat16, "cuda", copy_gbps()
         print(f"device: {torch.cuda.get_device_name()}, copy {args.copy_gbps:.0f} GB/s, "
               f"flash-attn: {flash_attn_available()}")
-        decode, (ext_batches, prefix, new) = (DECODE_BATCHES, DECODE_CONTEXTS), (EXTEND_BATCHES, EXTEND_PREFIX, EXTEND_NEW)
+        decode, (ext_batches, prefix, new) = (DECODE_BATCHES, DECODE_CONTEXTS), (EXTEND_BATCHES, 1024, 64)
     rows = []  # one case per call: its tensors die with it
     for bsz, ctx in itertools.product(*decode):
         rows += decode_case(args, dev, bsz, ctx, gen)

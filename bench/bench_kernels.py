@@ -10,7 +10,6 @@ Results: bench/results/kernels_<device>.{json,md} (--quick: kernels-quick_<devic
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import bench_ms, md_table, resolve_device, write_results  # noqa: E402
+from bench.common import base_args, bench_ms, md_table, resolve_device, write_results  # noqa: E402
 
 
 def unfused_lora(x, w, a, b, z_gen, seed_a, seed_b, eps, scale):
@@ -44,28 +43,21 @@ def unfused_full(x, w, z_gen, seed_w, eps):
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", "--cpu-smoke", dest="quick", action="store_true",
-                    help="tiny shapes, torch path only (implied without CUDA)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--out-dir", type=Path, default=None)
-    args = ap.parse_args(argv)
+    args = base_args(__doc__).parse_args(argv)  # --quick (implied without CUDA): tiny shapes, the torch path only
     dev = resolve_device(args.device)
     gpu = dev.type == "cuda" and not args.quick
     from kernels import noisy_lora_linear
     from kernels.noise import randn, randn_triton
 
     if gpu:
-        dtype, (m, k, n), ranks = torch.bfloat16, (2 * 16 * 256, 4096, 4096), (8, 64)
-        z_raw = randn_triton
+        dtype, (m, k, n), ranks, z_raw = torch.bfloat16, (2 * 16 * 256, 4096, 4096), (8, 64), randn_triton
     else:  # CPU bf16 matmuls are too slow to say anything; this checks the script and the torch path
-        dtype, (m, k, n), ranks = torch.float32, (64, 256, 256), (8,)
-        z_raw = randn
+        dtype, (m, k, n), ranks, z_raw = torch.float32, (64, 256, 256), (8,), randn
 
     def z_gen(seed, shape):
         return z_raw(seed, shape, device=dev)
 
-    eps, scale = 1e-3, 2.0
+    eps, scale, impl = 1e-3, 2.0, "triton" if gpu else "torch"
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(m, k, device=dev, generator=gen).to(dtype)
     w = (torch.randn(n, k, device=dev, generator=gen) / k**0.5).to(dtype)
@@ -73,6 +65,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     flops = 2.0 * m * n * k
     rows: list[dict[str, Any]] = []
     checks: dict[str, float] = {}
+    figures: dict[str, float] = {}
 
     def record(case: str, r: Any, fn: Any) -> float:
         ms = bench_ms(fn, dev)
@@ -80,32 +73,31 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"{case:<34} r={str(r):>4} {ms:9.3f} ms {flops / ms / 1e9:8.2f} TFLOP/s", flush=True)
         return ms
 
+    def compare(cases: tuple[str, str], r: Any, unfused_fn: Any, fused_fn: Any, key: str, check: str) -> None:
+        """The unfused torch way vs the fused kernel: times relative to plain (`key` % "fused_over_plain"),
+        and the max difference of their outputs (a check, not a figure)."""
+        unfused, ms = record(cases[0], r, unfused_fn), record(cases[1], r, fused_fn)
+        checks[f"{check}_max_abs_diff_vs_unfused"] = float((fused_fn().float() - unfused_fn().float()).abs().max())
+        figures[key % "fused_over_plain"], figures[key % "unfused_over_fused"] = ms / plain, unfused / ms
+
     plain = record("(a) plain x @ W.T", "-", lambda: x @ w.t())
-    figures: dict[str, float] = {}
     for r in ranks:
         a = torch.randn(r, k, device=dev, generator=gen) / k**0.5
         b = torch.randn(n, r, device=dev, generator=gen) * 0.01
-        unfused = record("(b) unfused torch LoRA", r, lambda: unfused_lora(x, w, a, b, z_gen, 11, 12, eps, scale))
-        impl = "triton" if gpu else "torch"
-        fused = lambda: noisy_lora_linear(x, w, a, b, signs=signs, seed_a=11, seed_b=12,  # noqa: E731
-                                          eps=eps, scale=scale, impl=impl)
-        ms = record(f"(c) fused noisy LoRA ({impl})", r, fused)
-        diff = (fused().float() - unfused_lora(x, w, a, b, z_gen, 11, 12, eps, scale).float()).abs().max()
-        checks[f"lora_r{r}_max_abs_diff_vs_unfused"] = float(diff)
-        figures[f"fused_over_plain_r{r}"] = ms / plain
-        figures[f"unfused_over_fused_r{r}"] = unfused / ms
+        compare(("(b) unfused torch LoRA", f"(c) fused noisy LoRA ({impl})"), r,
+                lambda: unfused_lora(x, w, a, b, z_gen, 11, 12, eps, scale),
+                lambda: noisy_lora_linear(x, w, a, b, signs=signs, seed_a=11, seed_b=12, eps=eps, scale=scale,
+                                          impl=impl), f"%s_r{r}", f"lora_r{r}")
     if gpu:
-        unfused = record("(d) unfused torch full-weight", "-", lambda: unfused_full(x, w, z_gen, 13, eps))
-        full = lambda: noisy_lora_linear(x, w, None, None, signs=signs, seed_a=0, seed_b=0,  # noqa: E731
-                                         eps=eps, scale=0.0, weight_seed=13, impl="triton")
-        ms = record("(e) fused full-weight (triton)", "-", full)
-        checks["full_max_abs_diff_vs_unfused"] = float((full().float() - unfused_full(x, w, z_gen, 13, eps).float()).abs().max())
-        figures["full_fused_over_plain"] = ms / plain
-        figures["full_unfused_over_fused"] = unfused / ms
-    payload = {"shape": {"M": m, "K": k, "N": n, "dtype": str(dtype).replace("torch.", "")}, "quick": not gpu,
+        compare(("(d) unfused torch full-weight", "(e) fused full-weight (triton)"), "-",
+                lambda: unfused_full(x, w, z_gen, 13, eps),
+                lambda: noisy_lora_linear(x, w, None, None, signs=signs, seed_a=0, seed_b=0, eps=eps, scale=0.0,
+                                          weight_seed=13, impl="triton"), "full_%s", "full")
+    dt = str(dtype).replace("torch.", "")
+    payload = {"shape": {"M": m, "K": k, "N": n, "dtype": dt}, "quick": not gpu,
                "rows": rows, "checks": checks, "figures": figures}
-    md = [f"M={m} K={k} N={n} {payload['shape']['dtype']}" + (" (quick: torch path, not a GPU figure)" if not gpu else ""),
-          "", *md_table([[r_["case"], r_["r"], r_["ms"], r_["tflops"]] for r_ in rows], ["case", "r", "ms", "TFLOP/s"]),
+    md = [f"M={m} K={k} N={n} {dt}" + (" (quick: torch path, not a GPU figure)" if not gpu else ""), "",
+          *md_table([[r_["case"], r_["r"], r_["ms"], r_["tflops"]] for r_ in rows], ["case", "r", "ms", "TFLOP/s"]),
           "", *(f"- {k_}: {v:.4g}" for k_, v in {**figures, **checks}.items())]
     write_results("kernels" if gpu else "kernels-quick", payload, "\n".join(md), title="Noisy LoRA linear kernels",
                   device=dev, script=__file__, argv=argv, out_dir=args.out_dir)

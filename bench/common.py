@@ -129,22 +129,28 @@ def meets(value: Any, op: str, threshold: float | None) -> bool | None:
 
 
 # -- arguments ------------------------------------------------------------------------------------------
-def standard_args(doc: str | None) -> argparse.ArgumentParser:
-    """A parser with the options every model benchmark shares: --model / --random-config, --device,
-    --dtype, --threads, --quick, --out-dir (resolved by `resolve_standard_args`)."""
+def base_args(doc: str | None) -> argparse.ArgumentParser:
+    """A parser with the options of every benchmark script: --device, --quick, --out-dir."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--quick", action="store_true", help="tiny model and sizes (CI smoke test)")
+    ap.add_argument("--out-dir", "--out", type=Path, default=None, help="results folder (default bench/results/)")
+    return ap
+
+
+def standard_args(doc: str | None) -> argparse.ArgumentParser:
+    """`base_args` and the options every model benchmark shares: --model / --random-config, --dtype,
+    --threads (resolved by `resolve_standard_args`)."""
+    ap = base_args(doc)
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--model", default=None,
                      help="built-in name, HF directory or .gguf (default on CPU: smollm2-135m)")
     src.add_argument("--random-config", choices=sorted(LLAMA_SHAPES), default=None,
                      help="random-weight LLaMA shape (default on GPU: 1b; --quick: tiny)")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                     help="auto = float32 on CPU, bfloat16 on GPU")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's; 1 on a shared machine avoids OpenMP stalls)")
-    ap.add_argument("--quick", action="store_true", help="tiny random model and sizes (CI smoke test)")
-    ap.add_argument("--out-dir", "--out", type=Path, default=None, help="results folder (default bench/results/)")
     return ap
 
 

@@ -6,18 +6,16 @@
     mezo-engine bench --gpu                   # the GPU suite: <= 8 min on one H100/H200 (python bench/suite.py --gpu)
     mezo-engine bench --gpu --dry-run         # anywhere (CI): every GPU stage at toy size on the CPU
 
-Each stage is a bench/ script (or pytest) in its own process with a time budget: a crash or an
-overrun never takes the suite down (an overrun is killed, the suite goes on and the table still
-prints). Results (JSON + markdown with command, commit, date, device and versions) and one log per
-stage go under --out (default bench/results/, or ./bench-results outside a checkout). A table of the
-headline figures prints last, each read back from the JSON its stage wrote: figure, target, met /
-MISSED / not measured; the same table goes to <out>/bench_summary.md (gpu_suite_summary.md for --gpu).
+Each stage is a bench/ script (or pytest) in its own process with a time budget: a crash or an overrun
+(killed) never takes the suite down. Results (JSON + markdown with command, commit, date, device and
+versions) and one log per stage go under --out (default bench/results/, or ./bench-results outside a
+checkout). Last, a table of the headline figures, each read back from its stage's JSON: figure, target,
+met / MISSED / not measured; also in <out>/bench_summary.md (gpu_suite_summary.md for --gpu).
 
-The GPU suite needs only what the GPU machine has (torch, triton 3.6-3.9, transformers, peft, pytest;
-no network): random-weight LLaMA configs and synthetic token ids (bench/mezo_workloads.py) stand in for
-SmolLM2 and the BBC corpus. Its stages: pytest on CUDA over the kernel and engine tests, then the
-kernel, attention, MeZO-step, generation, bf16-estimator and n-perturbations-per-launch benchmarks at
-their GPU targets.
+The GPU suite needs only what the GPU machine has (torch, triton 3.6-3.9, transformers, peft, pytest; no
+network): random-weight LLaMA configs and synthetic token ids (bench/mezo_workloads.py) stand in for
+SmolLM2 and the BBC corpus. Its stages: pytest on CUDA over the kernel and engine tests, then the kernel,
+attention, MeZO-step, generation, bf16-estimator and n-perturbations-per-launch benchmarks.
 """
 from __future__ import annotations
 
@@ -62,7 +60,6 @@ class Stage:
     argv: list[str]                       # run from the repository root
     budget_s: float
     targets: list[Target] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -74,34 +71,29 @@ class StageResult:
     started: float = 0.0                  # epoch seconds
 
 
-def run_stage(stage: Stage, log_dir: Path) -> StageResult:
-    """Run one stage; its output goes to <log_dir>/<name>.log."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log = log_dir / f"{stage.name}.log"
-    t0, started = time.perf_counter(), time.time()
-    with open(log, "w") as fh:
-        fh.write("$ " + " ".join(stage.argv) + "\n")
-        fh.flush()
-        proc = subprocess.Popen(stage.argv, cwd=REPO_ROOT, stdout=fh, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", **stage.env}, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=stage.budget_s)
-            status = "ok" if rc == 0 else f"failed (rc {rc})"
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)  # the stage's own process group: it and its workers, nothing else
-            proc.wait()
-            status = f"over budget ({stage.budget_s:.0f} s), stopped"
-    return StageResult(stage.name, status, time.perf_counter() - t0, str(log), started)
-
-
 def run_stages(stages: list[Stage], out_dir: Path, progress: bool = True) -> list[StageResult]:
+    """Run the stages in order under a progress bar; each one's output goes to <out_dir>/logs/<name>.log."""
     from tqdm.auto import tqdm
 
+    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
     results = []
-    bar = tqdm(stages, desc="bench", unit="stage", disable=not progress, file=sys.stderr)
-    for stage in bar:
+    for stage in (bar := tqdm(stages, desc="bench", unit="stage", disable=not progress, file=sys.stderr)):
         bar.set_postfix_str(stage.name)
-        results.append(run_stage(stage, out_dir / "logs"))
+        log = out_dir / "logs" / f"{stage.name}.log"
+        t0, started = time.perf_counter(), time.time()
+        with open(log, "w") as fh:
+            fh.write("$ " + " ".join(stage.argv) + "\n")
+            fh.flush()
+            proc = subprocess.Popen(stage.argv, cwd=REPO_ROOT, stdout=fh, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=stage.budget_s)
+                status = "ok" if rc == 0 else f"failed (rc {rc})"
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)  # the stage's own process group: it and its workers, nothing else
+                proc.wait()
+                status = f"over budget ({stage.budget_s:.0f} s), stopped"
+        results.append(StageResult(stage.name, status, time.perf_counter() - t0, str(log), started))
     return results
 
 
@@ -123,17 +115,6 @@ def summary(stages: list[Stage], results: list[StageResult], out_dir: Path,
                      ["figure", "value", "target", "result"])
     lines += ["", "stages: " + "; ".join(f"{r.name} {r.status} in {r.seconds:.0f} s" for r in results)]
     return "\n".join(lines), rows
-
-
-def select(todo: list[Stage], only: str | None) -> list[Stage]:
-    """The stages named in --only (comma-separated), all without it."""
-    if not only:
-        return todo
-    names = [s.strip() for s in only.split(",") if s.strip()]
-    unknown = sorted(set(names) - {s.name for s in todo})
-    if unknown:
-        raise ValueError(f"--only: unknown stages {unknown}; choose from {[s.name for s in todo]}")
-    return [s for s in todo if s.name in names]
 
 
 # -- the stages ------------------------------------------------------------------------------------------
@@ -162,38 +143,46 @@ def stages(mode: str, device: str, out: Path) -> list[Stage]:
     k, a = f"kernels{sfx}_*.json", f"attention{sfx}_*.json"
     kernels = [Target("noisy LoRA fused / x@W.T (K=N=4096, M=8192, r 8)", k, "figures.fused_over_plain_r8", "<=", 1.15),
                Target("noisy LoRA unfused torch / fused (r 8)", k, "figures.unfused_over_fused_r8", ">=", 2.0)]
-    attention = [Target("decode B64 ctx2048 page16: % of copy bandwidth", a, "figures.decode_b64_ctx2048_pct_copy", ">=", 60),
-                 Target("extend 1024 cached + 64 new vs recompute 1088", a, "figures.extend_min_speedup_vs_recompute", ">=", 5)]
+    attention = [Target("decode B64 ctx2048 page16: % of copy bandwidth", a,
+                        "figures.decode_b64_ctx2048_pct_copy", ">=", 60),
+                 Target("extend 1024 cached + 64 new vs recompute 1088", a,
+                        "figures.extend_min_speedup_vs_recompute", ">=", 5)]
     if mode == "quick":  # the figures a toy run on the torch path has
         attention = [Target("paged torch decode, ms (B 4, ctx 512)", a, "figures.decode_torch_b4_ctx512_ms")]
-    mezo = [Target("MeZO step: engine vs reference (cls, B 16)", mz_json, "scenarios.cls.speedup", ">=", 4.0 if cuda else 1.5),
-            Target("MeZO step: engine vs careful transformers loop", mz_json, "scenarios.cls.speedup_vs_hf_loop", ">=",
-                   None if cuda else 1.5),
-            *([] if toy else [Target("  same, >= 512-token shared prompt vs reference", mz_json,
-                                     "scenarios.cls_16shot.speedup", ">=", 10.0 if cuda else 5.0)]),
-            *([Target("ZO overhead (step / inference)", mz_json, "scenarios.cls.zo_overhead", "<=", 1.05),
-               Target("peak memory finetune / inference", mz_json, "scenarios.cls.memory.step_vs_inference_peak", "<=",
-                      1.2)] if mode in ("dry", "gpu") else [])]
+    cls = "scenarios.cls."
+    mezo = [Target("MeZO step: engine vs reference (cls, B 16)", mz_json, cls + "speedup", ">=", 4.0 if cuda else 1.5),
+            Target("MeZO step: engine vs careful transformers loop", mz_json, cls + "speedup_vs_hf_loop", ">=",
+                   None if cuda else 1.5)]
+    if not toy:
+        mezo.append(Target("  same, >= 512-token shared prompt vs reference", mz_json, "scenarios.cls_16shot.speedup",
+                           ">=", 10.0 if cuda else 5.0))
+    if mode in ("dry", "gpu"):
+        mezo += [Target("ZO overhead (step / inference)", mz_json, cls + "zo_overhead", "<=", 1.05),
+                 Target("peak memory finetune / inference", mz_json, cls + "memory.step_vs_inference_peak", "<=", 1.2)]
+    mezo_args = ["--scenarios", "cls", "--steps", "1"]
     # name, script, arguments (quick, full, dry, gpu; None: not a stage there), budgets s, targets
     table = [
         ("tests", "pytest", (None, None, ["--collect-only", *GPU_TESTS], GPU_TESTS), (0, 0, 120, 100), []),
         ("kernels", "bench_kernels.py", (q, [], q, []), (120, 600, 120, 40), kernels if cuda or toy else []),
         ("attention", "bench_attention.py", (q, [], q, []), (120, 900, 120, 60), attention if cuda or toy else []),
-        ("mezo", "bench_mezo.py", ([*q, "--scenarios", "cls", "--steps", "1", "--name", "mezo_quick"], [],
-                                   [*q, *mz, "--memory", "--name", "mezo_gpu_suite", "--scenarios", "cls", "--steps", "1"],
+        ("mezo", "bench_mezo.py", ([*q, *mezo_args, "--name", "mezo_quick"], [],
+                                   [*q, *mz, *mezo_args, "--memory", "--name", "mezo_gpu_suite"],
                                    [*one_b, *mz, "--name", "mezo_gpu_suite", "--scenarios", "cls,cls_16shot",
                                     "--steps", "2", "--warmup", "1"]), (240, 7200, 300, 150), mezo),
         ("generate", "bench_generate.py", ([*q, "--threads", "1"], [], [*q, "--threads", "1"],
                                            [*one_b, "--num-prompts", "64", "--max-tokens", "64", "--repeats", "1"]),
          (180, 3600, 180, 60), [Target("generation: engine / transformers tok/s", f"generate_*{sfx}*.json",
-                                       "ratio_engine_over_transformers", ">=", 1.0 if mode == "full" and not cuda else 3.0)]),
+                                       "ratio_engine_over_transformers", ">=",
+                                       1.0 if mode == "full" and not cuda else 3.0)]),
         ("sign", "bench_estimators.py", (None, None, ["--sign-agreement", *q, "--batch-size", "4"],
                                          ["--sign-agreement", *one_b, "--seeds", "32"]), (0, 0, 180, 40),
-         [Target("bf16 estimator sign agreement", f"sign_agreement{sfx}_*.json", "figures.bf16_sign_agreement", ">=", 0.9)]),
+         [Target("bf16 estimator sign agreement", f"sign_agreement{sfx}_*.json", "figures.bf16_sign_agreement", ">=",
+                 0.9)]),
         ("estimators", "bench_estimators.py", (None, None, [*q, "--threads", "1"],
                                                [*one_b, "--scenario", "cls", "--n", "4", "--batch-size", "16"]),
          (0, 0, 120, 30), [Target("n-SPSA n = 4 step / n = 1 step (B 16)",
-                                  "estimators_*_quick.json" if toy else "estimators_*.json", "cost_ratio_n_vs_1", "<=", 1.5)]),
+                                  "estimators_*_quick.json" if toy else "estimators_*.json", "cost_ratio_n_vs_1", "<=",
+                                  1.5)]),
     ]
     i, dev = MODES.index(mode), {"dry": "cpu", "gpu": "cuda"}.get(mode, device)
     out_stages = []
@@ -201,8 +190,7 @@ def stages(mode: str, device: str, out: Path) -> list[Stage]:
         if args[i] is None:
             continue
         head = ["-m", "pytest", "-q", "-p", "no:cacheprovider"] if script == "pytest" else [f"bench/{script}"]
-        tail = [] if script == "pytest" else (["--out-dir", str(out)] if script == "bench_attention.py" else
-                                              ["--device", dev, "--out-dir", str(out)])
+        tail = [] if script == "pytest" else ["--device", dev, "--out-dir", str(out)]
         out_stages.append(Stage(name, [sys.executable, *head, *args[i], *tail], budgets[i], targets))
     return out_stages
 
@@ -246,7 +234,12 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     assert sum(s.budget_s for s in stages("gpu", "cuda", out)) <= GPU_BUDGET_S, "GPU stage budgets exceed 8 minutes"
     mode = ("dry" if dry else "gpu") if gpu else ("quick" if args.quick else "full")
-    todo = select(stages(mode, device, out), args.only)
+    todo = stages(mode, device, out)
+    only = [s.strip() for s in (args.only or "").split(",") if s.strip()]
+    if set(only) - {s.name for s in todo}:
+        raise ValueError(f"--only: unknown stages {sorted(set(only) - {s.name for s in todo})}; "
+                         f"choose from {[s.name for s in todo]}")
+    todo = [s for s in todo if s.name in only or not only]
     notes = preflight(gpu, dry)
     for n in notes:
         print("note:", n, flush=True)
