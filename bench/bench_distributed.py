@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import bench_seconds, loadavg, md_table, resolve_standard_args, standard_args, write_results  # noqa: E402
+from bench.common import (bench_seconds, loadavg, md_table, resolve_standard_args, standard_args,  # noqa: E402
+                          write_results)
 from bench.mezo_workloads import (SCENARIOS, ModelRef, Sizes, build_engine, build_examples,  # noqa: E402
                                   build_hf_model, load_tokenizer)
 
@@ -265,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                        "median all_reduce wait s per rank", "torchrun agent CPU s (all timed steps)"])
     if "target" in payload:
         t = payload["target"]
-        lines += ["", f"Target: 2-rank scaling >= {t['target']}x: {t['value']:.2f}x, {'met' if t['met'] else 'NOT met'}"]
+        lines += ["", f"Target: 2-rank scaling >= {t['target']}x: {t['value']:.2f}x, "
+                      f"{'met' if t['met'] else 'NOT met'}"]
     jpath, mpath = write_results("distributed", payload, "\n".join(lines), title="Data-parallel MeZO-LoRA scaling",
                                  device=args.device, script=__file__, argv=argv, out_dir=args.out_dir)
     print("\n".join(lines))

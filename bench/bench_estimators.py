@@ -40,7 +40,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--n", type=int, default=None, help="perturbations per step (default 4; --quick 2)")
     ap.add_argument("--batch-size", type=int, default=None, help="B (default 16; --quick 2)")
     ap.add_argument("--scenario", default=None, choices=["cls", "cls_16shot"],
-                    help="bench_mezo's workload: headlines alone, or behind a shared 16-shot prompt (default; --quick cls)")
+                    help="bench_mezo's workload: headlines alone, or behind a shared 16-shot prompt "
+                         "(default; --quick cls)")
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per side (default 3; --quick 1)")
     ap.add_argument("--sign-agreement", action="store_true",
                     help="bf16 vs fp32 sign of g instead (scenario cls, n = 1; --kernels/--mode/--n/--repeats unused)")
@@ -136,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     src = args.model or f"random {args.random_config}"
     json_path, _ = write_results("estimators", payload, md, title=f"n-SPSA in one launch ({src})",
                                  device=args.device, script=__file__, argv=argv, out_dir=args.out_dir,
-                                 variant="_quick" if args.quick else ("" if args.scenario == "cls_16shot" else f"_{args.scenario}"))
+                                 variant="_quick" if args.quick else
+                                 ("" if args.scenario == "cls_16shot" else f"_{args.scenario}"))
     print(md)
     print(f"written: {json_path}")
     return payload

@@ -289,13 +289,15 @@ def to_markdown(p: dict[str, Any]) -> str:
     c, e, h, sp = p["config"], p["engine"], p["transformers"], p["engine"]["split"]
     lines = [f"Load average (1/5/15 min): before {p['loadavg_before']}, after {p['loadavg_after']}; 1-min load "
              f"after each timed run: " + ", ".join(f"{r['side']} {r['loadavg_1min_after']}" for r in p["runs"]), "",
-             f"Model {c['model']} ({c['parameters'] / 1e6:.1f} M parameters), {c['dtype']}; {c['num_prompts']} prompts of "
+             f"Model {c['model']} ({c['parameters'] / 1e6:.1f} M parameters), {c['dtype']}; "
+             f"{c['num_prompts']} prompts of "
              f"{c['prompt_len_range'][0]}-{c['prompt_len_range'][1]} tokens (mean {c['prompt_len_mean']:.1f}, "
              f"{c['prompt_tokens']} in all; transformers pads them to {c['hf_padded_prompt_tokens']}), "
              f"{c['max_tokens']} greedy output tokens each (EOS ignored on both sides). "
              f"Engine attention backend: {c['engine_attention_backend']}; transformers attention: "
              f"{c['hf_attn_implementation']}. Warm-up: {c['warmup']}. Timed runs per side: {c['repeats']}, order "
-             f"{' '.join(c['run_order'])}; the fastest run of each side is reported (other processes only add time).", "",
+             f"{' '.join(c['run_order'])}; the fastest run of each side is reported (other processes only add "
+             "time).", "",
              "## Throughput", ""]
     fmt = lambda xs: ", ".join(f"{x:.2f}" for x in xs)  # noqa: E731
     lines += md_table([["MeZO Engine", e["seconds"], e["output_tok_s"], e["total_tok_s"], fmt(e["seconds_all"])],

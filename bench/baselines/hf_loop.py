@@ -57,7 +57,8 @@ def build_scored_batch(examples: Sequence[ClassificationExample | LMExample], en
     per_example = tokenize(examples, encode, encode_continuation)
     n_seq = 0
     for ex_rows, label in per_example:
-        one_row = label is not None and all(k == 1 for _, k in ex_rows)  # every candidate off the prompt's last position
+        # every candidate single-token: all read off the prompt's last position, one row
+        one_row = label is not None and all(k == 1 for _, k in ex_rows)
         if one_row:
             rows.append(ex_rows[0][0][:-1])
         for ids, k in ex_rows:
