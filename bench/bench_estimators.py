@@ -65,11 +65,6 @@ def _workload(args: argparse.Namespace, dtype: str) -> tuple[Any, Any, list]:
     return build_hf_model(ModelRef(args.model, args.random_config, dtype, args.device)), tok, examples
 
 
-def _engine(args: argparse.Namespace) -> tuple[Engine, list]:
-    hf, tok, examples = _workload(args, args.dtype)
-    return Engine.from_hf(hf, tok, dtype=hf.dtype, device=args.device, kernels=args.kernels), examples
-
-
 def sign_agreement(args: argparse.Namespace) -> dict[str, Any]:
     """Share of --seeds step seeds on which the bf16 and the fp32 engine's projected gradients agree in sign."""
     hf, tok, examples = _workload(args, "float32")
@@ -91,7 +86,8 @@ def sign_agreement(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    engine, examples = _engine(args)
+    hf, tok, examples = _workload(args, args.dtype)
+    engine = Engine.from_hf(hf, tok, dtype=hf.dtype, device=args.device, kernels=args.kernels)
     base = dict(mode=args.mode, eps=1e-3, lr=1e-7, batch_size=args.batch_size, steps=10**6, seed=0)
     one_launch = MeZOTrainer(engine, MeZOConfig(n_spsa=args.n, **base))
     single = MeZOTrainer(engine, MeZOConfig(n_spsa=1, **base))  # same engine and adapter

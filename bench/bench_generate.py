@@ -47,8 +47,7 @@ RANDOM_CONFIGS = {"tiny": (256, 2048), "smollm2": (49152, 8192), "1b": (128256, 
 # with a different one, so no two prompts share a prefix the engine's prefix cache could reuse.
 PROMPTS = [
     'The capital of France is', 'Write a haiku about the sea.',
-    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
-    'Explain in simple terms why the sky is blue.',
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n', 'Explain in simple terms why the sky is blue.',
     'Once upon a time, in a small village at the edge of a great forest, there lived',
     'List five tips for staying productive while working from home:\n1.',
     "Translate to German: 'Where is the nearest train station?'", 'Q: What is 17 multiplied by 23?\nA:',

@@ -15,7 +15,7 @@ mean token log-prob; LM = mean token cross-entropy over the batch's targets.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -44,9 +44,7 @@ class ScoredBatch:
     num_options: list[int] | None
 
     def to(self, device: torch.device | str) -> "ScoredBatch":
-        move = {k: getattr(self, k).to(device) for k in ("input_ids", "attention_mask", "row", "col", "target", "seq")}
-        labels = None if self.labels is None else self.labels.to(device)
-        return ScoredBatch(**move, num_seqs=self.num_seqs, labels=labels, num_options=self.num_options)
+        return replace(self, **{k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor)})
 
 
 def build_scored_batch(examples: Sequence[ClassificationExample | LMExample], encode: Encode,
@@ -75,15 +73,10 @@ def build_scored_batch(examples: Sequence[ClassificationExample | LMExample], en
                        [len(r) for r, _ in per_example] if cls else None)
 
 
-def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(decoder body, LM head) of a causal LM, also under a PEFT wrapper."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return lm.get_decoder(), lm.get_output_embeddings()
-
-
 def scored_loss(model: torch.nn.Module, batch: ScoredBatch) -> torch.Tensor:
     """The batch's loss (fp32 scalar) from one forward; logits only at the scored positions."""
-    body, head = _body_and_head(model)
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # also under a PEFT wrapper
+    body, head = lm.get_decoder(), lm.get_output_embeddings()
     hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     logits = head(hidden[batch.row, batch.col]).float()                 # [scores, vocab]
     picked = logits.log_softmax(-1).gather(-1, batch.target[:, None])[:, 0]
