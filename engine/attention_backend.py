@@ -57,5 +57,10 @@ class AttentionBackend:
                                      max_seq_len=batch.max_seq_len, plan=plan)
 
     def decode(self, q, k_pool, v_pool, batch, sm_scale: float) -> torch.Tensor:
+        plan = None
+        if self.name == "torch" and q.shape[0]:  # as in extend: the gather rows and mask once per forward
+            heads, kv_heads, page_size = q.shape[1], k_pool.shape[2], k_pool.shape[1]
+            plan = batch.memo(("decode_plan", heads, kv_heads, page_size), lambda: attn.decode_plan_torch(
+                batch.page_table, batch.seq_lens, page_size, heads, kv_heads, batch.max_seq_len))
         return attn.decode_attention(q, k_pool, v_pool, batch.page_table, batch.seq_lens, sm_scale, impl=self.name,
-                                     max_seq_len=batch.max_seq_len)
+                                     max_seq_len=batch.max_seq_len, plan=plan)

@@ -28,15 +28,16 @@ import torch
 from ._triton import tl, triton  # a stand-in when Triton is not installed
 from torch import Tensor
 
-from kernels.attention_ref import (ExtendPlan, decode_attention_flash, decode_attention_torch,
-                                   extend_attention_flash, extend_attention_torch, extend_plan_torch,
-                                   flash_attn_available)
+from kernels.attention_ref import (ExtendPlan, SdpaPlan, decode_attention_flash, decode_attention_torch,
+                                   decode_plan_torch, extend_attention_flash, extend_attention_torch,
+                                   extend_plan_torch, flash_attn_available)
 from kernels.launch_config import decode_attention_config, extend_attention_config, target_of
 
 __all__ = [
     "extend_attention", "decode_attention", "extend_attention_torch", "decode_attention_torch",
     "extend_attention_triton", "decode_attention_triton", "flash_attn_available",
     "extend_attention_flash", "decode_attention_flash", "choose_num_kv_splits", "extend_plan_torch", "ExtendPlan",
+    "decode_plan_torch", "SdpaPlan",
 ]
 
 _LOG2E = 1.4426950408889634
@@ -321,13 +322,15 @@ def extend_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tens
 
 def decode_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tensor, seq_lens: Tensor,
                      sm_scale: float, impl: str = "auto", num_kv_splits: int | None = None,
-                     max_seq_len: int | None = None) -> Tensor:
+                     max_seq_len: int | None = None, plan: SdpaPlan | None = None) -> Tensor:
     """One query per sequence (at position seq_lens[b]-1) over its whole paged KV; [B, H, D].
-    `max_seq_len` (host int, >= every seq_lens[b]) avoids reading seq_lens on the host."""
+    `max_seq_len` (host int, >= every seq_lens[b]) avoids reading seq_lens on the host.
+    `plan` (torch impl only, ignored by the others): the batch's `decode_plan_torch`, shared by layers."""
     impl = _resolve(impl, q)
     if impl == "triton":
         return decode_attention_triton(q, k_pool, v_pool, page_table, seq_lens, sm_scale, num_kv_splits,
                                        max_seq_len=max_seq_len)
     if impl == "flash_attn":
         return decode_attention_flash(q, k_pool, v_pool, page_table, seq_lens, sm_scale)
-    return decode_attention_torch(q, k_pool, v_pool, page_table, seq_lens, sm_scale, max_seq_len=max_seq_len)
+    return decode_attention_torch(q, k_pool, v_pool, page_table, seq_lens, sm_scale, max_seq_len=max_seq_len,
+                                  plan=plan)

@@ -170,16 +170,32 @@ def extend_attention_torch(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table
     return o[plan.seq, plan.row]
 
 
+def decode_plan_torch(page_table: Tensor, seq_lens: Tensor, page_size: int, num_heads: int, num_kv_heads: int,
+                      max_seq_len: int | None = None) -> SdpaPlan:
+    """The `SdpaPlan` of a decode batch (one query per sequence at seq_lens[b]-1): every layer's
+    gather rows and mask, built once per forward pass (see `decode_attention_torch`)."""
+    kv_lens = seq_lens.long()
+    max_kv = int(kv_lens.max()) if max_seq_len is None else max_seq_len
+    return sdpa_plan((kv_lens - 1)[:, None], kv_lens, max_kv, page_table, page_size, num_heads, num_kv_heads)
+
+
 def decode_attention_torch(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tensor,
-                           seq_lens: Tensor, sm_scale: float, max_seq_len: int | None = None) -> Tensor:
-    """Reference decode attention: query b sits at position seq_lens[b]-1 and sees all its kv."""
+                           seq_lens: Tensor, sm_scale: float, max_seq_len: int | None = None,
+                           plan: SdpaPlan | None = None) -> Tensor:
+    """Reference decode attention: query b sits at position seq_lens[b]-1 and sees all its kv.
+    `plan`: the batch's `decode_plan_torch` (built here when None). Raises ValueError when a given
+    plan does not fit q."""
     _check_heads(q, k_pool)
     if q.shape[0] == 0:
         return torch.empty_like(q)
+    if plan is None:
+        plan = decode_plan_torch(page_table, seq_lens, k_pool.shape[1], q.shape[1], k_pool.shape[2], max_seq_len)
+    elif plan.bsz != q.shape[0] or plan.lq != 1 or plan.group != q.shape[1] // k_pool.shape[2]:
+        raise ValueError(f"decode plan for {plan.bsz} x {plan.lq} queries / group {plan.group} used with "
+                         f"q {tuple(q.shape)}")
     kv_lens = seq_lens.long()
-    max_kv = int(kv_lens.max()) if max_seq_len is None else max_seq_len
-    o = _paged_sdpa(q[:, None], (kv_lens - 1)[:, None], kv_lens, max_kv, k_pool, v_pool,
-                    page_table, sm_scale)
+    o = _paged_sdpa(q[:, None], (kv_lens - 1)[:, None], kv_lens, plan.max_kv, k_pool, v_pool,
+                    page_table, sm_scale, plan)
     return o[:, 0]
 
 

@@ -15,6 +15,7 @@ compiled GPU kernels may use approximate log/cos instructions), so "equal" means
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -34,6 +35,7 @@ _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85      # Philox-4x32 key bumps (Weyl seque
 _N_ROUNDS = 10
 _CHUNK = 1 << 16  # elements per pass: four int64 [2, chunk] scratch buffers (4 MiB) stay cache-resident
 _FUSED_CHUNK = 1 << 16  # the compiled Philox's fixed chunk (one compilation; other sizes run eager)
+_FILL_SEGMENTS = 64  # randn_segments: chunks with fewer segments fill keys per segment
 _UNIFORM_SCALE = 4.6566127342e-10  # Triton's uint_to_uniform_float scale for 32-bit words
 
 
@@ -106,11 +108,10 @@ def _uniform(w: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
 
 
 def _philox_words01_fused(k0: torch.Tensor, k1: torch.Tensor, ctr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same two words as `_philox_rounds` for int64 [_FUSED_CHUNK] keys (k0, k1: lo/hi words of
+    """The same two words as `_philox_rounds` for int64 [] or [_FUSED_CHUNK] keys (k0, k1: lo/hi words of
     each element's seed) and counters, written as one expression for torch.compile, so inductor
-    fuses the 10 rounds into one loop. Integer ops only: the result is exact, like eager. Per-element
-    keys let one compiled graph serve one tensor's chunk (constant keys) and a batched pass over
-    many small tensors alike."""
+    fuses the 10 rounds into one loop. Integer ops only: the result is exact, like eager. Keys of
+    one seed ([]) serve one tensor's chunk; per-element keys the batched pass over many tensors."""
     c0, c1 = ctr & _M32, ctr >> 32
     c2 = c3 = torch.zeros_like(ctr)
     for _ in range(_N_ROUNDS):
@@ -123,65 +124,92 @@ def _philox_words01_fused(k0: torch.Tensor, k1: torch.Tensor, ctr: torch.Tensor)
     return c0, c1
 
 
-class _CompiledPhilox:
-    """torch.compile'd Philox for full CPU chunks: ~13x faster than the eager ops, which matters
-    when full-parameter MeZO regenerates z for 10^8 weights a step. Compiled on first use (once per
-    process, ~20 s, then cached by inductor on disk); any failure falls back to eager for good.
-    MEZO_COMPILE_NOISE=0 turns it off."""
+def _uniform_expr(w: torch.Tensor) -> torch.Tensor:
+    """`_uniform` as one expression (for torch.compile): the same integer ops, then the same float32
+    conversion and float32 product, so the same bits."""
+    return (w ^ ((-(w >> 31)) & _M32)).to(torch.float32) * _UNIFORM_SCALE
+
+
+def _uniforms_fused(k0: torch.Tensor, k1: torch.Tensor, ctr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Box-Muller's two float32 inputs (u1 clamped to >= 1e-7, and theta = 2*pi*u2) for _FUSED_CHUNK
+    counters, written for torch.compile: Philox, the uint-to-float map and both products in one loop.
+
+    ``k0``/``k1``: int64, [] (one seed) or [_FUSED_CHUNK] (per-element keys); ``ctr``: int64
+    [_FUSED_CHUNK] counters, or [] = the first of _FUSED_CHUNK consecutive counters (generated in the
+    loop, never stored). Integer ops plus IEEE float32 conversion and products: exactly eager's bits.
+    log and cos stay eager in float64 (`_normal`): inductor's versions differ from eager's in the last
+    bit for ~0.6 % of values."""
+    if ctr.dim() == 0:
+        ctr = ctr + torch.arange(_FUSED_CHUNK, dtype=torch.int64, device=ctr.device)
+    w0, w1 = _philox_words01_fused(k0, k1, ctr)
+    return torch.clamp_min(_uniform_expr(w0), 1.0e-7), _uniform_expr(w1) * 6.283185307179586
+
+
+class _CompiledUniforms:
+    """torch.compile'd `_uniforms_fused` for full CPU chunks: the eager integer ops are ~40 tiny
+    passes over the chunk, the compiled loop one (full-parameter MeZO regenerates z for 10^8 weights a
+    step; a LoRA step has ~10 chunks). Compiled on first use (once per process, ~20 s, then cached by
+    inductor on disk); each input form (one seed / per-element keys) is checked once against the eager
+    ops, and any failure falls back to eager for good. MEZO_COMPILE_NOISE=0 turns it off."""
 
     def __init__(self) -> None:
         self.fn = None
         self.enabled = os.environ.get("MEZO_COMPILE_NOISE", "1") != "0"
+        self._checked: set[tuple[int, int]] = set()
 
     def __call__(self, seed: int, start: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Words 0/1 of one seed for counters start..start+_FUSED_CHUNK-1, or None (use eager)."""
+        """(u1, theta) of one seed for counters start..start+_FUSED_CHUNK-1, or None (use eager)."""
         if not self.enabled:
             return None
-        k0 = torch.full((_FUSED_CHUNK,), seed & _M32, dtype=torch.int64)
-        k1 = torch.full((_FUSED_CHUNK,), (seed >> 32) & _M32, dtype=torch.int64)
-        return self.keyed(k0, k1, torch.arange(start, start + _FUSED_CHUNK, dtype=torch.int64))
+        scalar = functools.partial(torch.tensor, dtype=torch.int64)
+        return self.keyed(scalar(seed & _M32), scalar((seed >> 32) & _M32), scalar(start))
 
     def keyed(self, k0: torch.Tensor, k1: torch.Tensor, ctr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Words 0/1 for per-element keys and counters (CPU int64 [_FUSED_CHUNK] each), or None."""
+        """(u1, theta) for keys and counters as `_uniforms_fused` takes them (CPU), or None."""
         if not self.enabled:
             return None
         try:
-            first_use = self.fn is None
-            if first_use:
-                self.fn = torch.compile(_philox_words01_fused, dynamic=False)
-            words = self.fn(k0, k1, ctr)
-            if first_use:  # one eager chunk (~4 ms) guards the noise contract against a miscompile
+            if self.fn is None:
+                self.fn = torch.compile(_uniforms_fused, dynamic=False)
+            out = self.fn(k0, k1, ctr)
+            form = (k0.dim(), ctr.dim())
+            if form not in self._checked:  # one eager chunk guards the noise contract against a miscompile
+                full = ctr + torch.arange(_FUSED_CHUNK, dtype=torch.int64) if ctr.dim() == 0 else ctr
                 bufs = [torch.empty(2, _FUSED_CHUNK, dtype=torch.int64) for _ in range(4)]
-                e0, e1, _ = _philox_rounds(k0, k1, ctr, bufs)
-                if not (torch.equal(words[0], e0) and torch.equal(words[1], e1)):
+                keys = [k.expand(_FUSED_CHUNK).clone() for k in (k0, k1)]
+                w0, w1, scratch = _philox_rounds(keys[0], keys[1], full, bufs)
+                eager = _uniforms(w0, w1, scratch)
+                if not all(torch.equal(a, b) for a, b in zip(out, eager)):
                     raise RuntimeError("compiled Philox disagrees with the eager one")
-            return words
+                self._checked.add(form)
+            return out
         except Exception as err:  # no compiler, unsupported platform, ...: eager still gives the same bits
             warnings.warn(f"compiled Philox unavailable, using eager torch ops ({type(err).__name__}: {err})")
             self.enabled = False
             return None
 
 
-_compiled_philox = _CompiledPhilox()
+_compiled_philox = _CompiledUniforms()
 
 
 def _randn_flat(seed: int, start: int, bufs: list[torch.Tensor], compiled: bool = False) -> torch.Tensor:
     """Normals for counters start..start+n-1 where n = bufs[0].shape[1]."""
-    words = _compiled_philox(seed, start) if compiled else None
-    if words is not None:
-        w0, w1 = words
-        scratch = bufs[2]
-    else:
-        w0, w1, scratch = _philox_words01(seed, start, bufs)
-    return _box_muller(w0, w1, scratch)
+    uniforms = _compiled_philox(seed, start) if compiled else None
+    if uniforms is None:
+        uniforms = _uniforms(*_philox_words01(seed, start, bufs))
+    return _normal(*uniforms)
 
 
-def _box_muller(w0: torch.Tensor, w1: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """tl.randn's normal from Philox words 0/1 (int64 [n] in [0, 2^32)); scratch: int64 [2, n]."""
-    u1 = torch.clamp_min(_uniform(w0, scratch[0]), 1.0e-7)
-    th = _uniform(w1, scratch[1]) * 6.283185307179586
-    # float32 ops, each result correctly rounded: log and cos through float64, *(-2) (exact), sqrt
-    # (IEEE float32 sqrt is correctly rounded, as rounding the float64 one would be), one product
+def _uniforms(w0: torch.Tensor, w1: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """tl.randn's Box-Muller inputs from Philox words 0/1 (int64 [n] in [0, 2^32); scratch: int64
+    [2, n]): u1 (float32, clamped to >= 1e-7) and theta = 2*pi*u2 (float32)."""
+    return torch.clamp_min(_uniform(w0, scratch[0]), 1.0e-7), _uniform(w1, scratch[1]) * 6.283185307179586
+
+
+def _normal(u1: torch.Tensor, th: torch.Tensor) -> torch.Tensor:
+    """tl.randn's normal sqrt(-2 log u1) cos(theta) from float32 u1, theta: float32 ops, each result
+    correctly rounded: log and cos through float64, *(-2) (exact), sqrt (IEEE float32 sqrt is
+    correctly rounded, as rounding the float64 one would be), one product."""
     lg = torch.log(u1.double()).float()
     r = torch.sqrt(lg * -2.0)
     c = torch.cos(th.double()).float()
@@ -237,35 +265,42 @@ def randn_segments(seeds: Sequence[int], numels: Sequence[int],
     starts = [0] * len(sizes)
     for j in range(1, len(sizes)):
         starts[j] = starts[j - 1] + sizes[j - 1]
-    lo = torch.tensor([k & _M32 for k in keys], dtype=torch.int64, device=device)
-    hi = torch.tensor([k >> 32 for k in keys], dtype=torch.int64, device=device)
-    first = torch.tensor(starts, dtype=torch.int64, device=device)
+    tables: list[torch.Tensor] = []  # lo, hi, first per segment: only for chunks of many segments
     full = [torch.empty(2, min(total, _CHUNK), dtype=torch.int64, device=device) for _ in range(4)]
+    per_element = torch.empty(3, min(total, _CHUNK), dtype=torch.int64, device=device)
     compiled = device.type == "cpu" and _CHUNK == _FUSED_CHUNK
     j = 0  # the first segment that reaches into the current chunk
     for a in range(0, total, _CHUNK):
         b = min(a + _CHUNK, total)
+        m = b - a
         while starts[j] + sizes[j] <= a:
             j += 1
         last = j
         while last + 1 < len(sizes) and starts[last + 1] < b:
             last += 1
-        # each overlapping segment's element count inside [a, b) (0 for empty tensors)
-        counts = torch.tensor([min(starts[i] + sizes[i], b) - max(starts[i], a) for i in range(j, last + 1)],
-                              dtype=torch.int64, device=device)
-        k0 = torch.repeat_interleave(lo[j:last + 1], counts, output_size=b - a)
-        k1 = torch.repeat_interleave(hi[j:last + 1], counts, output_size=b - a)
-        ctr = torch.arange(a, b, dtype=torch.int64, device=device)
-        ctr -= torch.repeat_interleave(first[j:last + 1], counts, output_size=b - a)
-        m = b - a
-        bufs = full if m == full[0].shape[1] else [x[:, :m] for x in full]
-        words = _compiled_philox.keyed(k0, k1, ctr) if compiled and m == _FUSED_CHUNK else None
-        if words is not None:
-            w0, w1 = words
-            scratch = bufs[2]
-        else:
-            w0, w1, scratch = _philox_rounds(k0, k1, ctr, bufs)
-        out[a:b] = _box_muller(w0, w1, scratch)
+        # every element's key words and its counter (index inside its own tensor)
+        k0, k1, ctr = per_element[:, :m]
+        torch.arange(a, b, out=ctr)
+        if last - j < _FILL_SEGMENTS:  # a few segments: three slice ops each
+            for i in range(j, last + 1):
+                lo_i, hi_i = max(starts[i], a) - a, min(starts[i] + sizes[i], b) - a
+                k0[lo_i:hi_i] = keys[i] & _M32
+                k1[lo_i:hi_i] = keys[i] >> 32
+                ctr[lo_i:hi_i] -= starts[i]
+        else:  # many tiny segments: three repeat_interleave passes, whatever their number
+            if not tables:
+                tables = [torch.tensor(v, dtype=torch.int64, device=device)
+                          for v in ([k & _M32 for k in keys], [k >> 32 for k in keys], starts)]
+            counts = torch.tensor([min(starts[i] + sizes[i], b) - max(starts[i], a) for i in range(j, last + 1)],
+                                  dtype=torch.int64, device=device)
+            for dst, table, sub in ((k0, tables[0], False), (k1, tables[1], False), (ctr, tables[2], True)):
+                spread = torch.repeat_interleave(table[j:last + 1], counts, output_size=m)
+                dst.sub_(spread) if sub else dst.copy_(spread)
+        uniforms = _compiled_philox.keyed(k0, k1, ctr) if compiled and m == _FUSED_CHUNK else None
+        if uniforms is None:
+            bufs = full if m == full[0].shape[1] else [x[:, :m] for x in full]
+            uniforms = _uniforms(*_philox_rounds(k0, k1, ctr, bufs))
+        out[a:b] = _normal(*uniforms)
     return out
 
 

@@ -83,7 +83,7 @@ def test_chunking_is_invisible(monkeypatch):
 def test_compiled_philox_gives_the_eager_bits(monkeypatch):
     """Full CPU chunks go through torch.compile'd Philox (the CPU full-parameter path's speed);
     it must give exactly the eager words, hence the same z, for any seed and offset."""
-    compiled = noise._CompiledPhilox()
+    compiled = noise._CompiledUniforms()
     compiled.enabled = True
     monkeypatch.setattr(noise, "_compiled_philox", compiled)
     n = 2 * noise._FUSED_CHUNK + 123
@@ -92,12 +92,18 @@ def test_compiled_philox_gives_the_eager_bits(monkeypatch):
         assert compiled.enabled and compiled.fn is not None, "the compiled path did not run"
         # the batched pass over many tensors (per-element keys) runs the same compiled graph
         fast_seg = noise.randn_segments([seed, 3, seed + 1], [n - 77, 77, noise._FUSED_CHUNK + 5])
+        # a full chunk of more than _FILL_SEGMENTS tensors (keys spread by repeat_interleave)
+        many = [seed + i for i in range(2 * noise._FILL_SEGMENTS)], [noise._FUSED_CHUNK // 64] * 128
+        fast_many = noise.randn_segments(*many)
         compiled.enabled = False
         slow = randn(seed, n, offset=offset)
         slow_seg = torch.cat([randn(seed, n - 77), randn(3, 77), randn(seed + 1, noise._FUSED_CHUNK + 5)])
+        slow_many = torch.cat([randn(s, k) for s, k in zip(*many)])
         compiled.enabled = True
         assert torch.equal(fast, slow)
         assert torch.equal(fast_seg, slow_seg)
+        assert torch.equal(fast_many, slow_many)
+    assert compiled._checked == {(0, 0), (1, 1)}, "both compiled input forms ran and were checked"
 
 
 def test_empty_and_bad_offset():

@@ -38,6 +38,14 @@ def test_segments_across_many_chunk_boundaries(monkeypatch):
     _segments_equal_randn([derive_seed(7, i) for i in range(len(shapes))], shapes)
 
 
+def test_segments_many_tensors_in_one_chunk(monkeypatch):
+    """Chunks holding more than _FILL_SEGMENTS tensors spread the keys with repeat_interleave instead
+    of per-tensor fills; both give the per-tensor randn bits (small chunks: many chunks of each kind)."""
+    monkeypatch.setattr(noise, "_CHUNK", 256)
+    shapes = [(1 + i % 5,) for i in range(3 * noise._FILL_SEGMENTS)] + [(700,)] + [(2, 3)] * 100
+    _segments_equal_randn([derive_seed(5, i) for i in range(len(shapes))], shapes)
+
+
 def test_segments_bad_input():
     assert randn_segments([], []).shape == (0,)
     with pytest.raises(ValueError, match="seeds"):
