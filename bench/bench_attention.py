@@ -193,7 +193,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print("GPU figures pending: this run exercises the script and the torch path only.")
         decode, (ext_batches, prefix, new) = ((1, 4), (128, 512)), ((1, 2), 64, 16)
     else:
-        args.dtype, dev, args.copy_gbps = torch.bfloat16, "cuda", copy_gbps()
+        args.dtype, dev = torch.bfloat16, str(resolve_device(args.device))
+        if torch.device(dev).index is not None:  # copy_gbps and every launch below run on the chosen GPU
+            torch.cuda.set_device(dev)
+        args.copy_gbps = copy_gbps()
         print(f"device: {torch.cuda.get_device_name()}, copy {args.copy_gbps:.0f} GB/s, "
               f"flash-attn: {flash_attn_available()}")
         decode, (ext_batches, prefix, new) = (DECODE_BATCHES, DECODE_CONTEXTS), (EXTEND_BATCHES, 1024, 64)

@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin each process to its own core")
     p.add_argument("--no-ceiling", dest="ceiling", action="store_false",
                    help="skip the independent-processes ceiling row")
-    p.set_defaults(device="cpu")
+    p.set_defaults(device="cpu", dtype="float32")  # fp32 on every device, as the committed figures
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: where the ranks write
     p.add_argument("--shard", type=int, nargs=2, default=None, help=argparse.SUPPRESS)  # internal: ceiling (r, n)
     args = resolve_standard_args(p.parse_args(argv), {"threads": 1}, {"threads": 1})
@@ -269,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", f"Target: 2-rank scaling >= {t['target']}x: {t['value']:.2f}x, "
                       f"{'met' if t['met'] else 'NOT met'}"]
     jpath, mpath = write_results("distributed", payload, "\n".join(lines), title="Data-parallel MeZO-LoRA scaling",
-                                 device=args.device, script=__file__, argv=argv, out_dir=args.out_dir)
+                                 device=args.device, script=__file__, argv=argv, out_dir=args.out_dir,
+                                 variant="_quick" if args.quick else "")  # a toy run never replaces the figures
     print("\n".join(lines))
     print(f"wrote {jpath} and {mpath}")
     return 0

@@ -81,7 +81,10 @@ def cpu_model() -> str:
 
 def loadavg() -> list[float] | None:
     """The 1/5/15-minute load average, or None where the OS has none."""
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):  # no getloadavg on this OS, or it could not be read
+        return None
 
 
 def _git(*args: str) -> str | None:
@@ -211,8 +214,7 @@ def timed(fn: Callable[[], Any], device: str | torch.device) -> tuple[Any, float
 # -- results --------------------------------------------------------------------------------------------
 def run_metadata(device: str | torch.device, script: str | Path, argv: Sequence[str] | None) -> dict[str, Any]:
     """What every result file carries: how to reproduce it and where it ran."""
-    from importlib.metadata import version
-    from importlib.util import find_spec as distribution_exists
+    from importlib.metadata import PackageNotFoundError, version
 
     dev = resolve_device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model()
@@ -227,7 +229,10 @@ def run_metadata(device: str | torch.device, script: str | Path, argv: Sequence[
             "platform": platform.platform(), "loadavg": loadavg(), "python": platform.python_version(),
             "torch": torch.__version__}
     for pkg in ("triton", "transformers", "peft"):
-        meta[pkg] = version(pkg) if distribution_exists(pkg) else None
+        try:  # (nightly / ROCm torch ship Triton as pytorch-triton: the module exists, this distribution not)
+            meta[pkg] = version(pkg)
+        except PackageNotFoundError:
+            meta[pkg] = None
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
         meta.update(gpu_name=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
