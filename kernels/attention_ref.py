@@ -77,13 +77,13 @@ def sdpa_plan(q_pos: Tensor, kv_lens: Tensor, max_kv: int, page_table: Tensor, p
     return SdpaPlan(rows, mask, bsz, lq, max_kv, group)
 
 
-def _paged_sdpa(q_pad: Tensor, q_pos: Tensor, kv_lens: Tensor, max_kv: int, k_pool: Tensor,
+def _paged_sdpa(q_pad: Tensor, q_pos: Tensor | None, kv_lens: Tensor | None, max_kv: int, k_pool: Tensor,
                 v_pool: Tensor, page_table: Tensor, sm_scale: float, plan: SdpaPlan | None = None) -> Tensor:
     """Causal attention of padded queries q_pad [B, Lq, H, D] at positions q_pos [B, Lq].
 
     Query (b, i) sees kv positions j with j <= q_pos[b, i] and j < kv_lens[b]. Returns
     [B, Lq, H, D]; rows of padding queries hold unspecified values. ``plan``: `sdpa_plan` of the
-    same arguments, when the caller has it already.
+    same arguments, when the caller has it already (then q_pos and kv_lens are not read).
     """
     bsz, lq, num_heads, head_dim = q_pad.shape
     num_kv_heads = k_pool.shape[2]
@@ -193,9 +193,8 @@ def decode_attention_torch(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table
     elif plan.bsz != q.shape[0] or plan.lq != 1 or plan.group != q.shape[1] // k_pool.shape[2]:
         raise ValueError(f"decode plan for {plan.bsz} x {plan.lq} queries / group {plan.group} used with "
                          f"q {tuple(q.shape)}")
-    kv_lens = seq_lens.long()
-    o = _paged_sdpa(q[:, None], (kv_lens - 1)[:, None], kv_lens, plan.max_kv, k_pool, v_pool,
-                    page_table, sm_scale, plan)
+    # positions and lengths are only read to build a plan, which exists by now
+    o = _paged_sdpa(q[:, None], None, None, plan.max_kv, k_pool, v_pool, page_table, sm_scale, plan)
     return o[:, 0]
 
 

@@ -34,9 +34,10 @@ _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57  # Philox-4x32 multipliers
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85      # Philox-4x32 key bumps (Weyl sequence)
 _N_ROUNDS = 10
 _CHUNK = 1 << 16  # elements per pass: four int64 [2, chunk] scratch buffers (4 MiB) stay cache-resident
-_FUSED_CHUNK = 1 << 16  # the compiled Philox's fixed chunk (one compilation; other sizes run eager)
-_FILL_SEGMENTS = 64  # randn_segments: chunks with fewer segments fill keys per segment
+_FUSED_CHUNK = 1 << 16  # the compiled Philox's fixed chunk (one graph per key form; other sizes run eager)
+_FILL_SEGMENTS = 64  # randn_segments: chunks of at most this many segments fill keys per segment
 _UNIFORM_SCALE = 4.6566127342e-10  # Triton's uint_to_uniform_float scale for 32-bit words
+_U1_MIN, _TWO_PI = 1.0e-7, 6.283185307179586  # tl.randn's clamp of u1 and 2*pi (one place: both paths)
 
 
 def _numel(shape: int | Sequence[int]) -> tuple[tuple[int, ...], int]:
@@ -142,7 +143,7 @@ def _uniforms_fused(k0: torch.Tensor, k1: torch.Tensor, ctr: torch.Tensor) -> tu
     if ctr.dim() == 0:
         ctr = ctr + torch.arange(_FUSED_CHUNK, dtype=torch.int64, device=ctr.device)
     w0, w1 = _philox_words01_fused(k0, k1, ctr)
-    return torch.clamp_min(_uniform_expr(w0), 1.0e-7), _uniform_expr(w1) * 6.283185307179586
+    return torch.clamp_min(_uniform_expr(w0), _U1_MIN), _uniform_expr(w1) * _TWO_PI
 
 
 class _CompiledUniforms:
@@ -203,7 +204,7 @@ def _randn_flat(seed: int, start: int, bufs: list[torch.Tensor], compiled: bool 
 def _uniforms(w0: torch.Tensor, w1: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """tl.randn's Box-Muller inputs from Philox words 0/1 (int64 [n] in [0, 2^32); scratch: int64
     [2, n]): u1 (float32, clamped to >= 1e-7) and theta = 2*pi*u2 (float32)."""
-    return torch.clamp_min(_uniform(w0, scratch[0]), 1.0e-7), _uniform(w1, scratch[1]) * 6.283185307179586
+    return torch.clamp_min(_uniform(w0, scratch[0]), _U1_MIN), _uniform(w1, scratch[1]) * _TWO_PI
 
 
 def _normal(u1: torch.Tensor, th: torch.Tensor) -> torch.Tensor:
@@ -226,6 +227,8 @@ def randn(seed: int, shape: int | Sequence[int], offset: int = 0, device: torch.
     shape, n = _numel(shape)
     if offset < 0:
         raise ValueError("offset must be non-negative")
+    if offset + n > 2**63 - 1:  # int64 counters (the compiled path would wrap instead of failing)
+        raise ValueError(f"offset + numel = {offset + n} does not fit int64 counters")
     device = torch.device(device) if device is not None else torch.device("cpu")
     seed = int(seed) & _M64
     out = torch.empty(n, dtype=torch.float32, device=device)

@@ -87,17 +87,17 @@ def test_compiled_philox_gives_the_eager_bits(monkeypatch):
     compiled.enabled = True
     monkeypatch.setattr(noise, "_compiled_philox", compiled)
     n = 2 * noise._FUSED_CHUNK + 123
-    for seed, offset in ((7, 0), (derive_seed(5, 3), 2**31 - n), (2**40 + 9, 2**32 + 1)):
+    for seed, offset in ((7, 0), (derive_seed(5, 3), 2**31 - n), (2**40 + 9, 2**32 + 1), (2**64 - 1, 3)):
         fast = randn(seed, n, offset=offset)
         assert compiled.enabled and compiled.fn is not None, "the compiled path did not run"
         # the batched pass over many tensors (per-element keys) runs the same compiled graph
-        fast_seg = noise.randn_segments([seed, 3, seed + 1], [n - 77, 77, noise._FUSED_CHUNK + 5])
+        fast_seg = noise.randn_segments([seed, 3, 4, seed + 1], [n - 77, 77, 0, noise._FUSED_CHUNK + 5])
         # a full chunk of more than _FILL_SEGMENTS tensors (keys spread by repeat_interleave)
-        many = [seed + i for i in range(2 * noise._FILL_SEGMENTS)], [noise._FUSED_CHUNK // 64] * 128
+        many = [seed + i for i in range(4 * noise._FILL_SEGMENTS)], [noise._FUSED_CHUNK // 128] * 256
         fast_many = noise.randn_segments(*many)
         compiled.enabled = False
         slow = randn(seed, n, offset=offset)
-        slow_seg = torch.cat([randn(seed, n - 77), randn(3, 77), randn(seed + 1, noise._FUSED_CHUNK + 5)])
+        slow_seg = torch.cat([randn(seed, n - 77), randn(3, 77), randn(4, 0), randn(seed + 1, noise._FUSED_CHUNK + 5)])
         slow_many = torch.cat([randn(s, k) for s, k in zip(*many)])
         compiled.enabled = True
         assert torch.equal(fast, slow)
@@ -110,6 +110,8 @@ def test_empty_and_bad_offset():
     assert randn(1, (0, 3)).shape == (0, 3)
     with pytest.raises(ValueError):
         randn(1, 4, offset=-1)
+    with pytest.raises(ValueError, match="int64"):  # counters must not wrap (the compiled path would)
+        randn(1, 4, offset=2**63 - 3)
 
 
 def test_looks_standard_normal():
