@@ -138,8 +138,9 @@ def _uniforms_fused(k0: torch.Tensor, k1: torch.Tensor, ctr: torch.Tensor) -> tu
     ``k0``/``k1``: int64, [] (one seed) or [_FUSED_CHUNK] (per-element keys); ``ctr``: int64
     [_FUSED_CHUNK] counters, or [] = the first of _FUSED_CHUNK consecutive counters (generated in the
     loop, never stored). Integer ops plus IEEE float32 conversion and products: exactly eager's bits.
-    log and cos stay eager in float64 (`_normal`): inductor's versions differ from eager's in the last
-    bit for ~0.6 % of values."""
+    The rest of Box-Muller stays eager (`_normal`): compiling it whole changed the last bit of ~0.6 %
+    of values (the float32 roundings between its steps), and a compiled float64 log/cos alone matched
+    eager but ran slower."""
     if ctr.dim() == 0:
         ctr = ctr + torch.arange(_FUSED_CHUNK, dtype=torch.int64, device=ctr.device)
     w0, w1 = _philox_words01_fused(k0, k1, ctr)
