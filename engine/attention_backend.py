@@ -49,12 +49,22 @@ class AttentionBackend:
         if self.name == "torch" and q.shape[0] and batch.page_table.shape[0]:
             # the index tensors and mask depend on the batch only: built by the first layer, reused
             heads, kv_heads, page_size = q.shape[1], k_pool.shape[2], k_pool.shape[1]
-            plan = batch.memo(("extend_plan", heads, kv_heads, page_size), lambda: attn.extend_plan_torch(
-                q.shape[0], batch.page_table, batch.qo_indptr, batch.prefix_lens, page_size, heads, kv_heads,
-                batch.max_extend_len, batch.max_seq_len))
+            plan = batch.memo(("extend_plan", heads, kv_heads, page_size),
+                              lambda: self._extend_plan(q.shape[0], batch, page_size, heads, kv_heads))
         return attn.extend_attention(q, k_pool, v_pool, batch.page_table, batch.qo_indptr, batch.prefix_lens,
                                      sm_scale, impl=self.name, max_extend_len=batch.max_extend_len,
                                      max_seq_len=batch.max_seq_len, plan=plan)
+
+    @staticmethod
+    def _extend_plan(num_tokens: int, batch, page_size: int, heads: int, kv_heads: int):
+        # a pass mixing long and short sequences gets one padded SDPA per group of similar sizes
+        if batch.extend_lens_host is not None and batch.seq_lens_host is not None:
+            groups = attn.extend_groups_torch(batch.page_table, batch.qo_indptr, batch.prefix_lens,
+                                              batch.extend_lens_host, batch.seq_lens_host, page_size, heads, kv_heads)
+            if groups is not None:
+                return groups
+        return attn.extend_plan_torch(num_tokens, batch.page_table, batch.qo_indptr, batch.prefix_lens, page_size,
+                                      heads, kv_heads, batch.max_extend_len, batch.max_seq_len)
 
     def decode(self, q, k_pool, v_pool, batch, sm_scale: float) -> torch.Tensor:
         plan = None

@@ -121,6 +121,8 @@ class ForwardBatch:
     # device tensor back (a GPU sync) to learn them. None = unknown (the kernels then read them).
     max_extend_len: int | None = None  # most new tokens of one sequence
     max_seq_len: int | None = None  # most prefix + new tokens of one sequence
+    extend_lens_host: list[int] | None = field(default=None, repr=False)  # new tokens per sequence
+    seq_lens_host: list[int] | None = field(default=None, repr=False)  # prefix + new tokens per sequence
     perturbation: Perturbation | None = None
     # values derived from this metadata alone that every layer needs (RoPE tables, the torch
     # attention plan): built by the first layer that asks (`memo`), reused by the others
@@ -220,6 +222,8 @@ def build_forward_batch(
         qo_indptr=as_tensor(qo_indptr, torch.int32),
         logits_indices=as_tensor(logits_indices, torch.int64),
         max_extend_len=max_extend_len,
+        extend_lens_host=[len(t) for t in tokens],
+        seq_lens_host=seq_lens,
         max_seq_len=max_seq_len,
         perturbation=perturbation,
     )

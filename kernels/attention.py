@@ -28,16 +28,17 @@ import torch
 from ._triton import tl, triton  # a stand-in when Triton is not installed
 from torch import Tensor
 
-from kernels.attention_ref import (ExtendPlan, SdpaPlan, decode_attention_flash, decode_attention_torch,
-                                   decode_plan_torch, extend_attention_flash, extend_attention_torch,
-                                   extend_plan_torch, flash_attn_available)
+from kernels.attention_ref import (ExtendGroup, ExtendPlan, SdpaPlan, decode_attention_flash,
+                                   decode_attention_torch, decode_plan_torch, extend_attention_flash,
+                                   extend_attention_torch, extend_groups_torch, extend_plan_torch,
+                                   flash_attn_available)
 from kernels.launch_config import decode_attention_config, extend_attention_config, target_of
 
 __all__ = [
     "extend_attention", "decode_attention", "extend_attention_torch", "decode_attention_torch",
     "extend_attention_triton", "decode_attention_triton", "flash_attn_available",
     "extend_attention_flash", "decode_attention_flash", "choose_num_kv_splits", "extend_plan_torch", "ExtendPlan",
-    "decode_plan_torch", "SdpaPlan",
+    "decode_plan_torch", "SdpaPlan", "extend_groups_torch", "ExtendGroup",
 ]
 
 _LOG2E = 1.4426950408889634
@@ -300,14 +301,15 @@ def _resolve(impl: str, q: Tensor) -> str:
 
 def extend_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tensor, qo_indptr: Tensor,
                      prefix_lens: Tensor, sm_scale: float, impl: str = "auto", max_extend_len: int | None = None,
-                     max_seq_len: int | None = None, plan: ExtendPlan | None = None) -> Tensor:
+                     max_seq_len: int | None = None, plan: ExtendPlan | list[ExtendGroup] | None = None) -> Tensor:
     """New tokens (ragged rows of q, split by qo_indptr) attend causally to their cached prefix and
     to themselves; returns [T, H, D] in q's dtype.
 
     `max_extend_len` (most new tokens of one sequence) and `max_seq_len` (most prefix + new tokens)
     are host ints the caller knows from building the batch; given, no implementation reads a device
     tensor on the host (no GPU sync). They must be exact upper bounds, or rows are skipped.
-    `plan` (torch impl only, ignored by the others): the batch's `extend_plan_torch`, shared by layers.
+    `plan` (torch impl only, ignored by the others): the batch's `extend_plan_torch` or
+    `extend_groups_torch`, shared by layers.
     """
     impl = _resolve(impl, q)
     if impl == "triton":

@@ -13,6 +13,7 @@ repeating kv heads (head h reads kv head h // G) while the KV is gathered once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -147,19 +148,104 @@ def extend_plan_torch(num_tokens: int, page_table: Tensor, qo_indptr: Tensor, pr
     return ExtendPlan(rows, q_pos, kv_lens, sdpa, seq, row, num_tokens)
 
 
+PADDING_WASTE = 2.0  # group_by_padding: padding a sequence may cost this many times its own attention
+SPLIT_MIN_AREA = 1 << 16  # ... or this many (query, key) pairs: below it another SDPA call costs more
+
+
+def group_by_padding(ext_lens: Sequence[int], kv_lens: Sequence[int], waste: float = PADDING_WASTE,
+                     min_area: int = SPLIT_MIN_AREA) -> list[list[int]]:
+    """Sequences of one extend pass cut into groups for the padded SDPA of the torch path.
+
+    One SDPA call pads every sequence to the longest extend (queries) and the longest prefix + extend
+    (keys): a pass mixing 795-token prompts with 36-token suffixes computes ~20x its real attention.
+    Sequences are taken largest (ext * kv) first; one joins the current group when the padded area
+    it adds, (count * max ext * max kv) after minus before, is at most ``waste`` times its own
+    ext * kv or at most ``min_area``; else it starts a new group. Returns lists of sequence indices
+    (a single list: no split needed)."""
+    order = sorted(range(len(ext_lens)), key=lambda b: -ext_lens[b] * kv_lens[b])
+    groups: list[list[int]] = []
+    max_ext = max_kv = 0
+    for b in order:
+        e, k = ext_lens[b], kv_lens[b]
+        if groups:
+            n, me, mk = len(groups[-1]), max(max_ext, e), max(max_kv, k)
+            added = (n + 1) * me * mk - n * max_ext * max_kv
+            if added <= max(waste * e * k, min_area):
+                groups[-1].append(b)
+                max_ext, max_kv = me, mk
+                continue
+        groups.append([b])
+        max_ext, max_kv = e, k
+    return groups
+
+
+@dataclass(frozen=True)
+class ExtendGroup:
+    """One group of `group_by_padding`: the rows of q it owns (``tokens``, int64 [T_g]), its
+    sequences' metadata as a batch of their own, and that batch's `ExtendPlan`."""
+
+    tokens: Tensor
+    page_table: Tensor
+    qo_indptr: Tensor
+    prefix_lens: Tensor
+    plan: ExtendPlan
+
+
+def extend_groups_torch(page_table: Tensor, qo_indptr: Tensor, prefix_lens: Tensor, ext_lens: Sequence[int],
+                        seq_lens: Sequence[int], page_size: int, num_heads: int, num_kv_heads: int,
+                        waste: float = PADDING_WASTE,
+                        min_area: int = SPLIT_MIN_AREA) -> list[ExtendGroup] | None:
+    """The groups of a pass whose padding `group_by_padding` splits, or None when one SDPA call is
+    within ``waste`` (then `extend_plan_torch` serves). ``ext_lens``/``seq_lens``: the host lengths
+    of every sequence (no device read)."""
+    live = [b for b, e in enumerate(ext_lens) if e > 0]  # sequences without new tokens own no rows
+    groups = [[live[i] for i in g] for g in group_by_padding([ext_lens[b] for b in live],
+                                                             [seq_lens[b] for b in live], waste, min_area)]
+    if len(groups) < 2:
+        return None
+    device = qo_indptr.device
+    starts = [0]
+    for e in ext_lens:
+        starts.append(starts[-1] + e)
+    out = []
+    for members in groups:
+        members.sort()  # the group's own batch keeps the pass's sequence order
+        idx = torch.tensor(members, dtype=torch.int64, device=device)
+        tokens = torch.cat([torch.arange(starts[b], starts[b + 1], device=device) for b in members])
+        indptr = [0]
+        for b in members:
+            indptr.append(indptr[-1] + ext_lens[b])
+        sub_indptr = torch.tensor(indptr, dtype=qo_indptr.dtype, device=device)
+        sub_table, sub_prefix = page_table[idx], prefix_lens[idx]
+        plan = extend_plan_torch(int(tokens.shape[0]), sub_table, sub_indptr, sub_prefix, page_size, num_heads,
+                                 num_kv_heads, max(ext_lens[b] for b in members), max(seq_lens[b] for b in members))
+        out.append(ExtendGroup(tokens, sub_table, sub_indptr, sub_prefix, plan))
+    return out
+
+
 def extend_attention_torch(q: Tensor, k_pool: Tensor, v_pool: Tensor, page_table: Tensor,
                            qo_indptr: Tensor, prefix_lens: Tensor, sm_scale: float,
                            max_extend_len: int | None = None, max_seq_len: int | None = None,
-                           plan: ExtendPlan | None = None) -> Tensor:
+                           plan: ExtendPlan | list[ExtendGroup] | None = None) -> Tensor:
     """Reference extend attention: new tokens attend causally to cached prefix + themselves.
     `max_extend_len` / `max_seq_len`: host-side bounds (see kernels.attention.extend_attention);
     without them they are read from the device tensors (a host sync). `plan`: the batch's
-    `extend_plan_torch` (the engine builds it once per forward pass and hands it to every layer);
-    built here when None. Raises ValueError when a given plan does not fit q."""
+    `extend_plan_torch`, or its `extend_groups_torch` (one padded SDPA per group; the engine builds
+    either once per forward pass and hands it to every layer); built here when None. Raises
+    ValueError when a given plan does not fit q."""
     _check_heads(q, k_pool)
     num_tokens = q.shape[0]
     if num_tokens == 0 or page_table.shape[0] == 0:
         return torch.empty_like(q)
+    if isinstance(plan, list):
+        if sum(int(g.tokens.shape[0]) for g in plan) != num_tokens:
+            raise ValueError(f"extend groups for {sum(int(g.tokens.shape[0]) for g in plan)} tokens used with "
+                             f"q {tuple(q.shape)}")
+        out = torch.empty_like(q)
+        for g in plan:
+            out[g.tokens] = extend_attention_torch(q[g.tokens], k_pool, v_pool, g.page_table, g.qo_indptr,
+                                                   g.prefix_lens, sm_scale, plan=g.plan)
+        return out
     if plan is None:
         plan = extend_plan_torch(num_tokens, page_table, qo_indptr, prefix_lens, k_pool.shape[1], q.shape[1],
                                  k_pool.shape[2], max_extend_len, max_seq_len)
