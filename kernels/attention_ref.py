@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._device import host_to_device
+
 
 def _kv_rows(page_table: Tensor, kv_lens: Tensor, max_kv: int, page_size: int, num_kv_heads: int) -> Tensor:
     """Flat (token, head) row of the pool for kv position j of head h of sequence b: [B*Hkv*max_kv].
@@ -210,12 +212,14 @@ def extend_groups_torch(page_table: Tensor, qo_indptr: Tensor, prefix_lens: Tens
     out = []
     for members in groups:
         members.sort()  # the group's own batch keeps the pass's sequence order
-        idx = torch.tensor(members, dtype=torch.int64, device=device)
-        tokens = torch.cat([torch.arange(starts[b], starts[b + 1], device=device) for b in members])
         indptr = [0]
         for b in members:
             indptr.append(indptr[-1] + ext_lens[b])
-        sub_indptr = torch.tensor(indptr, dtype=qo_indptr.dtype, device=device)
+        # host lists, queued to the device without a sync (as the launch tables are)
+        idx = host_to_device(torch.tensor(members, dtype=torch.int64), device)
+        tokens = host_to_device(torch.tensor([t for b in members for t in range(starts[b], starts[b + 1])],
+                                             dtype=torch.int64), device)
+        sub_indptr = host_to_device(torch.tensor(indptr, dtype=qo_indptr.dtype), device)
         sub_table, sub_prefix = page_table[idx], prefix_lens[idx]
         plan = extend_plan_torch(int(tokens.shape[0]), sub_table, sub_indptr, sub_prefix, page_size, num_heads,
                                  num_kv_heads, max(ext_lens[b] for b in members), max(seq_lens[b] for b in members))
