@@ -21,6 +21,7 @@ MODES = ("lora", "full")
 OBJECTIVES = ("classification", "lm", "accuracy", "f1")
 DTYPES = ("float32", "bfloat16", "float16")
 ESTIMATORS = ("spsa", "one_sided", "per_example")  # mezo/estimators.py implements them
+SHARD_BALANCES = ("tokens", "throughput")  # data-parallel shards (mezo/distributed.py)
 MAX_PER_EXAMPLE_BATCH = 2**10  # per_example: one sample seed per example, k < 2**10 (mezo/seeds.py)
 
 
@@ -41,6 +42,13 @@ class MeZOConfig:
     ``__post_init__``, so ``dataclasses.replace(cfg, steps=...)`` keeps the old interval: pass
     ``eval_every=None`` again to re-derive it. ``dtype`` is the base weights' dtype; trainable
     tensors and noise arithmetic stay fp32 regardless (DESIGN §4).
+
+    ``shard_balance`` matters only under torch.distributed (mezo/distributed.py): "tokens" splits each
+    step's batch by estimated tokens, the same split in every run (bitwise reproducible); "throughput"
+    also weights each rank by its measured tokens/s over the previous steps, so that a slower rank (a
+    busy core, a smaller GPU) gets fewer examples. The update is the same up to fp32 rounding either
+    way (an example's loss can differ in its last bits with the launch it runs in), but the throughput
+    split depends on timing, so two such runs agree to ~1e-6, not bit for bit.
     """
 
     lr: float = 1e-4
@@ -70,6 +78,7 @@ class MeZOConfig:
     one_sided_std_floor: float = 1e-6
     normalize_perturbations: bool = False
     per_example_group_relative: bool = True
+    shard_balance: str = "tokens"
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -95,7 +104,7 @@ class MeZOConfig:
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise bad("seed", "must be an int in [0, 2**63)")
         for name, choices in (("lr_schedule", SCHEDULES), ("mode", MODES),
-                              ("objective", OBJECTIVES), ("dtype", DTYPES)):
+                              ("objective", OBJECTIVES), ("dtype", DTYPES), ("shard_balance", SHARD_BALANCES)):
             if getattr(self, name) not in choices:
                 raise bad(name, f"must be one of {choices}")
         if self.estimator not in ESTIMATORS:

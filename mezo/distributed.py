@@ -14,11 +14,17 @@ Perturbations are NOT spread over ranks: each rank runs every branch on its shar
 depend on the number of ranks, and a run checkpointed with N ranks resumes with M ranks.
 
 Only checkpoints add a collective (the consistency guard); evaluation adds one per evaluation.
+
+The same vector carries each rank's compute seconds and tokens of the step (the step record's
+`rank_seconds`/`rank_tokens`). With `MeZOConfig.shard_balance="throughput"` every rank turns them into
+the same per-rank speeds (an average over steps) and the next shards are balanced by cost / speed, so
+a rank on a busier core or a slower GPU gets fewer examples; the default "tokens" split ignores them.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -190,15 +196,30 @@ class DistributedMeZOTrainer(MeZOTrainer):
                              f"raise batch_size or start fewer processes")
         super().__init__(engine, config)
         self.ctx = ctx
+        self.rank_speeds: list[float] | None = None  # tokens/s per rank (shard_balance="throughput")
+        self._rank_stats: tuple[list[float], list[int]] = ([], [])
 
     def shard(self, encoded: list[EncodedExample]) -> list[int]:
         """Ascending indices of this rank's examples of `encoded`: shards balanced by estimated tokens
-        (mezo/sharding.py), the same split on every rank; empty for some ranks only when `encoded` has
-        fewer examples than ranks (evaluation; a step refuses that)."""
+        (mezo/sharding.py), weighted by `rank_speeds` under shard_balance="throughput" once a step has
+        measured them; the same split on every rank. Empty for some ranks only when `encoded` has fewer
+        examples than ranks (evaluation; a step refuses that)."""
         if len(encoded) < self.ctx.world_size:
             lo, hi = shard_range(len(encoded), self.ctx.rank, self.ctx.world_size)
             return list(range(lo, hi))
-        return balanced_shards([example_tokens(ex) for ex in encoded], self.ctx.world_size)[self.ctx.rank]
+        speeds = self.rank_speeds if self.config.shard_balance == "throughput" else None
+        return balanced_shards([example_tokens(ex) for ex in encoded], self.ctx.world_size, speeds)[self.ctx.rank]
+
+    def _measure_speeds(self, seconds: list[float], tokens: list[int]) -> None:
+        """Fold one step's per-rank compute seconds and tokens (the same reduced values on every rank,
+        so the same speeds everywhere) into `rank_speeds`: the mean of the last estimate and this one,
+        which follows a core that turns slow for a few seconds within a step or two."""
+        self._rank_stats = (seconds, tokens)
+        if min(seconds) <= 0 or min(tokens) <= 0:
+            return
+        now = [t / s for t, s in zip(tokens, seconds)]
+        old = self.rank_speeds
+        self.rank_speeds = now if old is None else [(a + b) / 2 for a, b in zip(old, now)]
 
     # -- the step's one collective ----------------------------------------------------------------
     def launch_losses(self, encoded: list[EncodedExample], plan: LaunchPlan) -> torch.Tensor:
@@ -211,18 +232,22 @@ class DistributedMeZOTrainer(MeZOTrainer):
         idx = self.shard(encoded)
         shard = [encoded[i] for i in idx]
         # slots: [branch, example] losses, then tokens computed, the example count, the non-finite
-        # flag, and one failure flag per rank (so a rank whose shard raised never leaves the others
-        # waiting in this collective: every rank learns of it and raises)
+        # flag, one failure flag per rank (so a rank whose shard raised never leaves the others
+        # waiting in this collective: every rank learns of it and raises), and per rank its compute
+        # seconds and tokens
         world = self.ctx.world_size
-        buf = torch.zeros(branches * batch + 3 + world, dtype=torch.float64, device=self.ctx.comm_device)
+        buf = torch.zeros(branches * batch + 3 + 3 * world, dtype=torch.float64, device=self.ctx.comm_device)
         slots = buf[:branches * batch].view(branches, batch)
         tail = buf[branches * batch:]
         tokens_before = self.engine.runner.tokens_computed
         error: Exception | None = None
+        start = time.perf_counter()
         try:
             per_branch = self.run_plan(shard, plan, idx)  # per_example ids: global example indices
             for b, reqs in enumerate(per_branch):
                 slots[b, idx] = self.example_losses(shard, reqs).to(buf.device, torch.float64)
+            if buf.device.type == "cuda":
+                torch.cuda.synchronize(buf.device)  # the compute time below is the GPU's, not the queueing
         except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
             error = err
         except BaseException:  # an interrupt: torchrun stops every rank anyway
@@ -231,19 +256,24 @@ class DistributedMeZOTrainer(MeZOTrainer):
         finally:
             self.engine.cache.reset()  # KV under perturbed weights is never reused, failed step or not
         local = slots[:, idx]
-        tail[0] = self.engine.runner.tokens_computed - tokens_before
+        tokens = self.engine.runner.tokens_computed - tokens_before
+        tail[0] = tokens
         tail[1] = len(idx)
         tail[2] = (~torch.isfinite(local)).any().to(torch.float64)
         tail[3 + self.ctx.rank] = float(error is not None)
+        tail[3 + world + self.ctx.rank] = time.perf_counter() - start
+        tail[3 + 2 * world + self.ctx.rank] = tokens
         dist.all_reduce(buf)
-        # one host read of the failure flags (data-parallel steps sync here as well as on the loss)
-        if error is not None or bool(tail[3:].any()):
+        # one host read of the flags and rank stats (data-parallel steps sync here as well as on the loss)
+        flags, seconds, rank_tokens = (tail[3 + k * world:3 + (k + 1) * world].tolist() for k in range(3))
+        if error is not None or any(flags):
             clear_noise_cache()  # nothing of the failed step (its z) outlives it
-            failed = [r for r, f in enumerate(tail[3:].tolist()) if f]
+            failed = [r for r, f in enumerate(flags) if f]
             local_msg = f": {type(error).__name__}: {error}" if error is not None else ""
             raise RankFailedError(f"MeZO step {self.step_count} failed on rank(s) {failed} of "
                                   f"{world}{local_msg}") from error
         self._global_tokens = tail[0]  # read in `step`, after the step's host sync
+        self._measure_speeds(seconds, [int(t) for t in rank_tokens])
         # the shards tile the batch by construction; a wrong count would be a bug here, not user input
         count_ok = tail[1] == batch
         nan = torch.tensor(float("nan"), dtype=torch.float32, device=buf.device)
@@ -258,9 +288,12 @@ class DistributedMeZOTrainer(MeZOTrainer):
         return losses.to(self.engine.device)
 
     def step(self, examples: Sequence[Any] | list[EncodedExample]) -> dict[str, Any]:
-        """One data-parallel MeZO step on the GLOBAL batch; the record's tokens_computed counts every rank."""
+        """One data-parallel MeZO step on the GLOBAL batch; the record's tokens_computed counts every rank,
+        rank_seconds/rank_tokens give each rank's compute time (s, until the all_reduce) and tokens."""
         record = super().step(examples)
         record["tokens_computed"] = int(self._global_tokens)
+        record["rank_seconds"] = [round(x, 6) for x in self._rank_stats[0]]
+        record["rank_tokens"] = self._rank_stats[1]
         return record
 
     # -- evaluation ---------------------------------------------------------------------------------

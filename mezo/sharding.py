@@ -11,6 +11,7 @@ Every rank computes the same shards from the same (global) batch: integer arithm
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from .objectives import EncodedExample
@@ -38,14 +39,17 @@ def example_tokens(ex: EncodedExample) -> int:
     return tokens
 
 
-def balanced_shards(costs: Sequence[int], world_size: int) -> list[list[int]]:
+def balanced_shards(costs: Sequence[int], world_size: int,
+                    speeds: Sequence[float] | None = None) -> list[list[int]]:
     """Per rank, the ascending indices of its examples: a split of range(len(costs)) into world_size
-    non-empty shards with nearly equal cost sums (greedy: the costliest example first, each to the
-    rank with the smallest sum so far, ties to the lower rank: the largest sum is at most 4/3 of the
-    best split's).
+    non-empty shards that finish together (greedy: the costliest example first, each to the rank that
+    would finish it first, i.e. the smallest (load + cost) / speed, ties to the lower rank; with equal
+    speeds the largest sum is at most 4/3 of the best split's).
 
-    `costs` are non-negative ints (e.g. `example_tokens`). Raises ValueError when world_size < 1, when
-    there are fewer items than ranks, or for a negative or non-int cost.
+    `costs` are non-negative ints (e.g. `example_tokens`). `speeds` (one finite float > 0 per rank,
+    e.g. measured tokens/s; None: all equal) weights ranks that compute at different rates
+    (DistributedMeZOTrainer's shard_balance="throughput"). Raises ValueError when world_size < 1, when
+    there are fewer items than ranks, for a negative or non-int cost, or for bad speeds.
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size={world_size!r} must be an int >= 1")
@@ -55,11 +59,20 @@ def balanced_shards(costs: Sequence[int], world_size: int) -> list[list[int]]:
     for i, c in enumerate(costs):
         if isinstance(c, bool) or not isinstance(c, int) or c < 0:
             raise ValueError(f"costs[{i}]={c!r} must be an int >= 0")
+    if speeds is None:
+        speeds = [1.0] * world_size
+    if len(speeds) != world_size:
+        raise ValueError(f"{len(speeds)} speeds for {world_size} ranks")
+    for r, v in enumerate(speeds):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"speeds[{r}]={v!r} must be a finite number > 0")
     shards: list[list[int]] = [[] for _ in range(world_size)]
     loads = [0] * world_size
-    for i in sorted(range(n), key=lambda j: (-costs[j], j)):
-        # the first world_size items go to distinct (empty) ranks: every shard is non-empty
-        r = min(range(world_size), key=lambda q: (loads[q], len(shards[q]) > 0, q))
+    for left, i in enumerate(sorted(range(n), key=lambda j: (-costs[j], j))):
+        empty = [q for q in range(world_size) if not shards[q]]
+        # as many items left as empty ranks: each of the rest must open an empty shard
+        pool = empty if len(empty) == n - left else range(world_size)
+        r = min(pool, key=lambda q: ((loads[q] + costs[i]) / speeds[q], len(shards[q]) > 0, q))
         shards[r].append(i)
         loads[r] += costs[i]
     return [sorted(s) for s in shards]

@@ -5,7 +5,8 @@
 The environment is what torchrun sets; JOB.json names the data, the tokenizer directory (see
 mezo_finetune_worker.py), and a list of scenarios run one after the other in the same process group:
 {"name", "out", "mode", "steps", "batch_size", "config" (MeZOConfig overrides), "crash_at" (raise on every rank when that step starts),
-"alter_rank" (that rank adds 1e-3 to one trainable tensor after step 0), "eval" (JSONL or null)}.
+"alter_rank" (that rank adds 1e-3 to one trainable tensor after step 0), "slow_rank" (that rank
+sleeps 50 ms per example of its shard in every step), "eval" (JSONL or null)}.
 Every rank writes REPORT-<rank>.json: per scenario its status (ok or the error) and the collectives it
 made, in order, with "<step>"/"</step>" around each MeZO step.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_TESTS, os.path.dirname(_TESTS)]  # this checkout's packages, whatever is installed
@@ -65,6 +67,16 @@ def install_hooks(events: list[str], scenario: dict, rank: int) -> None:
 
     hooked_step.__wrapped_step__ = step
     MeZOTrainer.step = hooked_step
+
+    run_plan = getattr(MeZOTrainer.run_plan, "__wrapped_plan__", MeZOTrainer.run_plan)
+
+    def hooked_run_plan(self, encoded, plan, indices=None):
+        if scenario.get("slow_rank") == rank:
+            time.sleep(0.05 * len(encoded))
+        return run_plan(self, encoded, plan, indices)
+
+    hooked_run_plan.__wrapped_plan__ = run_plan
+    MeZOTrainer.run_plan = hooked_run_plan
 
 
 def agree_scenario(fail_rank: int, rank: int) -> dict:

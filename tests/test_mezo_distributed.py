@@ -115,7 +115,8 @@ def test_two_ranks_match_one_process(tmp_path, monkeypatch):
         sc("lora2", eval=str(eval_path)), sc("full2", "full"), sc("crash2", crash_at=3),
         {**sc("resume1to2"), "out": str(tmp_path / "crash1")}, sc("guard2", alter_rank=1),
         sc("toolarge", batch_size=1), sc("loadfail", agree_fail_rank=1),
-        sc("grzo2", config={"estimator": "per_example"})]}
+        sc("grzo2", config={"estimator": "per_example"}),
+        sc("tput2", config={"shard_balance": "throughput"}, slow_rank=1)]}
     (tmp_path / "job.json").write_text(json.dumps(job))
     port = _free_port()
     procs = []
@@ -152,6 +153,18 @@ def test_two_ranks_match_one_process(tmp_path, monkeypatch):
 
     # tokens_computed counts every rank's shard (a shard cannot share a prompt prefix with another rank's)
     assert all(t2 >= t1 > 0 for t2, t1 in zip(tokens(tmp_path / "lora2"), tokens(tmp_path / "lora1"), strict=True))
+    records = [json.loads(line) for line in (tmp_path / "lora2" / "metrics.jsonl").read_text().splitlines()]
+    assert all(sum(r["rank_tokens"]) == r["tokens_computed"] and min(r["rank_seconds"]) > 0
+               for r in records if r["kind"] == "train")
+
+    # shard_balance="throughput": rank 1, made slow, gets fewer tokens from step 1 on (its measured
+    # speed), and the run still ends where one process does (the split never changes the update)
+    assert all(r["tput2"]["ok"] for r in reports), [r["tput2"] for r in reports]
+    _assert_close(_trainable(tmp_path / "tput2"), _trainable(tmp_path / "lora1"))
+    split = [r["rank_tokens"] for r in map(json.loads, (tmp_path / "tput2" / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "train"]
+    assert len(split) == STEPS and all(2 * t1 < t0 for t0, t1 in split[1:]), split
+    assert split[0][1] > split[1][1], split  # step 0 knew no speeds: the token split
     got_evals = [rep["lora2"]["initial_eval"]] + rep["lora2"]["evals"]
     want_evals = [ref_lora.initial_eval] + ref_lora.evals
     for g, w in zip(got_evals, want_evals, strict=True):
@@ -264,3 +277,17 @@ def test_failed_shard_is_named_on_every_rank_and_leaves_no_state(monkeypatch):
         assert record["step"] == 0 and not record["skipped"]
     finally:
         dist.destroy_process_group()
+
+
+def test_shard_balance_option():
+    import argparse
+
+    from mezo import MeZOConfig
+    from mezo.cli import add_finetune_arguments, build_config
+
+    parser = argparse.ArgumentParser()
+    add_finetune_arguments(parser)
+    assert build_config(parser.parse_args(["--shard-balance", "throughput"])).shard_balance == "throughput"
+    assert build_config(parser.parse_args([])).shard_balance == "tokens"
+    with pytest.raises(ValueError, match=r"MeZOConfig.shard_balance='speed': must be one of \('tokens', 'throughput'\)"):
+        MeZOConfig(shard_balance="speed")
