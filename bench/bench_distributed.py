@@ -117,8 +117,8 @@ def worker(args: argparse.Namespace) -> None:
     ref = ModelRef(args.model, args.random_config, args.dtype, device)
     tok = load_tokenizer()
     examples = build_examples(SCENARIOS["cls"], Sizes(batch_size=args.batch_size), tok)
-    trainer, batch = build_engine(build_hf_model(ref), tok, ref, SCENARIOS["cls"], examples,
-                                  trainer_cls=lambda e, c: make_trainer(e, replace(c, shard_balance=args.shard_balance)))
+    trainer_cls = lambda e, c: make_trainer(e, replace(c, shard_balance=args.shard_balance))  # noqa: E731
+    trainer, batch = build_engine(build_hf_model(ref), tok, ref, SCENARIOS["cls"], examples, trainer_cls=trainer_cls)
     if args.shard is not None:  # the ceiling: this process's shard as a plain single-process batch
         me, parties = args.shard
         batch = [batch[i] for i in balanced_shards([example_tokens(ex) for ex in batch], parties)[me]]
