@@ -6,7 +6,7 @@ The environment is what torchrun sets; JOB.json names the data, the tokenizer di
 mezo_finetune_worker.py), and a list of scenarios run one after the other in the same process group:
 {"name", "out", "mode", "steps", "batch_size", "config" (MeZOConfig overrides), "crash_at" (raise on every rank when that step starts),
 "alter_rank" (that rank adds 1e-3 to one trainable tensor after step 0), "slow_rank" (that rank
-sleeps 50 ms per example of its shard in every step), "eval" (JSONL or null)}.
+sleeps 0.2 s per example of its shard in every step), "eval" (JSONL or null)}.
 Every rank writes REPORT-<rank>.json: per scenario its status (ok or the error) and the collectives it
 made, in order, with "<step>"/"</step>" around each MeZO step.
 """
@@ -72,7 +72,7 @@ def install_hooks(events: list[str], scenario: dict, rank: int) -> None:
 
     def hooked_run_plan(self, encoded, plan, indices=None):
         if scenario.get("slow_rank") == rank:
-            time.sleep(0.05 * len(encoded))
+            time.sleep(0.2 * len(encoded))
         return run_plan(self, encoded, plan, indices)
 
     hooked_run_plan.__wrapped_plan__ = run_plan
