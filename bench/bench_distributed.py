@@ -17,7 +17,8 @@ memory bandwidth, the fixed per-step work every process repeats) allows.
 
 With 2+ ranks both shard balances run (--balances): "tokens" (the default of MeZOConfig.shard_balance,
 the ceiling's split) and "throughput" (each rank weighted by its measured tokens/s, so a rank whose core
-is slowed by other work gets fewer examples; its row can pass the static ceiling).
+is slowed by other work gets fewer examples). "examples per process" is the split of the last timed
+step; the JSON keeps every timed step's tokens per rank.
 
 Writes bench/results/distributed_<device>.json and .md.
 """
@@ -141,9 +142,10 @@ def worker(args: argparse.Namespace) -> None:
         _file_barrier(Path(args.worker).parent, args.shard[0], args.shard[1])
     agent = os.getppid() if ctx is not None else None
     agent_cpu0 = _cpu_seconds(agent) if agent else None
-    times, cpu, records = [], [], []
+    times, cpu, records, shard_sizes = [], [], [], []
     waits.clear()
     for _ in range(args.steps):
+        shard_sizes.append(len(trainer.shard(batch)) if ctx is not None else len(batch))  # this step's split
         c0 = time.process_time()  # CPU this process got: wall - CPU is time it waited (peers, or other work)
         times.append(bench_seconds(lambda: records.append(trainer.step(batch)), trainer.engine.device, repeats=1))
         cpu.append(time.process_time() - c0)
@@ -152,8 +154,7 @@ def worker(args: argparse.Namespace) -> None:
     Path(f"{args.worker}.rank{rank}").write_text(json.dumps({
         "core": core, "step_seconds": times, "cpu_seconds": cpu, "all_reduce_seconds": waits,
         "tokens_computed_per_step": records[-1]["tokens_computed"], "loss_last": records[-1]["loss"],
-        "examples": len(trainer.shard(batch)) if ctx is not None else len(batch),
-        "rank_tokens_per_step": [r.get("rank_tokens") for r in records],
+        "examples_per_step": shard_sizes, "rank_tokens_per_step": [r.get("rank_tokens") for r in records],
         "backend": None if ctx is None else ctx.backend,
         "agent_cpu_s": None if agent_cpu0 is None or agent_cpu1 is None else round(agent_cpu1 - agent_cpu0, 3)}))
     if ctx is not None:
@@ -209,7 +210,9 @@ def run_contestant(args: argparse.Namespace, world: int, argv: list[str], ceilin
             "all_reduce_wait_s_per_rank": [round(statistics.median(p["all_reduce_seconds"]), 4)
                                            if p["all_reduce_seconds"] else 0.0 for p in per],
             "cpu_s_per_rank": [round(statistics.median(p["cpu_seconds"]), 3) for p in per],
-            "examples_per_rank": [p["examples"] for p in per], "cores": [p["core"] for p in per],
+            "examples_per_rank": [p["examples_per_step"][-1] for p in per], "cores": [p["core"] for p in per],
+            "examples_per_step_per_rank": [p["examples_per_step"] for p in per],
+            "rank_tokens_per_step": per[0]["rank_tokens_per_step"],
             "torchrun_agent_cpu_s": agent[0] if agent else None,  # the ranks share one agent: rank 0's reading
             "process_seconds": round(time.perf_counter() - t0, 1)}
 
@@ -277,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                         "-" if r["torchrun_agent_cpu_s"] is None else f"{r['torchrun_agent_cpu_s']:.2f}")
                        for r in rows],
                       ["contestant", "backend", "steps/s", "scaling", "median step s",
-                       "tokens computed/step (all processes)", "examples per process",
+                       "tokens computed/step (all processes)", "examples per process (last step)",
                        "median compute s/step per process", "median CPU s/step per process",
                        "median all_reduce wait s per rank", "torchrun agent CPU s (all timed steps)"])
     for t in payload.get("targets", []):

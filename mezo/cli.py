@@ -44,7 +44,7 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
                    help="under torchrun: the torch.distributed backend (default: nccl on CUDA, gloo on CPU)")
     p.add_argument("--shard-balance", default=None, choices=["tokens", "throughput"],
                    help="under torchrun: split each batch by tokens (default, bitwise reproducible) or also by "
-                        "each rank's measured tokens/s (faster with uneven ranks; reproducible to ~1e-6)")
+                        "each rank's measured tokens/s (faster with uneven ranks; not bit-reproducible)")
 
 
 def build_config(args: argparse.Namespace):

@@ -48,7 +48,8 @@ class MeZOConfig:
     also weights each rank by its measured tokens/s over the previous steps, so that a slower rank (a
     busy core, a smaller GPU) gets fewer examples. The update is the same up to fp32 rounding either
     way (an example's loss can differ in its last bits with the launch it runs in), but the throughput
-    split depends on timing, so two such runs agree to ~1e-6, not bit for bit.
+    split depends on timing, so two such runs are not bit-identical: they agree as a run on another world
+    size does (within 1e-6 over a few steps, tested; rounding differences can grow over long runs).
     """
 
     lr: float = 1e-4

@@ -241,13 +241,16 @@ class DistributedMeZOTrainer(MeZOTrainer):
         tail = buf[branches * batch:]
         tokens_before = self.engine.runner.tokens_computed
         error: Exception | None = None
+        throughput = self.config.shard_balance == "throughput"
+        if throughput and buf.device.type == "cuda":
+            torch.cuda.synchronize(buf.device)  # the previous update and this step's noise prefetch are done
         start = time.perf_counter()
         try:
             per_branch = self.run_plan(shard, plan, idx)  # per_example ids: global example indices
             for b, reqs in enumerate(per_branch):
                 slots[b, idx] = self.example_losses(shard, reqs).to(buf.device, torch.float64)
-            if buf.device.type == "cuda":
-                torch.cuda.synchronize(buf.device)  # the compute time below is the GPU's, not the queueing
+            if throughput and buf.device.type == "cuda":
+                torch.cuda.synchronize(buf.device)  # the span is the GPU's compute, not the queueing
         except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
             error = err
         except BaseException:  # an interrupt: torchrun stops every rank anyway
@@ -265,7 +268,8 @@ class DistributedMeZOTrainer(MeZOTrainer):
         tail[3 + 2 * world + self.ctx.rank] = tokens
         dist.all_reduce(buf)
         # one host read of the flags and rank stats (data-parallel steps sync here as well as on the loss)
-        flags, seconds, rank_tokens = (tail[3 + k * world:3 + (k + 1) * world].tolist() for k in range(3))
+        stats = tail[3:].tolist()
+        flags, seconds, rank_tokens = (stats[k * world:(k + 1) * world] for k in range(3))
         if error is not None or any(flags):
             clear_noise_cache()  # nothing of the failed step (its z) outlives it
             failed = [r for r, f in enumerate(flags) if f]
@@ -289,7 +293,8 @@ class DistributedMeZOTrainer(MeZOTrainer):
 
     def step(self, examples: Sequence[Any] | list[EncodedExample]) -> dict[str, Any]:
         """One data-parallel MeZO step on the GLOBAL batch; the record's tokens_computed counts every rank,
-        rank_seconds/rank_tokens give each rank's compute time (s, until the all_reduce) and tokens."""
+        rank_seconds/rank_tokens give each rank's compute time (s, until the all_reduce; on CUDA the GPU's
+        only under shard_balance="throughput", else the host's queueing span) and tokens."""
         record = super().step(examples)
         record["tokens_computed"] = int(self._global_tokens)
         record["rank_seconds"] = [round(x, 6) for x in self._rank_stats[0]]

@@ -225,9 +225,11 @@ def _resume_or_start(engine: Engine, trainer: MeZOTrainer, config: MeZOConfig, c
             f"{latest}: checkpoint uses noise version {ckpt.noise_version} (this mezo uses {NOISE_VERSION}: "
             "64-bit seeds; version 0's 31-bit seeds collide); resuming would mix two noise derivations in one "
             "run. Start a new checkpoint_dir; the old run's trajectory still replays with replay_trajectory")
-    saved = MeZOConfig.from_dict(ckpt.config)
-    if saved.to_dict() != config.to_dict():
-        changed = [k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v]
+    # shard_balance only decides which rank computes an example (not the update): free to change on resume
+    saved, now = ({k: v for k, v in c.to_dict().items() if k != "shard_balance"}
+                  for c in (MeZOConfig.from_dict(ckpt.config), config))
+    if saved != now:
+        changed = [k for k, v in now.items() if saved.get(k) != v]
         raise ValueError(f"{latest}: checkpoint was made with a different config (differs in {changed}); "
                          f"use another checkpoint_dir or the same settings")
     want = ckpt.extra.get("initial_sha256")

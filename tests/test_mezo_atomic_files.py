@@ -112,3 +112,16 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
     (out / "checkpoints" / "ckpt-2" / "state.json").write_text('{"step": 2, "traj')
     with pytest.raises(ValueError, match="ckpt-2: unreadable checkpoint"):
         make_engine().finetune(TRAIN, EVAL, CFG, out_dir=out, progress=False)
+
+
+def test_resume_takes_a_changed_shard_balance_but_refuses_other_changes(tmp_path, monkeypatch):
+    """shard_balance only decides which rank computes an example, so a run may resume with the other
+    split (e.g. switching to "throughput" when a core turns busy); a changed lr is refused, named."""
+    from dataclasses import replace
+
+    out = tmp_path / "run"
+    _interrupted_run(out, monkeypatch)
+    with pytest.raises(ValueError, match=r"differs in \['lr'\]"):
+        make_engine().finetune(TRAIN, EVAL, replace(CFG, lr=2e-2), out_dir=out, progress=False)
+    result = make_engine().finetune(TRAIN, EVAL, replace(CFG, shard_balance="throughput"), out_dir=out, progress=False)
+    assert result.resumed_from == 2 and result.steps == 3
