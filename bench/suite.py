@@ -119,13 +119,14 @@ def summary(stages: list[Stage], results: list[StageResult], out_dir: Path,
 
 # -- the stages ------------------------------------------------------------------------------------------
 # The tests that exercise what runs on a GPU: the kernels compiled, the engine and a MeZO step on them
-# (device-parametrized: fp32 and bf16 on CUDA), the CUDA sync check. The AOT compile check is a CPU
-# test (it needs the CPU machine's newer Triton) and is not repeated here.
+# (device-parametrized: fp32 and bf16 on CUDA), the CUDA sync check, data-parallel MeZO in a 1-rank NCCL
+# group. The AOT compile check is a CPU test (it needs the CPU machine's newer Triton) and is not repeated here.
 GPU_TESTS = ["tests/test_noise.py", "tests/test_noisy_lora.py", "tests/test_zo_update.py",
              "tests/test_attention_kernels.py", "tests/test_launch_config.py", "tests/test_engine_equivalence.py",
              "tests/test_kv_pool.py", "tests/test_engine_scheduling.py", "tests/test_kernels_switch.py",
              "tests/test_host_syncs.py", "tests/test_cuda_fakes.py", "tests/test_mezo_exactness.py",
-             "tests/test_mezo_shared_prefix.py", "tests/test_perturbation_ids_triton.py", "tests/test_noise_norm.py"]
+             "tests/test_mezo_shared_prefix.py", "tests/test_perturbation_ids_triton.py", "tests/test_noise_norm.py",
+             "tests/test_mezo_distributed.py::test_one_rank_group_matches_plain_trainer"]  # a 1-rank NCCL group
 GPU_BUDGET_S = 480  # the whole GPU suite on one H100/H200
 MODES = ("quick", "full", "dry", "gpu")  # the columns of the stage table below
 
@@ -134,7 +135,7 @@ def stages(mode: str, device: str, out: Path) -> list[Stage]:
     """One suite's stages, in order. mode: "quick" (toy sizes on `device`), "full" (the figures on
     `device`), "gpu" (the GPU suite) or "dry" (the GPU suite's stages at toy size on the CPU, with
     budgets for a shared CPU). A stage runs in the modes its table row gives arguments for."""
-    missing = [t for t in GPU_TESTS if not (REPO_ROOT / t).is_file()]
+    missing = [t for t in GPU_TESTS if not (REPO_ROOT / t.split("::")[0]).is_file()]
     if missing:
         raise FileNotFoundError(f"bench/suite.py GPU_TESTS lists test files that do not exist: {missing}")
     toy, cuda = mode in ("quick", "dry"), mode == "gpu" or (mode == "full" and device == "cuda")

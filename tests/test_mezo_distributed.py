@@ -209,9 +209,12 @@ def test_two_ranks_match_one_process(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("objective", ["classification", "f1"])
-def test_one_rank_group_matches_plain_trainer(objective):
-    """The slots ([k, branch, example], n-SPSA 2) in a 1-rank gloo group in this process: the same g,
+def test_one_rank_group_matches_plain_trainer(objective, device):
+    """The slots ([k, branch, example], n-SPSA 2) in a 1-rank group in this process (gloo on CPU, NCCL on
+    CUDA: the GPU suite's check of the NCCL path, with the throughput split's CUDA timing): the same g,
     update and evaluation as the plain trainer; F1 (generation) averages its scores as one process does."""
+    from dataclasses import replace
+
     import torch.distributed as dist
 
     from mezo import LMExample, MeZOConfig
@@ -222,19 +225,26 @@ def test_one_rank_group_matches_plain_trainer(objective):
         from engine import SamplingParams
 
         prompts = [f"Headline: {h}\nTopic:" for h in ALL_HEADLINES[:3]]
-        outs = make_engine().generate(prompts, SamplingParams(max_tokens=3, temperature=0.0, stop=["\n"]))
+        outs = make_engine(device=device).generate(prompts, SamplingParams(max_tokens=3, temperature=0.0,
+                                                                           stop=["\n"]))
         examples = [LMExample(p, o.text) for p, o in zip(prompts, outs)]
     else:
         examples = classification_examples("", CANDIDATES, n=3)
     config = MeZOConfig(lr=1e-2, eps=1e-2, batch_size=3, n_spsa=2, seed=5, steps=2, objective=objective,
                         max_new_tokens=3)
-    plain = make_trainer(make_engine(), config)
+    plain = make_trainer(make_engine(device=device), config)
     want = [plain.step(examples) for _ in range(2)]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                            world_size=1)
     try:
-        trainer = make_trainer(make_engine(), config)
+        trainer = make_trainer(make_engine(device=device), replace(config, shard_balance="throughput"))
         assert isinstance(trainer, DistributedMeZOTrainer)
         got = [trainer.step(examples) for _ in range(2)]
+        assert trainer.ctx.backend == ("nccl" if cuda else "gloo") and trainer.rank_speeds is not None
+        assert all(r["rank_seconds"][0] > 0 and r["rank_tokens"][0] == r["tokens_computed"] > 0 for r in got)
         assert trainer.evaluate(examples) == pytest.approx(plain.evaluate(examples), abs=1e-6)
         assert trainer.check_consistency() != 0
     finally:
