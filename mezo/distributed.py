@@ -210,6 +210,12 @@ class DistributedMeZOTrainer(MeZOTrainer):
         speeds = self.rank_speeds if self.config.shard_balance == "throughput" else None
         return balanced_shards([example_tokens(ex) for ex in encoded], self.ctx.world_size, speeds)[self.ctx.rank]
 
+    def _timing_sync(self, device: torch.device) -> None:
+        """Under shard_balance="throughput" on CUDA, wait for the GPU, so that a rank's measured seconds
+        are its GPU time; otherwise nothing (the default split never waits for the timing)."""
+        if self.config.shard_balance == "throughput" and device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     def _measure_speeds(self, seconds: list[float], tokens: list[int]) -> None:
         """Fold one step's per-rank compute seconds and tokens (the same reduced values on every rank,
         so the same speeds everywhere) into `rank_speeds`: the mean of the last estimate and this one,
@@ -241,16 +247,13 @@ class DistributedMeZOTrainer(MeZOTrainer):
         tail = buf[branches * batch:]
         tokens_before = self.engine.runner.tokens_computed
         error: Exception | None = None
-        throughput = self.config.shard_balance == "throughput"
-        if throughput and buf.device.type == "cuda":
-            torch.cuda.synchronize(buf.device)  # the previous update and this step's noise prefetch are done
+        self._timing_sync(buf.device)  # the previous update and this step's noise prefetch are done
         start = time.perf_counter()
         try:
             per_branch = self.run_plan(shard, plan, idx)  # per_example ids: global example indices
             for b, reqs in enumerate(per_branch):
                 slots[b, idx] = self.example_losses(shard, reqs).to(buf.device, torch.float64)
-            if throughput and buf.device.type == "cuda":
-                torch.cuda.synchronize(buf.device)  # the span is the GPU's compute, not the queueing
+            self._timing_sync(buf.device)  # the span is the GPU's compute, not the queueing
         except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
             error = err
         except BaseException:  # an interrupt: torchrun stops every rank anyway

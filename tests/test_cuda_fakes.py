@@ -1,6 +1,7 @@
 """Every CUDA-only branch of engine/, mezo/ and the kernels' launchers, run on CPU under fakes
 (issue 10, acceptance 1): pool sizing from free GPU memory, dtype/device defaults, the kernel and
-attention backend choice, and zo_update_'s pinned, non-blocking host->device copy."""
+attention backend choice, zo_update_'s pinned, non-blocking host->device copy, and the data-parallel
+throughput split's GPU timing."""
 from __future__ import annotations
 
 import pytest
@@ -186,3 +187,20 @@ def test_trainer_update_uses_the_engine_kernels(monkeypatch) -> None:
     impls.clear()
     trainer.apply_update([3], torch.tensor([0.5]), 1e-3)
     assert impls == [("triton", len(trainer.params))]
+
+
+@pytest.mark.parametrize("balance, device, syncs",
+                         [("throughput", CUDA, 1), ("tokens", CUDA, 0), ("throughput", CPU, 0)])
+def test_throughput_split_waits_for_the_gpu_before_timing(monkeypatch, balance, device, syncs):
+    """DistributedMeZOTrainer times a rank's launch for shard_balance="throughput": on CUDA it synchronizes
+    first (else the seconds are the host's queueing); the default split and CPU ranks never wait."""
+    from types import SimpleNamespace
+
+    from mezo import MeZOConfig
+    from mezo.distributed import DistributedMeZOTrainer
+
+    seen: list = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: seen.append(d))
+    trainer = SimpleNamespace(config=MeZOConfig(shard_balance=balance))
+    DistributedMeZOTrainer._timing_sync(trainer, device)
+    assert seen == [device] * syncs
