@@ -35,6 +35,7 @@ _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85      # Philox-4x32 key bumps (Weyl seque
 _N_ROUNDS = 10
 _CHUNK = 1 << 16  # elements per pass: four int64 [2, chunk] scratch buffers (4 MiB) stay cache-resident
 _FUSED_CHUNK = 1 << 16  # the compiled Philox's fixed chunk (one graph per key form; other sizes run eager)
+_MIN_COMPILED_TAIL = _FUSED_CHUNK // 64  # a shorter partial chunk runs eager (~40 tiny ops beat a full chunk)
 _FILL_SEGMENTS = 64  # randn_segments: chunks of at most this many segments fill keys per segment
 _UNIFORM_SCALE = 4.6566127342e-10  # Triton's uint_to_uniform_float scale for 32-bit words
 _U1_MIN, _TWO_PI = 1.0e-7, 6.283185307179586  # tl.randn's clamp of u1 and 2*pi (one place: both paths)
@@ -194,12 +195,21 @@ class _CompiledUniforms:
 _compiled_philox = _CompiledUniforms()
 
 
+def _compiled_fits(m: int, start: int) -> bool:
+    """Whether the m counters from `start` go through the compiled Philox: a full chunk, or a partial one
+    of at least _MIN_COMPILED_TAIL computed as a full chunk and cut (the counters past it are thrown
+    away, so they only need to fit int64). A full-parameter step's tensors mostly end in a partial
+    chunk (576 x 1536 = 13.5 chunks): run eager, those tails cost more than all the full chunks."""
+    return m == _FUSED_CHUNK or (m >= _MIN_COMPILED_TAIL and start + _FUSED_CHUNK <= 2**63 - 1)
+
+
 def _randn_flat(seed: int, start: int, bufs: list[torch.Tensor], compiled: bool = False) -> torch.Tensor:
-    """Normals for counters start..start+n-1 where n = bufs[0].shape[1]."""
+    """Normals for counters start..start+n-1 where n = bufs[0].shape[1] (compiled: n <= _FUSED_CHUNK)."""
+    n = bufs[0].shape[1]
     uniforms = _compiled_philox(seed, start) if compiled else None
     if uniforms is None:
         uniforms = _uniforms(*_philox_words01(seed, start, bufs))
-    return _normal(*uniforms)
+    return _normal(uniforms[0][:n], uniforms[1][:n])
 
 
 def _uniforms(w0: torch.Tensor, w1: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,7 +248,7 @@ def randn(seed: int, shape: int | Sequence[int], offset: int = 0, device: torch.
     for start in range(0, n, _CHUNK):
         m = min(_CHUNK, n - start)
         bufs = full if m == full[0].shape[1] else [b[:, :m] for b in full]
-        out[start:start + m] = _randn_flat(seed, offset + start, bufs, compiled and m == _FUSED_CHUNK)
+        out[start:start + m] = _randn_flat(seed, offset + start, bufs, compiled and _compiled_fits(m, offset + start))
     return out.view(shape)
 
 
@@ -300,11 +310,15 @@ def randn_segments(seeds: Sequence[int], numels: Sequence[int],
             for dst, table, sub in ((k0, tables[0], False), (k1, tables[1], False), (ctr, tables[2], True)):
                 spread = torch.repeat_interleave(table[j:last + 1], counts, output_size=m)
                 dst.sub_(spread) if sub else dst.copy_(spread)
-        uniforms = _compiled_philox.keyed(k0, k1, ctr) if compiled and m == _FUSED_CHUNK else None
+        # a partial last chunk runs as a full one when the buffer is full-size (its tail holds the
+        # previous chunk's keys and counters: valid inputs, whose outputs are cut off)
+        uniforms = None
+        if compiled and per_element.shape[1] == _FUSED_CHUNK and _compiled_fits(m, 0):
+            uniforms = _compiled_philox.keyed(*per_element)
         if uniforms is None:
             bufs = full if m == full[0].shape[1] else [x[:, :m] for x in full]
             uniforms = _uniforms(*_philox_rounds(k0, k1, ctr, bufs))
-        out[a:b] = _normal(*uniforms)
+        out[a:b] = _normal(uniforms[0][:m], uniforms[1][:m])
     return out
 
 

@@ -86,22 +86,28 @@ def test_compiled_philox_gives_the_eager_bits(monkeypatch):
     compiled = noise._CompiledUniforms()
     compiled.enabled = True
     monkeypatch.setattr(noise, "_compiled_philox", compiled)
-    n = 2 * noise._FUSED_CHUNK + 123
+    n = 2 * noise._FUSED_CHUNK + 123  # an eager tail (< _MIN_COMPILED_TAIL)
+    tail = noise._FUSED_CHUNK + noise._MIN_COMPILED_TAIL + 7  # a compiled tail: a full chunk, cut
     for seed, offset in ((7, 0), (derive_seed(5, 3), 2**31 - n), (2**40 + 9, 2**32 + 1), (2**64 - 1, 3)):
         fast = randn(seed, n, offset=offset)
+        fast_tail = randn(seed, tail, offset=offset)
         assert compiled.enabled and compiled.fn is not None, "the compiled path did not run"
         # the batched pass over many tensors (per-element keys) runs the same compiled graph
         fast_seg = noise.randn_segments([seed, 3, 4, seed + 1], [n - 77, 77, 0, noise._FUSED_CHUNK + 5])
+        fast_seg_tail = noise.randn_segments([seed, 9], [tail - 3000, 3000])  # the last chunk compiled, cut
         # a full chunk of more than _FILL_SEGMENTS tensors (keys spread by repeat_interleave)
         many = [seed + i for i in range(4 * noise._FILL_SEGMENTS)], [noise._FUSED_CHUNK // 128] * 256
         fast_many = noise.randn_segments(*many)
+        assert compiled.enabled, "a compiled call fell back to eager"
         compiled.enabled = False
         slow = randn(seed, n, offset=offset)
+        slow_tail = randn(seed, tail, offset=offset)
         slow_seg = torch.cat([randn(seed, n - 77), randn(3, 77), randn(4, 0), randn(seed + 1, noise._FUSED_CHUNK + 5)])
+        slow_seg_tail = torch.cat([randn(seed, tail - 3000), randn(9, 3000)])
         slow_many = torch.cat([randn(s, k) for s, k in zip(*many)])
         compiled.enabled = True
-        assert torch.equal(fast, slow)
-        assert torch.equal(fast_seg, slow_seg)
+        assert torch.equal(fast, slow) and torch.equal(fast_tail, slow_tail)
+        assert torch.equal(fast_seg, slow_seg) and torch.equal(fast_seg_tail, slow_seg_tail)
         assert torch.equal(fast_many, slow_many)
     assert compiled._checked == {(0, 0), (1, 1)}, "both compiled input forms ran and were checked"
 
