@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype, "batch_size": args.batch_size, "threads_per_process": args.threads,
         "timed_steps": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds, "all_rounds": rounds,
         "pinned": args.pin and args.device == "cpu", "note": args.note, "results": rows,
+        "examples": "synthetic headlines (random ids, BBC shapes)" if args.tokenizer == "synthetic" else "BBC headlines",
     }
     if rows[0]["world_size"] == 1:
         payload["targets"] = [{"metric": f"2-rank scaling, {r['shard_balance']} split", "target": TARGET_SCALING,
@@ -275,11 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     all_rounds = ", ".join(f"{rs[0]['kind']} " + " / ".join(f"{r['steps_per_s']:.3f}" for r in rs) for rs in rounds)
     lines = [f"Load average (1/5/15 min): start {load['start']}, end {load['end']}; "
              f"{args.threads} torch thread(s) per process.", "",
-             f"Model {payload['model']} ({args.dtype}), opt-lora preset, B = {args.batch_size} BBC headlines (the "
+             f"Model {payload['model']} ({args.dtype}), opt-lora preset, B = {args.batch_size} {payload['examples']} (the "
              f"same global batch for every world size, split over the ranks by tokens, or by tokens weighted by "
              f"each rank's measured tokens/s: the throughput split); median of {args.steps} "
              f"timed steps after {args.warmup} warm-up, the fastest of {args.rounds} interleaved round(s) per "
-             f"contestant (all rounds: {all_rounds} steps/s). 1 rank = one process, no process group; ceiling = "
+             f"contestant (all rounds: {all_rounds} steps/s). single process = no process group, 1 rank = a 1-rank group under torchrun; ceiling = "
              "the ranks' shards as independent processes run together (steps/s = 1 / the slowest one's median "
              "step). Compute = step minus all_reduce wait; CPU = the process's CPU time in the step (compute "
              "well above CPU: descheduled by other work on its core). " + (

@@ -325,7 +325,7 @@ class DistributedMeZOTrainer(MeZOTrainer):
             buf[0, idx] = -losses if objective in ("accuracy", "f1") else losses  # scores, or losses
             if objective == "classification":
                 buf[1, idx] = torch.tensor([float(int(candidate_scores(ex, r).argmax()) == ex.label)
-                                              for ex, r in zip(shard, reqs)], dtype=torch.float64)
+                                              for ex, r in zip(shard, reqs)], dtype=torch.float64, device=buf.device)
         dist.all_reduce(buf)
         values = buf.cpu()
         if objective in ("accuracy", "f1"):

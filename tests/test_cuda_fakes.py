@@ -204,3 +204,20 @@ def test_throughput_split_waits_for_the_gpu_before_timing(monkeypatch, balance, 
     trainer = SimpleNamespace(config=MeZOConfig(shard_balance=balance))
     DistributedMeZOTrainer._timing_sync(trainer, device)
     assert seen == [device] * syncs
+
+
+def test_collective_buffers_are_filled_on_their_own_device():
+    """Every tensor factory in mezo/distributed.py names its device: a CPU tensor index-written into a
+    collective buffer works on gloo (CPU) but raises under NCCL, where the buffer is on the GPU (the
+    sharded evaluation's accuracy slots once did). A static check, since CPU tensors cannot fake CUDA."""
+    import ast
+    import inspect
+
+    import mezo.distributed as d
+
+    factories = {"tensor", "zeros", "ones", "full", "empty", "arange"}
+    missing = [node.lineno for node in ast.walk(ast.parse(inspect.getsource(d)))
+               if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+               and node.func.attr in factories and isinstance(node.func.value, ast.Name)
+               and node.func.value.id == "torch" and not any(k.arg == "device" for k in node.keywords)]
+    assert missing == [], f"torch factories without device= at mezo/distributed.py lines {missing}"

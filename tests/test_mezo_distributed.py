@@ -236,7 +236,7 @@ def test_one_rank_group_matches_plain_trainer(objective, device):
     want = [plain.step(examples) for _ in range(2)]
     cuda = torch.device(device).type == "cuda"
     if cuda:
-        torch.cuda.set_device(torch.device(device))
+        torch.cuda.set_device(torch.device(device).index or 0)  # the fixture's "cuda" has no index
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
                             world_size=1)
     try:
