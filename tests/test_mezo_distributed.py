@@ -249,10 +249,14 @@ def test_one_rank_group_matches_plain_trainer(objective, device):
         assert trainer.check_consistency() != 0
     finally:
         dist.destroy_process_group()
+    # exact on CPU; on CUDA the batch mean over a [branch, example] row and over a plain vector may be
+    # reduced in another order (last bit)
+    tol = {"rel": 1e-6, "abs": 1e-7} if cuda else {"rel": 0, "abs": 0}
     for g, w in zip(got, want):
         assert g["seeds"] == w["seeds"] and len(g["projected_grad"]) == 2
-        assert g["projected_grad"] == w["projected_grad"] and g["loss"] == w["loss"]
-    _assert_close(dict(trainer.params), dict(plain.params), atol=0)
+        assert g["projected_grad"] == pytest.approx(w["projected_grad"], **tol)
+        assert g["loss"] == pytest.approx(w["loss"], **tol)
+    _assert_close(dict(trainer.params), dict(plain.params), atol=1e-6 if cuda else 0)
 
 
 def test_failed_shard_is_named_on_every_rank_and_leaves_no_state(monkeypatch):
