@@ -22,6 +22,8 @@ OBJECTIVES = ("classification", "lm", "accuracy", "f1")
 DTYPES = ("float32", "bfloat16", "float16")
 ESTIMATORS = ("spsa", "one_sided", "per_example")  # mezo/estimators.py implements them
 SHARD_BALANCES = ("tokens", "throughput")  # data-parallel shards (mezo/distributed.py)
+# fields that never change the update, so a resumed run may differ in them from its checkpoint
+RESUME_FREE_FIELDS = ("shard_balance",)
 MAX_PER_EXAMPLE_BATCH = 2**10  # per_example: one sample seed per example, k < 2**10 (mezo/seeds.py)
 
 

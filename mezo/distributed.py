@@ -237,12 +237,11 @@ class DistributedMeZOTrainer(MeZOTrainer):
             raise ValueError(f"a batch of {batch} examples cannot be sharded over {self.ctx.world_size} ranks")
         idx = self.shard(encoded)
         shard = [encoded[i] for i in idx]
-        # slots: [branch, example] losses, then tokens computed, the example count, the non-finite
-        # flag, one failure flag per rank (so a rank whose shard raised never leaves the others
-        # waiting in this collective: every rank learns of it and raises), and per rank its compute
-        # seconds and tokens
+        # slots: [branch, example] losses, then the example count, the non-finite flag, one failure
+        # flag per rank (so a rank whose shard raised never leaves the others waiting in this
+        # collective: every rank learns of it and raises), and per rank its compute seconds and tokens
         world = self.ctx.world_size
-        buf = torch.zeros(branches * batch + 3 + 3 * world, dtype=torch.float64, device=self.ctx.comm_device)
+        buf = torch.zeros(branches * batch + 2 + 3 * world, dtype=torch.float64, device=self.ctx.comm_device)
         slots = buf[:branches * batch].view(branches, batch)
         tail = buf[branches * batch:]
         tokens_before = self.engine.runner.tokens_computed
@@ -263,15 +262,14 @@ class DistributedMeZOTrainer(MeZOTrainer):
             self.engine.cache.reset()  # KV under perturbed weights is never reused, failed step or not
         local = slots[:, idx]
         tokens = self.engine.runner.tokens_computed - tokens_before
-        tail[0] = tokens
-        tail[1] = len(idx)
-        tail[2] = (~torch.isfinite(local)).any().to(torch.float64)
-        tail[3 + self.ctx.rank] = float(error is not None)
-        tail[3 + world + self.ctx.rank] = time.perf_counter() - start
-        tail[3 + 2 * world + self.ctx.rank] = tokens
+        tail[0] = len(idx)
+        tail[1] = (~torch.isfinite(local)).any().to(torch.float64)
+        tail[2 + self.ctx.rank] = float(error is not None)
+        tail[2 + world + self.ctx.rank] = time.perf_counter() - start
+        tail[2 + 2 * world + self.ctx.rank] = tokens
         dist.all_reduce(buf)
         # one host read of the flags and rank stats (data-parallel steps sync here as well as on the loss)
-        stats = tail[3:].tolist()
+        stats = tail[2:].tolist()
         flags, seconds, rank_tokens = (stats[k * world:(k + 1) * world] for k in range(3))
         if error is not None or any(flags):
             clear_noise_cache()  # nothing of the failed step (its z) outlives it
@@ -279,10 +277,9 @@ class DistributedMeZOTrainer(MeZOTrainer):
             local_msg = f": {type(error).__name__}: {error}" if error is not None else ""
             raise RankFailedError(f"MeZO step {self.step_count} failed on rank(s) {failed} of "
                                   f"{world}{local_msg}") from error
-        self._global_tokens = tail[0]  # read in `step`, after the step's host sync
         self._measure_speeds(seconds, [int(t) for t in rank_tokens])
         # the shards tile the batch by construction; a wrong count would be a bug here, not user input
-        count_ok = tail[1] == batch
+        count_ok = tail[0] == batch
         nan = torch.tensor(float("nan"), dtype=torch.float32, device=buf.device)
         # the batch mean as `MeZOTrainer._batch_loss` takes it: fp32 mean of fp32 losses; float64 for scores
         if plan.per_example:  # the estimator takes the per-example losses, as on one process
@@ -291,7 +288,7 @@ class DistributedMeZOTrainer(MeZOTrainer):
             mean = (slots.sum(dim=-1) / batch).float()
         else:
             mean = slots.float().mean(dim=-1)
-        losses = torch.where((tail[2] == 0) & count_ok, mean, nan)
+        losses = torch.where((tail[1] == 0) & count_ok, mean, nan)
         return losses.to(self.engine.device)
 
     def step(self, examples: Sequence[Any] | list[EncodedExample]) -> dict[str, Any]:
@@ -299,7 +296,7 @@ class DistributedMeZOTrainer(MeZOTrainer):
         rank_seconds/rank_tokens give each rank's compute time (s, until the all_reduce; on CUDA the GPU's
         only under shard_balance="throughput", else the host's queueing span) and tokens."""
         record = super().step(examples)
-        record["tokens_computed"] = int(self._global_tokens)
+        record["tokens_computed"] = sum(self._rank_stats[1])
         record["rank_seconds"] = [round(x, 6) for x in self._rank_stats[0]]
         record["rank_tokens"] = self._rank_stats[1]
         return record

@@ -19,7 +19,7 @@ from kernels.noise import derive_seed_v0
 
 from .checkpoint import (TrainingCheckpoint, TrajectoryLog, TrajectoryRecord, append_jsonl, atomic_save_safetensors,
                          atomic_write_bytes, latest_checkpoint)
-from .config import MeZOConfig
+from .config import RESUME_FREE_FIELDS, MeZOConfig
 from .data import load_examples
 from .distributed import DistributedMeZOTrainer, make_trainer, resume_on_writer
 from .seeds import NOISE_VERSION, tensor_seed_fn
@@ -225,8 +225,7 @@ def _resume_or_start(engine: Engine, trainer: MeZOTrainer, config: MeZOConfig, c
             f"{latest}: checkpoint uses noise version {ckpt.noise_version} (this mezo uses {NOISE_VERSION}: "
             "64-bit seeds; version 0's 31-bit seeds collide); resuming would mix two noise derivations in one "
             "run. Start a new checkpoint_dir; the old run's trajectory still replays with replay_trajectory")
-    # shard_balance only decides which rank computes an example (not the update): free to change on resume
-    saved, now = ({k: v for k, v in c.to_dict().items() if k != "shard_balance"}
+    saved, now = ({k: v for k, v in c.to_dict().items() if k not in RESUME_FREE_FIELDS}
                   for c in (MeZOConfig.from_dict(ckpt.config), config))
     if saved != now:
         changed = [k for k, v in now.items() if saved.get(k) != v]
